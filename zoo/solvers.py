@@ -1,0 +1,160 @@
+"""The solver catalogue: projection solvers looked up by name.
+
+A grid names a solver and its hyperparameters (``solver=projected_sinkhorn
+lam=1000``); :func:`solver` turns that into a ready object. Third parties add
+theirs with the :func:`register_solver` decorator, exactly like the built-ins.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from solvers.projectors import ExactProjection, Projector, ProjectedSinkhorn
+
+
+class SolverKind(enum.Enum):
+    """Where a solver keeps its state between attack steps."""
+
+    IMAGE_SPACE = "image_space"
+    """Projects images: ``project(x, w, eps)``."""
+    PLAN_SPACE = "plan_space"
+    """Keeps a transport plan as its iterate (Wu, Wang, Yu 2020)."""
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """One catalogue entry.
+
+    Attributes
+    ----------
+    name : str
+        Registry key, e.g. ``"projected_sinkhorn"``.
+    factory : callable
+        Builds the solver from keyword hyperparameters.
+    kind : SolverKind
+    summary : str
+        One line on what the solver computes.
+    reference : str
+        Where the method comes from.
+    fixed : Mapping[str, Any]
+        Hyperparameters the entry pins (e.g. ``box=True``); not overridable.
+    """
+
+    name: str
+    factory: Callable[..., Projector]
+    kind: SolverKind
+    summary: str
+    reference: str
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Tunable hyperparameters and their default values."""
+        signature = inspect.signature(self.factory)
+        return {
+            name: parameter.default
+            for name, parameter in signature.parameters.items()
+            if parameter.default is not inspect.Parameter.empty and name not in self.fixed
+        }
+
+    def create(self, **hyperparameters) -> Projector:
+        unknown = sorted(set(hyperparameters) - set(self.defaults))
+        if unknown:
+            allowed = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()) or "none"
+            raise ValueError(
+                f"solver {self.name!r} has no hyperparameter {', '.join(map(repr, unknown))}; allowed (with defaults): {allowed}"
+            )
+        return self.factory(**self.fixed, **hyperparameters)
+
+
+class SolverRegistry:
+    """A name -> :class:`SolverSpec` table."""
+
+    def __init__(self, specs: tuple[SolverSpec, ...] = ()):
+        self._specs: dict[str, SolverSpec] = {}
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: SolverSpec) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"a solver named {spec.name!r} is already registered")
+        self._specs[spec.name] = spec
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def spec(self, name: str) -> SolverSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise ValueError(f"unknown solver {name!r}; registered solvers: {', '.join(self.names())}") from None
+
+    def specs(self) -> list[SolverSpec]:
+        return [self._specs[name] for name in self.names()]
+
+
+BUILTIN_SOLVERS = (
+    SolverSpec(
+        name="projected_sinkhorn",
+        factory=ProjectedSinkhorn,
+        kind=SolverKind.IMAGE_SPACE,
+        summary="entropic projection by projected Sinkhorn iterations, exactly feasible output",
+        reference="Wong, Schmidt, Kolter, ICML 2019, Algorithm 2",
+        fixed={"box": False},
+    ),
+    SolverSpec(
+        name="projected_sinkhorn_box",
+        factory=ProjectedSinkhorn,
+        kind=SolverKind.IMAGE_SPACE,
+        summary="projected Sinkhorn with the pixel box 0 <= z <= 1 inside the projection",
+        reference="Hu, Wang, Yu et al. 2020 (box constraint); Wong et al. 2019",
+        fixed={"box": True},
+    ),
+    SolverSpec(
+        name="exact_projection",
+        factory=ExactProjection,
+        kind=SolverKind.IMAGE_SPACE,
+        summary="exact Euclidean projection by a convex QP (small images, CPU, reference only)",
+        reference="interior-point QP (Clarabel) with active-set polishing",
+    ),
+)
+
+_REGISTRY = SolverRegistry(BUILTIN_SOLVERS)
+
+
+def register_solver(
+    name: str,
+    *,
+    kind: SolverKind = SolverKind.IMAGE_SPACE,
+    summary: str = "",
+    reference: str = "",
+    registry: SolverRegistry | None = None,
+):
+    """Class or function decorator adding a solver factory under ``name``.
+
+    Example
+    -------
+    >>> @register_solver("my_solver", summary="clamp-free projection")   # doctest: +SKIP
+    ... class MySolver:
+    ...     def __init__(self, kernel_size=5, p=2.0): ...
+    ...     def project(self, x, w, eps): ...
+    """
+
+    def decorate(factory):
+        (registry or _REGISTRY).add(SolverSpec(name, factory, kind, summary or (factory.__doc__ or "").strip().split("\n")[0], reference))
+        return factory
+
+    return decorate
+
+
+def solver(name: str, **hyperparameters) -> Projector:
+    """Build the registered solver ``name`` with the given hyperparameters."""
+    return _REGISTRY.spec(name).create(**hyperparameters)
+
+
+def solver_specs() -> list[SolverSpec]:
+    """All registered solvers, sorted by name."""
+    return _REGISTRY.specs()
