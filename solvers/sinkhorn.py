@@ -43,6 +43,7 @@ factor that restores feasibility, which convexity of the ball makes exact.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -53,14 +54,16 @@ from .geometry import LocalTransport, check_images, check_nonnegative_eps
 from .info import SolveInfo, SolveStatus
 from .lambertw import lambertw_exp
 
-# Mass below sqrt(tiny) cannot be normalized without overflow: treat it as empty.
 _INITIAL_PSI = 1.0
 # Over-relaxation starts once the rows are within this L1 error (fraction of mass).
-RELAX_START = 0.5
+_RELAX_START = 0.5
+# Stand-in for -inf where potentials are blended (avoids inf - inf).
 _FINITE_MIN = -1e30
+_INSIDE_MASS_TOL = 1e-6
 
 
 def _mass_floor(dtype: torch.dtype) -> float:
+    """Mass below sqrt(tiny) cannot be normalized without overflow: such an image counts as empty."""
     return math.sqrt(torch.finfo(dtype).tiny)
 
 
@@ -150,41 +153,49 @@ class _Windows:
         kernels = log_kernels.transpose(0, 1).reshape(m, n, 1, self.k * self.k, 1)
         return torch.logsumexp(patches + kernels, dim=3).view(m, n, channels, height, width)
 
-    def row_log_sums(self, beta, psi, problem, log_mode):
-        """``log sum_j exp(beta_j - psi C_ij - 1)`` for every pixel i (beta is -inf off reach)."""
+    def row_sums(self, beta, psi, problem, log_mode):
+        """Row potentials and the cost moments of each row's transport.
+
+        Returns ``log sum_j exp(beta_j - psi C_ij - 1)`` (finite everywhere,
+        so that ``log x_i`` minus it is -inf, not NaN, off the sources) and
+        the mean cost and mean squared cost of the mass leaving pixel i once
+        the rows are scaled to ``x``.
+        """
         log_kernel = self.log_kernel(psi)
         floor = self.range.floor
         shift = beta.flatten(1).amax(1)[:, None, None, None]
         scaled = torch.exp((beta - shift).clamp_min(floor)) * problem.reach_weight
-        sums = self._conv(scaled, torch.exp(log_kernel.clamp_min(floor))[:, None])[0]
-        smallest = (sums + problem.off_source_inf).flatten(1).amin(1)
+        sums = self._conv(scaled, torch.exp(log_kernel.clamp_min(floor))[:, None] * self.cost_powers)
+        rows = sums[0]
+        # Each source's own pixel (cost 0) is in its window, so a row sum far
+        # above the floor's contribution is accurate.
+        smallest = (rows + problem.off_source_inf).flatten(1).amin(1)
         needs_log = log_mode | ~(smallest >= math.exp(self.range.trusted))
-        # Finite everywhere, so that log(x_hat) - log_sums is -inf, not NaN, off the sources.
-        log_sums = torch.log(sums.clamp_min(self.tiny)) + shift
+        safe_rows = rows.clamp_min(self.tiny)
+        log_rows = torch.log(safe_rows) + shift
+        mean_cost = sums[1] / safe_rows
+        mean_cost_sq = sums[2] / safe_rows
         if bool(needs_log.any()):
             index = needs_log.nonzero()[:, 0]
-            exact = self._logsumexp(beta[index], log_kernel[index][:, None])[0]
-            log_sums[index] = exact.clamp_min(torch.finfo(exact.dtype).min)
-        return log_sums, needs_log
+            log_sums = self._logsumexp(beta[index], log_kernel[index][:, None] + self.log_cost_powers)
+            log_rows[index] = log_sums[0].clamp_min(torch.finfo(log_sums.dtype).min)
+            reached = torch.isfinite(log_sums[0])
+            mean_cost[index] = torch.where(reached, torch.exp(log_sums[1] - log_sums[0]), 0.0)
+            mean_cost_sq[index] = torch.where(reached, torch.exp(log_sums[2] - log_sums[0]), 0.0)
+        return log_rows, mean_cost, mean_cost_sq, needs_log
 
-    def column_sums(self, alpha, psi, problem, log_mode, beta):
-        """Column potentials and mean (squared) cost of the mass arriving at each pixel.
+    def column_log_sums(self, alpha, psi, problem, log_mode, beta):
+        """``log A_j = log sum_i exp(alpha_i - psi C_ij - 1)`` for every pixel j.
 
-        Returns ``log A_j = log sum_i exp(alpha_i - psi C_ij - 1)`` and the
-        ratios ``sum_i (.) C_ij / A_j`` and ``sum_i (.) C_ij^2 / A_j`` (0 where
-        nothing can arrive). ``beta`` (the current column potential) bounds how
-        much an error in ``A_j`` can move the image ``z_j = exp(beta_j) A_j``.
+        ``beta`` (the current column potential) bounds how much an error in
+        ``A_j`` can move the image ``z_j = exp(beta_j) A_j``.
         """
         log_kernel = self.log_kernel(psi)
         floor = self.range.floor
         shift = alpha.flatten(1).amax(1)[:, None, None, None]
         scaled = torch.exp((alpha - shift).clamp_min(floor)) * problem.source_weight
-        sums = self._conv(scaled, torch.exp(log_kernel.clamp_min(floor))[:, None] * self.cost_powers)
-        columns = sums[0]
-        safe_columns = columns.clamp_min(self.tiny)
-        log_columns = torch.log(safe_columns) + shift
-        mean_cost = sums[1] / safe_columns
-        mean_cost_sq = sums[2] / safe_columns
+        columns = self._conv(scaled, torch.exp(log_kernel.clamp_min(floor))[:, None])[0]
+        log_columns = torch.log(columns.clamp_min(self.tiny)) + shift
         # The floor perturbs A_j by at most k^2 exp(floor + shift), which moves
         # z_j by at most exp(beta_j) times that (also through W, as W' <= 1);
         # summed over the image this must stay below 1e-9 of the mass.
@@ -192,12 +203,8 @@ class _Windows:
         needs_log = log_mode | ~(beta.flatten(1).amax(1) + shift.flatten() <= limit)
         if bool(needs_log.any()):
             index = needs_log.nonzero()[:, 0]
-            log_sums = self._logsumexp(alpha[index], log_kernel[index][:, None] + self.log_cost_powers)
-            reached = torch.isfinite(log_sums[0])
-            log_columns[index] = log_sums[0]
-            mean_cost[index] = torch.where(reached, torch.exp(log_sums[1] - log_sums[0]), 0.0)
-            mean_cost_sq[index] = torch.where(reached, torch.exp(log_sums[2] - log_sums[0]), 0.0)
-        return log_columns, mean_cost, mean_cost_sq, needs_log
+            log_columns[index] = self._logsumexp(alpha[index], log_kernel[index][:, None])[0]
+        return log_columns, needs_log
 
 
 @dataclass
@@ -206,40 +213,60 @@ class _Iterate:
     beta: torch.Tensor
     psi: torch.Tensor
     log_mode: torch.Tensor
+    # psi is known to lie in [psi_low, psi_high] (used while beta is fixed).
+    psi_low: torch.Tensor
+    psi_high: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> "_Iterate":
+        return _Iterate(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+class _Objective(enum.Enum):
+    """What the beta step enforces on the plan's columns z."""
+
+    PROJECTION = "projection"  # z minimizes 1/2 ||w - z||^2 (Lambert W step)
+    CONJUGATE = "conjugate"  # z maximizes <z, g>: beta fixed to lam g
 
 
 class _SinkhornSolver:
-    """Shared iteration; ``conjugate`` selects the fixed-beta variant."""
+    """The block coordinate ascent shared by both objectives."""
 
-    def __init__(self, transport, lam, tol, max_iter, relaxation, conjugate):
+    def __init__(self, transport, lam, tol, max_iter, relaxation, objective: _Objective):
         self.transport = transport
         self.relaxation = relaxation
         self.lam = lam
         self.tol = tol
         self.max_iter = max_iter
-        self.conjugate = conjugate
+        self.objective = objective
         self.floor = 0.0
 
     # -- one sweep -----------------------------------------------------------------
     def _alpha_step(self, windows, state, problem):
-        log_rows, log_mode = windows.row_log_sums(state.beta, state.psi, problem, state.log_mode)
-        return problem.log_source - log_rows, log_rows, log_mode
+        """Rows scaled to x: new alpha, and the plan's cost and cost variance.
+
+        With the rows re-balanced at every psi, the dual's second derivative in
+        psi is minus the mass-weighted variance of each row's cost, not the
+        raw second moment; using it makes the Newton step on psi exact for the
+        conjugate objective and far less timid for the projection.
+        """
+        log_rows, mean_cost, mean_cost_sq, log_mode = windows.row_sums(state.beta, state.psi, problem, state.log_mode)
+        alpha = problem.log_source - log_rows
+        cost = (problem.source * mean_cost).flatten(1).sum(1)
+        variance = (problem.source * (mean_cost_sq - mean_cost**2).clamp_min(0)).flatten(1).sum(1)
+        return alpha, log_rows, cost, variance, log_mode
 
     def _beta_step(self, log_columns, problem):
-        """New beta and the plan's column sums z (the normalized image)."""
-        if self.conjugate:
-            z = torch.exp((problem.target + log_columns).clamp_min(self.floor)) * problem.reach_weight
-            return problem.target, z
-        # The floor keeps W / lam a normal number (see _ExpRange).
+        """New beta: z_j = exp(beta_j) A_j is the optimal column sum given A."""
+        if self.objective is _Objective.CONJUGATE:
+            return problem.target
+        # z_j = W(lam exp(lam w_j) A_j) / lam; the floor keeps W / lam a normal
+        # number (see _ExpRange).
         log_w_argument = (math.log(self.lam) + problem.target + log_columns).clamp_min(self.floor)
-        w_value = lambertw_exp(log_w_argument)
-        z = w_value / self.lam
-        beta = problem.target - w_value
+        beta = problem.target - lambertw_exp(log_w_argument)
         if problem.upper is not None:
-            # Where the cap binds, beta = log(upper) - log A is the smaller value.
-            z = torch.minimum(z, problem.upper)
+            # Where the cap z_j <= upper binds, beta = log(upper) - log A_j is the smaller value.
             beta = torch.minimum(beta, torch.log(problem.upper) - log_columns)
-        return beta + problem.reach_log, z * problem.reach_weight
+        return beta + problem.reach_log
 
     def _relax(self, state, alpha, beta, log_columns, marginal, problem):
         """Over-relaxed potentials ``(1 - omega) old + omega new`` (Thibault et al. 2017).
@@ -249,23 +276,40 @@ class _SinkhornSolver:
         sweep direction shortens that tail. It starts once the rows are nearly
         balanced, where the local convergence theory applies.
         """
-        omega = torch.where(marginal < RELAX_START, self.relaxation, 1.0)[:, None, None, None]
+        omega = torch.where(marginal < _RELAX_START, self.relaxation, 1.0)[:, None, None, None]
         # Potentials are -inf off the support; keep them so (no inf - inf).
         alpha = alpha + (1 - omega) * (state.alpha.clamp_min(_FINITE_MIN) - alpha.clamp_min(_FINITE_MIN))
-        if not self.conjugate:
+        if self.objective is not _Objective.CONJUGATE:
             beta = beta + (1 - omega) * (state.beta.clamp_min(_FINITE_MIN) - beta.clamp_min(_FINITE_MIN))
             if problem.upper is not None:
                 beta = torch.minimum(beta, torch.log(problem.upper) - log_columns)
-        z = torch.exp((beta + log_columns).clamp_min(self.floor)) * problem.reach_weight
-        return alpha, beta, z
+        return alpha, beta
 
-    @staticmethod
-    def _psi_newton(psi, cost, second_moment, eps):
-        """Newton step on the dual's psi (concave), projected on psi >= 0."""
-        moved = second_moment > 0
-        step = (cost - eps) / torch.where(moved, second_moment, torch.ones_like(second_moment))
-        # With no transport possible (second moment 0) the constraint is slack.
-        return torch.where(moved, (psi + step).clamp_min(0), torch.zeros_like(psi))
+    def _psi_step(self, state, cost, variance, eps):
+        """Newton step on the dual's psi (concave), projected on psi >= 0.
+
+        The plan's cost falls as psi grows. While beta is fixed (conjugate)
+        that function of psi does not change between sweeps, so each sweep
+        also narrows a bracket around the root and a Newton step leaving it
+        (or undefined, when a nearly deterministic plan has zero cost
+        variance) is replaced by bisection, or by doubling while no upper end
+        is known. With beta moving (projection) the function shifts every
+        sweep, so the step is plain projected Newton.
+        """
+        psi = state.psi
+        over = cost > eps
+        curved = variance > 0
+        newton = psi + (cost - eps) / torch.where(curved, variance, torch.ones_like(variance))
+        if self.objective is not _Objective.CONJUGATE:
+            # No curvature: each row pays a single cost level, so psi cannot
+            # lower the cost; relax it to 0 (or grow it while over budget).
+            fallback = torch.where(over, 2 * psi + 1, torch.zeros_like(psi))
+            return torch.where(curved, newton, fallback).clamp_min(0), state.psi_low, state.psi_high
+        low = torch.where(over, torch.maximum(state.psi_low, psi), state.psi_low)
+        high = torch.where(over, state.psi_high, torch.minimum(state.psi_high, psi))
+        inside = curved & (newton > low) & (newton < high)
+        fallback = torch.where(torch.isinf(high), 2 * low + 1, (low + high) / 2)
+        return torch.where(inside, newton, fallback), low, high
 
     # -- driver --------------------------------------------------------------------
     def solve(self, problem: _Problem, initial_beta: torch.Tensor):
@@ -278,6 +322,8 @@ class _SinkhornSolver:
             beta=initial_beta,
             psi=torch.full((n,), _INITIAL_PSI, dtype=dtype, device=device),
             log_mode=torch.zeros(n, dtype=torch.bool, device=device),
+            psi_low=torch.zeros(n, dtype=dtype, device=device),
+            psi_high=torch.full((n,), math.inf, dtype=dtype, device=device),
         )
         out_z = torch.zeros_like(problem.source)
         out = {
@@ -291,29 +337,26 @@ class _SinkhornSolver:
         }
         active = torch.arange(n, device=device)
         for iteration in range(1, self.max_iter + 1):
-            alpha, log_rows, log_mode = self._alpha_step(windows, state, problem)
-            previous_rows = torch.exp((state.alpha + log_rows).clamp_min(windows.range.floor)) * problem.source_weight
+            alpha, log_rows, cost, variance, log_mode = self._alpha_step(windows, state, problem)
+            floor = windows.range.floor
+            previous_rows = torch.exp((state.alpha + log_rows).clamp(floor, -floor)) * problem.source_weight
             marginal = (previous_rows - problem.source).abs().flatten(1).sum(1)
-            log_columns, mean_cost, mean_cost_sq, log_mode = windows.column_sums(alpha, state.psi, problem, log_mode, state.beta)
-            beta, z = self._beta_step(log_columns, problem)
+            psi, psi_low, psi_high = self._psi_step(state, cost, variance, problem.eps)
+            log_columns, log_mode = windows.column_log_sums(alpha, psi, problem, log_mode, state.beta)
+            beta = self._beta_step(log_columns, problem)
             if self.relaxation != 1.0:
-                alpha, beta, z = self._relax(state, alpha, beta, log_columns, marginal, problem)
-            cost = (z * mean_cost).flatten(1).sum(1)
-            second = (z * mean_cost_sq).flatten(1).sum(1)
-            psi = self._psi_newton(state.psi, cost, second, problem.eps)
-            state = _Iterate(alpha=alpha, beta=beta, psi=psi, log_mode=log_mode)
-
+                alpha, beta = self._relax(state, alpha, beta, log_columns, marginal, problem)
             slack_ok = (state.psi == 0) | (cost >= problem.eps * (1 - self.tol))
+            state = _Iterate(alpha, beta, psi, log_mode, psi_low, psi_high)
+
             converged = (marginal <= self.tol) & (cost <= problem.eps * (1 + self.tol)) & slack_ok
-            failed = ~(torch.isfinite(cost) & torch.isfinite(psi) & torch.isfinite(marginal))
+            failed = ~(torch.isfinite(cost) & torch.isfinite(psi)) | torch.isnan(marginal)
             done = converged | failed | (iteration == self.max_iter)
             if not bool(done.any()):
                 continue
             index = done.nonzero()[:, 0]
             finished = problem.select(index)
-            z_final, cost_final, repair, log_final = self._finish(
-                windows, _Iterate(state.alpha[index], state.beta[index], state.psi[index], state.log_mode[index]), finished
-            )
+            z_final, cost_final, repair, log_final = self._finish(windows, state.select(index), finished)
             ok = torch.isfinite(z_final).flatten(1).all(1) & torch.isfinite(cost_final) & ~failed[index]
             out_z[active[index]] = torch.where(ok[:, None, None, None], z_final, finished.source)
             status = torch.where(
@@ -335,15 +378,14 @@ class _SinkhornSolver:
                 break
             active = active[keep]
             problem = problem.select(keep)
-            state = _Iterate(state.alpha[keep], state.beta[keep], state.psi[keep], state.log_mode[keep])
+            state = state.select(keep)
         return out_z, out
 
     def _finish(self, windows, state, problem):
         """Exact-row plan from the last iterate, then the feasibility repair."""
-        alpha, _, log_mode = self._alpha_step(windows, state, problem)
-        log_columns, mean_cost, _, log_mode = windows.column_sums(alpha, state.psi, problem, log_mode, state.beta)
+        alpha, _, cost, _, log_mode = self._alpha_step(windows, state, problem)
+        log_columns, log_mode = windows.column_log_sums(alpha, state.psi, problem, log_mode, state.beta)
         z = torch.exp((state.beta + log_columns).clamp_min(windows.range.floor)) * problem.reach_weight
-        cost = (z * mean_cost).flatten(1).sum(1)
         theta = torch.where(cost > problem.eps, problem.eps / cost, torch.ones_like(cost))
         if problem.upper is not None:
             excess = z - problem.source
@@ -356,48 +398,20 @@ class _SinkhornSolver:
         return z, theta * cost, 1 - theta, log_mode
 
 
-def _run(x, target_image, eps, transport, lam, tol, max_iter, relaxation, *, conjugate, box):
-    """Validate, normalize, dispatch the non-degenerate examples, assemble outputs."""
-    check_images(x, target_image, w_name="g" if conjugate else "w")
-    batch = x.shape[0]
-    eps_tensor = check_nonnegative_eps(eps, batch, x)
-    if box and bool((x > 1).any()):
-        raise ValueError(f"x has entries above 1 (max {float(x.max()):.4g}): the box variant needs 0 <= x <= 1")
-    mass = x.flatten(1).sum(1)
-    degenerate = (mass <= _mass_floor(x.dtype)) | (eps_tensor == 0)
-    if conjugate:
-        scale = target_image.flatten(1).abs().amax(1)
-        degenerate = degenerate | (scale == 0)
-
-    z = x.clone()
-    info = SolveInfo(
-        iterations=torch.zeros(batch, dtype=torch.int64, device=x.device),
-        converged=torch.ones(batch, dtype=torch.bool, device=x.device),
-        transport_cost=torch.zeros(batch, dtype=x.dtype, device=x.device),
-        status=torch.full((batch,), int(SolveStatus.ZERO_MASS), dtype=torch.int64, device=x.device),
-        marginal_error=torch.zeros(batch, dtype=x.dtype, device=x.device),
-        repair=torch.zeros(batch, dtype=x.dtype, device=x.device),
-        log_domain=torch.zeros(batch, dtype=torch.bool, device=x.device),
-    )
-    if conjugate:
-        # A zero gradient has every point of the ball as maximizer: keep x.
-        info.status[(scale == 0) & (mass > _mass_floor(x.dtype))] = SolveStatus.CONVERGED
-    work = (~degenerate).nonzero()[:, 0]
-    if work.numel() == 0:
-        return z, info
-
+def _normalized_problem(x, image, eps, transport, lam, work, mass, objective, box):
+    """Normalized data of the examples ``work`` and the initial beta."""
     m = mass[work][:, None, None, None]
     source = x[work] / m
     is_source = source > 0
     k = transport.kernel_size
     reach = F.max_pool2d(is_source.to(x.dtype), k, stride=1, padding=k // 2) > 0
-    if conjugate:
-        g = target_image[work]
-        target = lam * g / scale[work][:, None, None, None]
+    if objective is _Objective.CONJUGATE:
+        g = image[work]
+        target = lam * g / g.flatten(1).abs().amax(1)[:, None, None, None]
         initial_beta = target
     else:
-        target = lam * (target_image[work] / m)
-        initial_beta = lam * (target_image[work] - x[work]) / m
+        target = lam * (image[work] / m)
+        initial_beta = lam * (image[work] - x[work]) / m
     problem = _Problem(
         source=source,
         log_source=torch.log(source),
@@ -408,12 +422,112 @@ def _run(x, target_image, eps, transport, lam, tol, max_iter, relaxation, *, con
         source_weight=is_source.to(source.dtype),
         off_source_inf=torch.zeros_like(source).masked_fill(~is_source, math.inf),
         target=target,
-        eps=eps_tensor[work],
+        eps=eps[work],
         upper=(1 / m) if box else None,
     )
-    solver = _SinkhornSolver(transport, lam, tol, max_iter, relaxation, conjugate=conjugate)
-    z_work, out = solver.solve(problem, initial_beta.masked_fill(~reach, -math.inf))
-    z[work] = z_work * m
+    return problem, initial_beta.masked_fill(~reach, -math.inf)
+
+
+def _greedy_transport(x, w, transport):
+    """Cost of a feasible local plan from ``x`` towards ``w``, and what it leaves over.
+
+    Mass shared by both images stays in place; the surplus of ``x`` then goes
+    to the deficits of ``w`` offset by offset, cheapest offsets first, each
+    move as large as both ends allow. Every offset moves mass between
+    distinct pixel pairs, so each round is one vectorized min. The plan is
+    feasible by construction, so its cost bounds the exact distance from
+    above: a certificate of membership, not a distance.
+
+    Returns
+    -------
+    cost : Tensor (B,)
+        Unnormalized cost of the plan.
+    leftover : Tensor (B,)
+        Surplus mass of ``x`` that found no deficit within the window.
+    """
+    r = transport.radius
+    height, width = x.shape[-2:]
+    surplus = (x - w).clamp_min(0)
+    deficit = F.pad((w - x).clamp_min(0), (r, r, r, r))
+    cost_table = transport.cost(torch.float64)
+    offsets = sorted(
+        ((dr, ds) for dr in range(-r, r + 1) for ds in range(-r, r + 1) if (dr, ds) != (0, 0)),
+        key=lambda o: float(cost_table[o[0] + r, o[1] + r]),
+    )
+    cost = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for dr, ds in offsets:
+        window = (..., slice(r + dr, r + dr + height), slice(r + ds, r + ds + width))
+        moved = torch.minimum(surplus, deficit[window])
+        surplus = surplus - moved
+        deficit[window] -= moved
+        cost = cost + float(cost_table[dr + r, ds + r]) * moved.flatten(1).sum(1)
+    return cost, surplus.flatten(1).sum(1)
+
+
+def _certify_inside(x, w, eps, transport, mass, work, box):
+    """The examples of ``work`` whose ``w`` is certifiably in the ball already.
+
+    ``w`` must be non-negative, have the mass of ``x`` up to rounding (a
+    relative ``max(100 eps_dtype, 1e-6)``, which also covers float32 data
+    held in float64), be at most 1 with the box, and :func:`_greedy_transport`
+    must deliver all
+    of x's surplus within the windows at a cost of at most eps. Such a ``w``
+    is its own projection and is returned unchanged.
+
+    Returns the certified indices and the normalized costs of their plans.
+    """
+    tol = max(100 * torch.finfo(x.dtype).eps, _INSIDE_MASS_TOL)
+    sub_x, sub_w, sub_mass = x[work], w[work], mass[work]
+    candidate = (sub_w >= 0).flatten(1).all(1) & ((sub_w.flatten(1).sum(1) - sub_mass).abs() <= tol * sub_mass)
+    if box:
+        candidate &= (sub_w <= 1).flatten(1).all(1)
+    cost, leftover = _greedy_transport(sub_x, sub_w, transport)
+    cost = cost / sub_mass
+    certified = candidate & (leftover <= tol * sub_mass) & (cost <= eps[work])
+    return work[certified], cost[certified]
+
+
+def _run(x, image, eps, transport, lam, tol, max_iter, relaxation, *, objective, box):
+    """Validate, normalize, dispatch the non-degenerate examples, assemble outputs."""
+    conjugate = objective is _Objective.CONJUGATE
+    check_images(x, image, w_name="g" if conjugate else "w")
+    batch = x.shape[0]
+    eps_tensor = check_nonnegative_eps(eps, batch, x)
+    if box and bool((x > 1).any()):
+        raise ValueError(f"x has entries above 1 (max {float(x.max()):.4g}): the box variant needs 0 <= x <= 1")
+    mass = x.flatten(1).sum(1)
+    empty = mass <= _mass_floor(x.dtype)
+    degenerate = empty | (eps_tensor == 0)
+    if conjugate:
+        # A zero gradient has every point of the ball as maximizer: keep x.
+        degenerate |= image.flatten(1).abs().amax(1) == 0
+
+    z = x.clone()
+    device = x.device
+    info = SolveInfo(
+        iterations=torch.zeros(batch, dtype=torch.int64, device=device),
+        converged=torch.ones(batch, dtype=torch.bool, device=device),
+        transport_cost=torch.zeros(batch, dtype=x.dtype, device=device),
+        status=torch.where(empty, int(SolveStatus.ZERO_MASS), int(SolveStatus.CONVERGED)).to(device),
+        marginal_error=torch.zeros(batch, dtype=x.dtype, device=device),
+        repair=torch.zeros(batch, dtype=x.dtype, device=device),
+        log_domain=torch.zeros(batch, dtype=torch.bool, device=device),
+    )
+    info.status[~empty & (eps_tensor == 0)] = SolveStatus.ZERO_MASS
+    work = (~degenerate).nonzero()[:, 0]
+    if work.numel() > 0 and objective is _Objective.PROJECTION:
+        inside, inside_cost = _certify_inside(x, image, eps_tensor, transport, mass, work, box)
+        z[inside] = image[inside]
+        info.status[inside] = SolveStatus.INSIDE_BALL
+        info.transport_cost[inside] = inside_cost
+        work = work[~torch.isin(work, inside)]
+    if work.numel() == 0:
+        return z, info
+
+    problem, initial_beta = _normalized_problem(x, image, eps_tensor, transport, lam, work, mass, objective, box)
+    solver = _SinkhornSolver(transport, lam, tol, max_iter, relaxation, objective)
+    z_work, out = solver.solve(problem, initial_beta)
+    z[work] = z_work * mass[work][:, None, None, None]
     for name, values in out.items():
         getattr(info, name)[work] = values
     return z, info
@@ -468,7 +582,7 @@ def projected_sinkhorn(
     info : SolveInfo
         Per-example diagnostics.
     """
-    return _run(x, w, eps, transport, lam, tol, max_iter, relaxation, conjugate=False, box=box)
+    return _run(x, w, eps, transport, lam, tol, max_iter, relaxation, objective=_Objective.PROJECTION, box=box)
 
 
 def conjugate_sinkhorn(
@@ -505,4 +619,4 @@ def conjugate_sinkhorn(
     info : SolveInfo
         Per-example diagnostics.
     """
-    return _run(x, g, eps, transport, lam, tol, max_iter, relaxation, conjugate=True, box=False)
+    return _run(x, g, eps, transport, lam, tol, max_iter, relaxation, objective=_Objective.CONJUGATE, box=False)
