@@ -289,6 +289,23 @@ def legend(args) -> str:
     )
 
 
+def code_version() -> str:
+    """Commit of the checkout and whether solvers/ or zoo/ differ from it (read-only git calls)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        run = lambda *cmd: subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = run("rev-parse", "--short", "HEAD")
+        dirty = run("status", "--porcelain", "--", "solvers", "zoo")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    if not commit:
+        return "unknown (not a git checkout)"
+    changed = [line[3:] for line in dirty.splitlines()]
+    return f"commit {commit}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def header(args) -> str:
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     return "\n".join([
@@ -298,6 +315,7 @@ def header(args) -> str:
         f"torch {torch.__version__}; torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}); "
         f"cpu count {os.cpu_count()}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
         f"{platform.machine()} {platform.system()}",
+        f"code: {code_version()}",
         f"setup: first {args.n} MNIST test images, w = x + {STEP} * sign(randn) (torch.Generator seed {args.seed}), "
         f"kernel {KERNEL_SIZE}x{KERNEL_SIZE}, lam {LAM:g}, float32 on CPU, solver defaults otherwise",
     ])
@@ -338,7 +356,8 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    print(header(args), flush=True)
+    head = header(args)
+    print(head, flush=True)
 
     x, _ = mnist_test_subset(args.data_root, args.n)
     generator = torch.Generator().manual_seed(args.seed)
@@ -381,7 +400,7 @@ def main(argv=None) -> int:
 
     if args.markdown:
         text = "\n\n".join([
-            "```\n" + header(args) + "\n```",
+            "```\n" + head + "\n```",
             markdown_table(rows),
             legend(args),
             f"Total wall time of the script: {total:.0f} s.",

@@ -119,6 +119,16 @@ def assert_info_finite(info) -> None:
             assert torch.isfinite(value).all(), f"info.{name} has non-finite entries: {value}"
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(20190609)
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run torch on one intra-op thread for the duration of a test module.
+
+    The problems here are tiny (at most a few hundred pixels), so one thread is
+    as fast as two; and when another process keeps a core busy, torch's
+    two-thread depthwise conv2d on such tensors was measured 100-500x slower
+    (0.03 s -> 15 s for one 50-iteration solve on this 2-core machine).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
