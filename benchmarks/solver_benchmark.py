@@ -340,6 +340,8 @@ def parse_args(argv=None):
     parser.add_argument("--paper-implementation", action="store_true",
                         help="also time the paper's code (module projected_sinkhorn) if it is installed")
     parser.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown to PATH")
+    parser.add_argument("--download", action="store_true",
+                        help="download MNIST into the data root through torchvision if it is not there")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads(N) before timing (default: leave torch's default)")
     args = parser.parse_args(argv)
@@ -359,7 +361,7 @@ def main(argv=None) -> int:
     head = header(args)
     print(head, flush=True)
 
-    x, _ = mnist_test_subset(args.data_root, args.n)
+    x, _ = mnist_test_subset(args.data_root, args.n, download=args.download)
     generator = torch.Generator().manual_seed(args.seed)
     w = x + STEP * torch.sign(torch.randn(x.shape, generator=generator))
 

@@ -17,7 +17,14 @@ import torch
 from . import exact
 from .geometry import LocalTransport, check_images, check_nonnegative_eps
 from .info import SolveInfo, SolveStatus
-from .sinkhorn import conjugate_sinkhorn, projected_sinkhorn
+from .sinkhorn import (
+    DEFAULT_LAM,
+    DEFAULT_MAX_ITER,
+    DEFAULT_RELAXATION,
+    DEFAULT_TOL,
+    conjugate_sinkhorn,
+    projected_sinkhorn,
+)
 
 
 @runtime_checkable
@@ -70,10 +77,10 @@ class ProjectedSinkhorn:
         self,
         kernel_size: int = 5,
         p: float = 2.0,
-        lam: float = 1000.0,
-        tol: float = 1e-4,
-        max_iter: int = 500,
-        relaxation: float = 1.7,
+        lam: float = DEFAULT_LAM,
+        tol: float = DEFAULT_TOL,
+        max_iter: int = DEFAULT_MAX_ITER,
+        relaxation: float = DEFAULT_RELAXATION,
         box: bool = False,
     ):
         self.transport = LocalTransport(kernel_size, p)
@@ -106,7 +113,15 @@ class ConjugateSinkhorn:
     as in :class:`ProjectedSinkhorn`.
     """
 
-    def __init__(self, kernel_size=5, p=2.0, lam=1000.0, tol=1e-4, max_iter=500, relaxation=1.7):
+    def __init__(
+        self,
+        kernel_size: int = 5,
+        p: float = 2.0,
+        lam: float = DEFAULT_LAM,
+        tol: float = DEFAULT_TOL,
+        max_iter: int = DEFAULT_MAX_ITER,
+        relaxation: float = DEFAULT_RELAXATION,
+    ):
         self.transport = LocalTransport(kernel_size, p)
         self.lam = check_positive("lam", lam)
         self.tol = check_positive("tol", tol, upper=1.0, upper_open=True)
