@@ -99,9 +99,7 @@ class _Problem:
 
     source: torch.Tensor  # x / m(x), (n, C, H, W)
     log_source: torch.Tensor  # log of it, -inf off the support
-    reach: torch.Tensor  # bool: pixels within a window of some source mass
-    is_source: torch.Tensor  # bool: source > 0
-    reach_log: torch.Tensor  # 0 on reach, -inf off it (added, cheaper than masking)
+    reach_log: torch.Tensor  # 0 within a window of some source mass (the reach), -inf off it
     reach_weight: torch.Tensor  # 1 on reach, 0 off it
     source_weight: torch.Tensor  # 1 on sources, 0 elsewhere
     off_source_inf: torch.Tensor  # 0 on sources, +inf elsewhere
@@ -436,8 +434,6 @@ def _normalized_problem(x, image, eps, transport, lam, work, mass, objective, bo
     problem = _Problem(
         source=source,
         log_source=torch.log(source),
-        reach=reach,
-        is_source=is_source,
         reach_log=torch.zeros_like(source).masked_fill(~reach, -math.inf),
         reach_weight=reach.to(source.dtype),
         source_weight=is_source.to(source.dtype),
