@@ -27,7 +27,13 @@ Algorithm 2), with ``Pi_ij = exp(alpha_i - psi C_ij - 1 + beta_j)``:
   ``z <= 1`` is active, Hu et al. 2020); the conjugate iteration keeps
   ``beta = lam g`` fixed;
 * psi step: a Newton step on the concave dual in ``psi``, projected on
-  ``psi >= 0`` (exact for the one-dimensional problem's constraint).
+  ``psi >= 0``, whose curvature is the mass-weighted variance of each row's
+  cost (the second derivative once the rows are re-balanced; the paper's
+  raw second moment makes the step far too short on sharp problems);
+* the alpha and beta potentials are over-relaxed (Thibault et al. 2017).
+
+A target already inside the ball is certified by a greedy local plan and
+returned unchanged.
 
 Numerics. All potentials are kept in the log domain and the W function is
 evaluated from the logarithm of its argument, so nothing overflows at any
@@ -36,9 +42,10 @@ lambda. The window sums run as exponential-domain grouped convolutions
 otherwise that example falls back, for good, to windowed log-sum-exp.
 
 Feasibility. The returned image is the column sum of a plan whose rows sum
-exactly to ``x_hat``; if the plan's cost (or the box) is violated by the
-approximate solve, the output is moved back towards ``x`` by the smallest
-factor that restores feasibility, which convexity of the ball makes exact.
+exactly to ``x_hat``. With the box, column excess above the bound (about the
+marginal error) first moves on to neighbours with room. If the plan's cost
+(or the box) is still violated, the output moves back towards ``x`` by the
+smallest factor that restores feasibility, which convexity makes exact.
 """
 
 from __future__ import annotations

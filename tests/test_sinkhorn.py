@@ -137,12 +137,8 @@ def test_box_projection_approaches_exact_box_projection(peak):
 
         peak 0.9, example 0: 1.133, 0.657, 0.280, 0.0549
         peak 0.9, example 1: 0.924, 0.510, 0.216, 0.0244
-        peak 1.0, example 0: 1.042, 1.145, 1.145, 1.145   <- stuck (bug)
-        peak 1.0, example 1: 0.945, 0.964, 0.964, 0.964   <- stuck (bug)
-
-    With saturated pixels the output is exactly x for every lam >= 100 while
-    the solver reports CONVERGED with repair = 1: see
-    test_box_saturated_pixels_do_not_collapse_to_x.
+        peak 1.0, example 0: 1.042, 0.641, 0.302, 0.0724
+        peak 1.0, example 1: 0.945, 0.543, 0.253, 0.0305
     """
     _assert_shrinks(_relative_distances(box=True, peak=peak), final_bound=0.15)
 
@@ -151,15 +147,12 @@ def test_box_saturated_pixels_do_not_collapse_to_x():
     """Box variant on images with pixels exactly at 1 (MNIST-like) must still move.
 
     Where the target pushes mass onto a saturated pixel (x_j = 1, w_j > 1) the
-    box binds: the beta step caps z_j at the bound for the current column
-    sums A_j. The final plan (``_finish``) rescales the rows once more, so its
-    columns are z_j = bound * A_new / A_old, above the bound by about the
-    marginal error. The box repair then takes theta = (1 - x_j) / (z_j - x_j),
-    which is 0 when x_j = 1, and returns x itself, with status CONVERGED and
-    repair = 1 (documented: repair is "small when the solver converged").
-    Measured (lam=1000, float64), images scaled by s: repair 1.0 / 1.0 at
-    s=1, 0.23 / 0.13 at s=0.999, 0.029 / 0.014 at s=0.99, 0.003 / 0.001 at
-    s=0.9; the exact box projection is far from x in every case.
+    box binds. The final re-balancing of the rows lifts such a column above
+    the bound by about the marginal error, and moving back towards x cannot
+    lower a pixel where x itself is at the bound: before the excess was moved
+    on to neighbours, this returned x itself (repair = 1) with status
+    CONVERGED. The output must be much closer to the exact box projection
+    than x is, and a converged example must need only a small repair.
     """
     k, p, eps = 5, 2, 0.3
     x = digit_batch(7, 2, (1, 8, 8), peak=1.0)
