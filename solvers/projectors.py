@@ -54,8 +54,8 @@ def check_iterations(name: str, value) -> int:
     return int(value)
 
 
-class ProjectedSinkhorn:
-    """Entropic projection by projected Sinkhorn (Wong et al. 2019, Algorithm 2).
+class _SinkhornSettings:
+    """Hyperparameters shared by the Sinkhorn-type solvers, checked once.
 
     Parameters
     ----------
@@ -69,8 +69,43 @@ class ProjectedSinkhorn:
         Iteration budget per example.
     relaxation : float
         Over-relaxation of the potentials, in (0, 2); 1 is the paper's method.
-    box : bool
-        Keep ``z <= 1`` inside the projection (Hu et al. 2020).
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 5,
+        p: float = 2.0,
+        lam: float = DEFAULT_LAM,
+        tol: float = DEFAULT_TOL,
+        max_iter: int = DEFAULT_MAX_ITER,
+        relaxation: float = DEFAULT_RELAXATION,
+    ):
+        self.transport = LocalTransport(kernel_size, p)
+        self.lam = check_positive("lam", lam)
+        self.tol = check_positive("tol", tol, upper=1.0, upper_open=True)
+        self.max_iter = check_iterations("max_iter", max_iter)
+        self.relaxation = check_positive("relaxation", relaxation, upper=2.0, upper_open=True)
+
+    def _settings(self) -> dict:
+        return dict(
+            transport=self.transport, lam=self.lam, tol=self.tol, max_iter=self.max_iter, relaxation=self.relaxation
+        )
+
+    def __repr__(self) -> str:
+        t = self.transport
+        fields = f"kernel_size={t.kernel_size}, p={t.p}, lam={self.lam}, tol={self.tol}, "
+        fields += f"max_iter={self.max_iter}, relaxation={self.relaxation}"
+        return f"{type(self).__name__}({fields}{self._extra_repr()})"
+
+    def _extra_repr(self) -> str:
+        return ""
+
+
+class ProjectedSinkhorn(_SinkhornSettings):
+    """Entropic projection by projected Sinkhorn (Wong et al. 2019, Algorithm 2).
+
+    Hyperparameters as in :class:`_SinkhornSettings`, and ``box``: keep
+    ``z <= 1`` inside the projection (Hu et al. 2020).
     """
 
     def __init__(
@@ -83,57 +118,28 @@ class ProjectedSinkhorn:
         relaxation: float = DEFAULT_RELAXATION,
         box: bool = False,
     ):
-        self.transport = LocalTransport(kernel_size, p)
-        self.lam = check_positive("lam", lam)
-        self.tol = check_positive("tol", tol, upper=1.0, upper_open=True)
-        self.max_iter = check_iterations("max_iter", max_iter)
-        self.relaxation = check_positive("relaxation", relaxation, upper=2.0, upper_open=True)
+        super().__init__(kernel_size, p, lam, tol, max_iter, relaxation)
         if not isinstance(box, bool):
             raise ValueError(f"box={box!r} is invalid: it must be True or False")
         self.box = box
 
     def project(self, x, w, eps):
-        return projected_sinkhorn(
-            x, w, eps, transport=self.transport, lam=self.lam, tol=self.tol,
-            max_iter=self.max_iter, box=self.box, relaxation=self.relaxation,
-        )
+        return projected_sinkhorn(x, w, eps, box=self.box, **self._settings())
 
-    def __repr__(self) -> str:
-        t = self.transport
-        return (
-            f"{type(self).__name__}(kernel_size={t.kernel_size}, p={t.p}, lam={self.lam}, tol={self.tol}, "
-            f"max_iter={self.max_iter}, relaxation={self.relaxation}, box={self.box})"
-        )
+    def _extra_repr(self) -> str:
+        return f", box={self.box}"
 
 
-class ConjugateSinkhorn:
+class ConjugateSinkhorn(_SinkhornSettings):
     """Approximate ``argmax <z, g>`` over the ball (Wong et al. 2019, Appendix D).
 
     The steepest-ascent direction of the Wasserstein geometry; hyperparameters
-    as in :class:`ProjectedSinkhorn`.
+    as in :class:`_SinkhornSettings`.
     """
-
-    def __init__(
-        self,
-        kernel_size: int = 5,
-        p: float = 2.0,
-        lam: float = DEFAULT_LAM,
-        tol: float = DEFAULT_TOL,
-        max_iter: int = DEFAULT_MAX_ITER,
-        relaxation: float = DEFAULT_RELAXATION,
-    ):
-        self.transport = LocalTransport(kernel_size, p)
-        self.lam = check_positive("lam", lam)
-        self.tol = check_positive("tol", tol, upper=1.0, upper_open=True)
-        self.max_iter = check_iterations("max_iter", max_iter)
-        self.relaxation = check_positive("relaxation", relaxation, upper=2.0, upper_open=True)
 
     def maximize(self, x, g, eps):
         """Return ``(z, info)`` with ``z`` in the ball approximately maximizing ``<z, g>``."""
-        return conjugate_sinkhorn(
-            x, g, eps, transport=self.transport, lam=self.lam, tol=self.tol,
-            max_iter=self.max_iter, relaxation=self.relaxation,
-        )
+        return conjugate_sinkhorn(x, g, eps, **self._settings())
 
 
 class ExactProjection:
