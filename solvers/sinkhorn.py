@@ -83,6 +83,11 @@ def _mass_floor(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).tiny)
 
 
+def _exp_floor(dtype: torch.dtype) -> float:
+    """Smallest exponent the exponential path uses: products of two stay normal."""
+    return 0.5 * math.log(torch.finfo(dtype).tiny)
+
+
 class _ExpRange:
     """Float-range limits of the exponential-domain path for one dtype.
 
@@ -96,7 +101,7 @@ class _ExpRange:
 
     def __init__(self, dtype: torch.dtype, kernel_size: int):
         self.tiny = torch.finfo(dtype).tiny
-        self.floor = 0.5 * math.log(self.tiny)
+        self.floor = _exp_floor(dtype)
         self.trusted = self.floor + math.log(kernel_size**2) - math.log(1e-9)
 
 
@@ -252,7 +257,6 @@ class _SinkhornSolver:
         self.tol = tol
         self.max_iter = max_iter
         self.objective = objective
-        self.floor = 0.0
 
     # -- one sweep -----------------------------------------------------------------
     def _alpha_step(self, windows, state, problem):
@@ -275,7 +279,8 @@ class _SinkhornSolver:
             return problem.target
         # z_j = W(lam exp(lam w_j) A_j) / lam; the floor keeps W / lam a normal
         # number (see _ExpRange).
-        log_w_argument = (math.log(self.lam) + problem.target + log_columns).clamp_min(self.floor)
+        floor = _exp_floor(log_columns.dtype)
+        log_w_argument = (math.log(self.lam) + problem.target + log_columns).clamp_min(floor)
         beta = problem.target - lambertw_exp(log_w_argument)
         if problem.upper is not None:
             # Where the cap z_j <= upper binds, beta = log(upper) - log A_j is the smaller value.
@@ -328,7 +333,6 @@ class _SinkhornSolver:
     # -- driver --------------------------------------------------------------------
     def solve(self, problem: _Problem, initial_beta: torch.Tensor):
         windows = _Windows(self.transport, problem.source.dtype, problem.source.device)
-        self.floor = windows.range.floor
         n = problem.source.shape[0]
         device, dtype = problem.source.device, problem.source.dtype
         state = _Iterate(
