@@ -135,8 +135,8 @@ def quality(x, w, z, eps, p, z_exact) -> dict:
     )
 
 
-def run_solver(name, x, w, eps, p, repeats, z_exact) -> Row:
-    solver = zoo.solver(name, kernel_size=KERNEL_SIZE, p=p, lam=LAM)
+def run_solver(name, x, w, eps, p, repeats, z_exact, hyperparameters) -> Row:
+    solver = zoo.solver(name, kernel_size=KERNEL_SIZE, p=p, lam=LAM, **hyperparameters)
     (z, info), times = timed(lambda: solver.project(x, w, eps), repeats)
     box = name.endswith("_box")
     row = Row(
@@ -317,7 +317,9 @@ def header(args) -> str:
         f"{platform.machine()} {platform.system()}",
         f"code: {code_version()}",
         f"setup: first {args.n} MNIST test images, w = x + {STEP} * sign(randn) (torch.Generator seed {args.seed}), "
-        f"kernel {KERNEL_SIZE}x{KERNEL_SIZE}, lam {LAM:g}, float32 on CPU, solver defaults otherwise",
+        f"kernel {KERNEL_SIZE}x{KERNEL_SIZE}, lam {LAM:g}, float32 on CPU, "
+        + (f"tol {args.tol:g}, " if args.tol is not None else "")
+        + "solver defaults otherwise",
     ])
 
 
@@ -340,6 +342,7 @@ def parse_args(argv=None):
     parser.add_argument("--paper-implementation", action="store_true",
                         help="also time the paper's code (module projected_sinkhorn) if it is installed")
     parser.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown to PATH")
+    parser.add_argument("--tol", type=float, default=None, help="solver tolerance (default: the solver's own)")
     parser.add_argument("--download", action="store_true",
                         help="download MNIST into the data root through torchvision if it is not there")
     parser.add_argument("--threads", type=int, default=None,
@@ -360,6 +363,11 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     head = header(args)
     print(head, flush=True)
+
+    # An invalid tolerance stops the run here, before any data is read.
+    hyperparameters = {} if args.tol is None else {"tol": args.tol}
+    for name in SOLVERS:
+        zoo.solver(name, **hyperparameters)
 
     x, _ = mnist_test_subset(args.data_root, args.n, download=args.download)
     generator = torch.Generator().manual_seed(args.seed)
@@ -382,7 +390,7 @@ def main(argv=None) -> int:
                 box = name.endswith("_box")
                 if box not in references:
                     references[box] = exact_reference(x, w, eps, p, box, args.exact_images)
-                rows.append(run_solver(name, x, w, eps, p, args.repeats, references[box]))
+                rows.append(run_solver(name, x, w, eps, p, args.repeats, references[box], hyperparameters))
                 print(f"  done: eps={eps:g} p={p:g} {name} ({time.perf_counter() - started:.0f} s)", flush=True)
             if paper is not None:
                 rows.append(run_paper(paper, x, w, eps, p, args.repeats, references[False]))
