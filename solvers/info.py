@@ -63,6 +63,25 @@ class SolveInfo:
     repair: torch.Tensor
     log_domain: torch.Tensor
 
+    @classmethod
+    def solved(cls, batch: int, dtype: torch.dtype, device, status: torch.Tensor | None = None) -> "SolveInfo":
+        """Info for examples settled without iterating: converged, zero cost and error.
+
+        ``status`` is a ``(B,)`` tensor of codes (default: all CONVERGED).
+        """
+        zeros = torch.zeros(batch, dtype=dtype, device=device)
+        if status is None:
+            status = torch.full((batch,), int(SolveStatus.CONVERGED), dtype=torch.int64, device=device)
+        return cls(
+            iterations=torch.zeros(batch, dtype=torch.int64, device=device),
+            converged=torch.ones(batch, dtype=torch.bool, device=device),
+            transport_cost=zeros,
+            status=status.to(device=device, dtype=torch.int64),
+            marginal_error=zeros.clone(),
+            repair=zeros.clone(),
+            log_domain=torch.zeros(batch, dtype=torch.bool, device=device),
+        )
+
     def status_names(self) -> list[str]:
         """The status of each example as a readable name."""
         return [SolveStatus(int(code)).name for code in self.status.tolist()]

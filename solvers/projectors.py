@@ -118,6 +118,8 @@ class ProjectedSinkhorn(_SinkhornSettings):
         relaxation: float = DEFAULT_RELAXATION,
         box: bool = False,
     ):
+        # The full signature is spelled out: the registry reads a solver's
+        # hyperparameters and defaults from it.
         super().__init__(kernel_size, p, lam, tol, max_iter, relaxation)
         if not isinstance(box, bool):
             raise ValueError(f"box={box!r} is invalid: it must be True or False")
@@ -164,16 +166,8 @@ class ExactProjection:
         )
         z = torch.as_tensor(np.asarray(z), dtype=x.dtype, device=x.device)
         distances = exact.local_ot_distance_batch(x.detach().cpu().numpy(), z.detach().cpu().numpy(), t.kernel_size, t.p)
-        batch = x.shape[0]
-        zeros = torch.zeros(batch, dtype=x.dtype, device=x.device)
         empty = x.flatten(1).sum(1) == 0
-        info = SolveInfo(
-            iterations=torch.zeros(batch, dtype=torch.int64, device=x.device),
-            converged=torch.ones(batch, dtype=torch.bool, device=x.device),
-            transport_cost=torch.tensor([d.cost for d in distances], dtype=x.dtype, device=x.device),
-            status=torch.where(empty, int(SolveStatus.ZERO_MASS), int(SolveStatus.CONVERGED)).to(x.device),
-            marginal_error=zeros.clone(),
-            repair=zeros.clone(),
-            log_domain=torch.zeros(batch, dtype=torch.bool, device=x.device),
-        )
+        status = torch.where(empty, int(SolveStatus.ZERO_MASS), int(SolveStatus.CONVERGED))
+        info = SolveInfo.solved(x.shape[0], x.dtype, x.device, status)
+        info.transport_cost = torch.tensor([d.cost for d in distances], dtype=x.dtype, device=x.device)
         return z, info

@@ -344,15 +344,7 @@ class _SinkhornSolver:
             psi_high=torch.full((n,), math.inf, dtype=dtype, device=device),
         )
         out_z = torch.zeros_like(problem.source)
-        out = {
-            "iterations": torch.zeros(n, dtype=torch.int64, device=device),
-            "converged": torch.zeros(n, dtype=torch.bool, device=device),
-            "transport_cost": torch.zeros(n, dtype=dtype, device=device),
-            "status": torch.zeros(n, dtype=torch.int64, device=device),
-            "marginal_error": torch.zeros(n, dtype=dtype, device=device),
-            "repair": torch.zeros(n, dtype=dtype, device=device),
-            "log_domain": torch.zeros(n, dtype=torch.bool, device=device),
-        }
+        out = SolveInfo.solved(n, dtype, device)
         active = torch.arange(n, device=device)
         for iteration in range(1, self.max_iter + 1):
             alpha, log_rows, cost, variance, log_mode = self._alpha_step(windows, state, problem)
@@ -387,13 +379,13 @@ class _SinkhornSolver:
             )
             status = torch.where(ok, status, torch.full_like(index, SolveStatus.NUMERICAL_FAILURE))
             target = active[index]
-            out["iterations"][target] = iteration
-            out["converged"][target] = converged[index] & ok
-            out["transport_cost"][target] = torch.where(ok, cost_final, torch.zeros_like(cost_final))
-            out["status"][target] = status
-            out["marginal_error"][target] = marginal[index]
-            out["repair"][target] = torch.where(ok, repair, torch.zeros_like(repair))
-            out["log_domain"][target] = log_final
+            out.iterations[target] = iteration
+            out.converged[target] = converged[index] & ok
+            out.transport_cost[target] = torch.where(ok, cost_final, torch.zeros_like(cost_final))
+            out.status[target] = status
+            out.marginal_error[target] = marginal[index]
+            out.repair[target] = torch.where(ok, repair, torch.zeros_like(repair))
+            out.log_domain[target] = log_final
             keep = (~done).nonzero()[:, 0]
             if keep.numel() == 0:
                 break
@@ -538,16 +530,9 @@ def _run(x, image, eps, transport, lam, tol, max_iter, relaxation, *, objective,
 
     z = x.clone()
     device = x.device
-    info = SolveInfo(
-        iterations=torch.zeros(batch, dtype=torch.int64, device=device),
-        converged=torch.ones(batch, dtype=torch.bool, device=device),
-        transport_cost=torch.zeros(batch, dtype=x.dtype, device=device),
-        status=torch.where(empty, int(SolveStatus.ZERO_MASS), int(SolveStatus.CONVERGED)).to(device),
-        marginal_error=torch.zeros(batch, dtype=x.dtype, device=device),
-        repair=torch.zeros(batch, dtype=x.dtype, device=device),
-        log_domain=torch.zeros(batch, dtype=torch.bool, device=device),
-    )
-    info.status[~empty & (eps_tensor == 0)] = SolveStatus.ZERO_MASS
+    # An empty image or a zero radius makes the ball the single point x.
+    status = torch.where(empty | (eps_tensor == 0), int(SolveStatus.ZERO_MASS), int(SolveStatus.CONVERGED))
+    info = SolveInfo.solved(batch, x.dtype, device, status)
     work = (~degenerate).nonzero()[:, 0]
     if work.numel() > 0 and objective is _Objective.PROJECTION:
         inside, inside_cost = _certify_inside(x, image, eps_tensor, transport, mass, work, box)
@@ -562,7 +547,7 @@ def _run(x, image, eps, transport, lam, tol, max_iter, relaxation, *, objective,
     solver = _SinkhornSolver(transport, lam, tol, max_iter, relaxation, objective)
     z_work, out = solver.solve(problem, initial_beta)
     z[work] = z_work * mass[work][:, None, None, None]
-    for name, values in out.items():
+    for name, values in out.to_dict().items():
         getattr(info, name)[work] = values
     return z, info
 
