@@ -1,0 +1,94 @@
+"""Attack a data set in batches and verify every claim: per-example columns.
+
+The unit of work of every benchmark: a model, clean images, a threat model
+with its solver, a schedule. :func:`attack_and_verify` returns one column per
+recorded quantity (numpy arrays of length N), ready for a table.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from solvers.iterate import BallIterate, Norm
+
+from .attack import EpsSchedule, Loss, PGDAttack
+from .verify import Verification, verify_norm, verify_wasserstein
+
+__all__ = ["attack_and_verify", "clean_accuracy"]
+
+
+def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Fraction of ``images`` the model classifies as ``labels``."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for chunk, chunk_labels in zip(images.split(batch_size), labels.split(batch_size)):
+            correct += int((model(chunk).argmax(1) == chunk_labels).sum())
+    return correct / images.shape[0]
+
+
+def attack_and_verify(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    iterate: BallIterate,
+    schedule: EpsSchedule,
+    *,
+    kernel_size: int | None = None,
+    p: float | None = None,
+    norm: Norm | None = None,
+    batch_size: int = 100,
+    loss: Loss = Loss.CROSS_ENTROPY,
+    restarts: int = 1,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Attack ``images`` batch by batch and verify each claimed success.
+
+    Give ``kernel_size`` and ``p`` for a Wasserstein ball, or ``norm`` for an
+    l_p ball: they select the exact check.
+
+    Returns
+    -------
+    dict of str to numpy array
+        Per example: ``label``, the attack's claims (``success``,
+        ``eps_found``, ``clean_prediction``, ``adversarial_prediction``,
+        ``steps``, ``restart``, ``solver_iterations``,
+        ``unconverged_steps``, ``failed_steps``, ``zero_gradient_steps``),
+        the verdict (``verification_status``, ``verified_distance``,
+        ``distance``, ``mass_error``, ``box_violation``,
+        ``unreachable_mass``, ``verified_prediction``), and ``attack_seconds`` /
+        ``verify_seconds`` (the batch's wall time shared equally by its
+        examples). ``adversarial`` holds the stored images.
+    """
+    if (norm is None) == (kernel_size is None or p is None):
+        raise ValueError("give kernel_size and p (Wasserstein ball) or norm (l_p ball), not both or neither")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: it must be an integer >= 1")
+    attack = PGDAttack(model, iterate, schedule, loss=loss, restarts=restarts, seed=seed)
+    columns: dict[str, list[np.ndarray]] = {}
+    for start in range(0, images.shape[0], batch_size):
+        x, y = images[start : start + batch_size], labels[start : start + batch_size]
+        result = attack.run(x, y)
+        started = time.perf_counter()
+        if norm is None:
+            verdict: Verification = verify_wasserstein(
+                model, x, y, result.adversarial, result.success, result.eps_found, kernel_size, p
+            )
+        else:
+            verdict = verify_norm(model, x, y, result.adversarial, result.success, result.eps_found, norm)
+        verify_seconds = time.perf_counter() - started
+        batch = {"label": y.cpu().numpy()}
+        batch.update({name: value.cpu().numpy() for name, value in result.per_example().items()})
+        renamed = {"status": "verification_status", "prediction": "verified_prediction"}
+        for name, value in verdict.to_dict().items():
+            batch[renamed.get(name, name)] = value
+        batch["attack_seconds"] = np.full(x.shape[0], result.seconds / x.shape[0])
+        batch["verify_seconds"] = np.full(x.shape[0], verify_seconds / x.shape[0])
+        batch["adversarial"] = result.adversarial.detach().cpu().numpy()
+        for name, value in batch.items():
+            columns.setdefault(name, []).append(value)
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
