@@ -325,3 +325,37 @@ def test_protocol_presets():
     assert cifar.final_eps == pytest.approx(0.001 * 1.17**39)  # the text's 0.53 counts one growth more
     accepted = zoo.solver_specs()[0].defaults
     assert PROTOCOLS["paper_mnist"].solver_hyperparameters(accepted).keys() <= {"kernel_size", "p", "lam"}
+
+
+# --------------------------------------------------------------------------
+# The paper's models on real MNIST (need DATA_ROOT and WEIGHTS_DIR)
+# --------------------------------------------------------------------------
+
+
+def _real(name: str, n: int):
+    import os
+
+    from harness.data import test_subset
+
+    missing = [var for var in ("DATA_ROOT", "WEIGHTS_DIR") if not os.environ.get(var)]
+    if missing:
+        pytest.skip(f"set {' and '.join(missing)} to run the attack on the paper's MNIST models")
+    model = zoo.model(name, weights_dir=os.environ["WEIGHTS_DIR"])
+    x, y = test_subset("mnist", os.environ["DATA_ROOT"], n)
+    return model, x, y
+
+
+@pytest.mark.parametrize("name", ["mnist/standard", "mnist/binarized"])
+def test_paper_model_attack_every_success_verified(name):
+    """The paper's code protocol with the box solver; the binarized model is attacked through BPDA."""
+    model, x, y = _real(name, 16)
+    protocol = PROTOCOLS["paper_code_mnist"]
+    solver = zoo.solver("projected_sinkhorn_box", kernel_size=protocol.kernel_size, p=protocol.p, lam=protocol.lam)
+    iterate = make_iterate(solver, protocol.rule, protocol.step_size)
+    result = PGDAttack(model, iterate, protocol.schedule).run(x, y)
+    verdict = verify_wasserstein(model, x, y, result.adversarial, result.success, result.eps_found, protocol.kernel_size, protocol.p)
+    assert int(result.success.sum()) >= 14, f"{name}: only {int(result.success.sum())} of 16 fooled"
+    counted = np.isin(verdict.status, [int(VerificationStatus.VERIFIED), int(VerificationStatus.CLEAN_MISCLASSIFIED)])
+    assert np.all(counted[result.success.numpy()]), verdict.status_names()
+    assert int(result.zero_gradient_steps.sum()) == 0, "the straight-through gradient vanished"
+    assert robust_accuracy(verdict.verified_distance, 2.0) <= 2 / 16
