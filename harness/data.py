@@ -83,7 +83,6 @@ _NUM_CLASSES = 10
 
 # idx format: two zero bytes, a type code (0x08 = unsigned byte), the number
 # of dimensions, then one big-endian uint32 per dimension.
-_IDX_UBYTE = 0x08
 _IMAGES_MAGIC = 0x00000803  # ubyte, 3 dimensions (N, rows, cols)
 _LABELS_MAGIC = 0x00000801  # ubyte, 1 dimension (N,)
 
