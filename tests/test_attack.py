@@ -359,3 +359,29 @@ def test_paper_model_attack_every_success_verified(name):
     assert np.all(counted[result.success.numpy()]), verdict.status_names()
     assert int(result.zero_gradient_steps.sum()) == 0, "the straight-through gradient vanished"
     assert robust_accuracy(verdict.verified_distance, 2.0) <= 2 / 16
+
+
+# --------------------------------------------------------------------------
+# Batched evaluation
+# --------------------------------------------------------------------------
+
+
+def test_attack_and_verify_columns():
+    from harness.evaluate import attack_and_verify, clean_accuracy
+
+    model, x, y = problem(batch=7)
+    solver = zoo.solver("projected_sinkhorn_box", kernel_size=KERNEL, p=P)
+    columns = attack_and_verify(model, x, y, make_iterate(solver), SCHEDULE, kernel_size=KERNEL, p=P, batch_size=3)
+    assert {len(value) for value in columns.values()} == {7}
+    assert columns["adversarial"].shape == tuple(x.shape)
+    assert np.array_equal(columns["label"], y.numpy())
+    verified = columns["verification_status"] == int(VerificationStatus.VERIFIED)
+    assert np.array_equal(verified, columns["success"])  # every example starts correct, every claim holds
+    assert np.all(columns["verified_distance"][verified] <= columns["eps_found"][verified] * (1 + 1e-4))
+    assert np.array_equal(columns["verified_prediction"], columns["adversarial_prediction"])
+    assert np.all(columns["attack_seconds"] > 0)
+    assert clean_accuracy(model, x, y) == 1.0
+    with pytest.raises(ValueError, match="not both or neither"):
+        attack_and_verify(model, x, y, make_iterate(solver), SCHEDULE, kernel_size=KERNEL, p=P, norm=Norm.LINF)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        attack_and_verify(model, x, y, make_iterate(solver), SCHEDULE, kernel_size=KERNEL, p=P, batch_size=0)
