@@ -149,9 +149,10 @@ def markdown(rows, args, eps_grid) -> str:
     for row in rows:
         cells = " | ".join(f"{100 * row['robust_verified'][e]:.1f}% ({100 * row['robust_claimed'][e]:.1f}%)" for e in eps_grid)
         why = ", ".join(f"{k} {v}" for k, v in row["failures"].items()) or "-"
+        budget = "-" if np.isnan(row["budget_median"]) else f"{row['budget_median']:.2f}"
         lines.append(
             f"| {row['model']} | {100 * row['clean']:.2f}% | {row['variant']} | {cells} | {row['verified']}/{row['claimed']} | "
-            f"{why} | {row['budget_median']:.2f} | {row['attack_s']:.3f} + {row['verify_s']:.3f} |"
+            f"{why} | {budget} | {row['attack_s']:.3f} + {row['verify_s']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
