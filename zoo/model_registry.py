@@ -37,6 +37,7 @@ from .architectures import (
     cifar_small_resnet,
     mnist_small_convnet,
 )
+from .registry import Registry
 
 WEIGHTS_ENV_VAR = "WASSERSTEIN_BENCH_WEIGHTS"
 """Environment variable naming the weights folder when no ``weights_dir`` is passed."""
@@ -196,30 +197,10 @@ class ModelSpec:
         return module.to(device).eval()
 
 
-class ModelRegistry:
+class ModelRegistry(Registry[ModelSpec]):
     """A name -> :class:`ModelSpec` table."""
 
-    def __init__(self, specs: tuple[ModelSpec, ...] = ()):
-        self._specs: dict[str, ModelSpec] = {}
-        for spec in specs:
-            self.add(spec)
-
-    def add(self, spec: ModelSpec) -> None:
-        if spec.name in self._specs:
-            raise ValueError(f"a model named {spec.name!r} is already registered")
-        self._specs[spec.name] = spec
-
-    def names(self) -> list[str]:
-        return sorted(self._specs)
-
-    def spec(self, name: str) -> ModelSpec:
-        try:
-            return self._specs[name]
-        except KeyError:
-            raise ValueError(f"unknown model {name!r}; registered models: {', '.join(self.names())}") from None
-
-    def specs(self) -> list[ModelSpec]:
-        return [self._specs[name] for name in self.names()]
+    noun = "model"
 
 
 # Builders: the bare network behind its preprocessing.

@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping
 
 from solvers.projectors import ExactProjection, Projector, ProjectedSinkhorn
 
+from .registry import Registry
+
 
 class SolverKind(enum.Enum):
     """Where a solver keeps its state between attack steps."""
@@ -70,30 +72,10 @@ class SolverSpec:
         return self.factory(**self.fixed, **hyperparameters)
 
 
-class SolverRegistry:
+class SolverRegistry(Registry[SolverSpec]):
     """A name -> :class:`SolverSpec` table."""
 
-    def __init__(self, specs: tuple[SolverSpec, ...] = ()):
-        self._specs: dict[str, SolverSpec] = {}
-        for spec in specs:
-            self.add(spec)
-
-    def add(self, spec: SolverSpec) -> None:
-        if spec.name in self._specs:
-            raise ValueError(f"a solver named {spec.name!r} is already registered")
-        self._specs[spec.name] = spec
-
-    def names(self) -> list[str]:
-        return sorted(self._specs)
-
-    def spec(self, name: str) -> SolverSpec:
-        try:
-            return self._specs[name]
-        except KeyError:
-            raise ValueError(f"unknown solver {name!r}; registered solvers: {', '.join(self.names())}") from None
-
-    def specs(self) -> list[SolverSpec]:
-        return [self._specs[name] for name in self.names()]
+    noun = "solver"
 
 
 BUILTIN_SOLVERS = (
