@@ -317,6 +317,11 @@ class PGDAttack:
             raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
         if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1]:
             raise ValueError(f"y must be a ({x.shape[0]},) tensor of labels, got {getattr(y, 'shape', type(y).__name__)}")
+        if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+            raise ValueError(
+                f"x has entries outside [0, 1] (min {float(x.min()):.3g}, max {float(x.max()):.3g}, NaN/inf: "
+                f"{not bool(torch.isfinite(x).all())}): models take [0, 1] images, normalization lives inside them"
+            )
         if targets is not None:
             if targets.shape != y.shape:
                 raise ValueError(f"targets has shape {tuple(targets.shape)}, labels {tuple(y.shape)}: they must match")
@@ -327,7 +332,12 @@ class PGDAttack:
         self.model.eval()
         try:
             with torch.no_grad():
-                clean_prediction = self.model(x).argmax(1)
+                clean_logits = self.model(x)
+            classes = clean_logits.shape[1]
+            for name, labels in (("y", y), ("targets", targets)):
+                if labels is not None and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+                    raise ValueError(f"{name} has classes {sorted(set(labels.tolist()))}; the model has classes 0..{classes - 1}")
+            clean_prediction = clean_logits.argmax(1)
             tally = _Tally.zeros(batch, device)
             adversarial = x.detach().clone()
             success = torch.zeros(batch, dtype=torch.bool, device=device)

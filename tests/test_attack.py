@@ -312,6 +312,10 @@ def test_bad_inputs_are_named():
         make_iterate(solver, StepRule.LINF_SIGN, 0)
     with pytest.raises(ValueError, match="targets equal the true label for examples \\[0, 1\\]"):
         PGDAttack(model, make_iterate(solver), SCHEDULE).run(x, y, y.clone())
+    with pytest.raises(ValueError, match="outside \\[0, 1\\].*max 1.5"):
+        PGDAttack(model, make_iterate(solver), SCHEDULE).run(x * 0 + 1.5, y)
+    with pytest.raises(ValueError, match="y has classes \\[7\\]; the model has classes 0..2"):
+        PGDAttack(model, make_iterate(solver), SCHEDULE).run(x, torch.full_like(y, 7))
     with pytest.raises(ValueError, match="norm='l1'"):
         NormBallIterate("l1", 0.1)
 
