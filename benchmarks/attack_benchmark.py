@@ -7,7 +7,7 @@ Kolter 2019 with their published weights):
 * the Wasserstein PGD attack of a protocol (``--protocol``, default the
   paper's code: 7x7 plans, p = 2, eps 0.7 x1.1 every 10 of 200 l_inf sign
   steps of 0.1, lambda 1000) on the first ``--n`` test images, once per
-  solver variant (``--variants``):
+  solver variant (``--variants``; default the first and the last):
 
   - ``projected_sinkhorn_box``: the box 0 <= z <= 1 inside the projection;
   - ``projected_sinkhorn``: no box, no clamp (images may leave [0, 1]);
@@ -55,7 +55,7 @@ from harness.evaluate import attack_and_verify, clean_accuracy  # noqa: E402
 from harness.verify import VerificationStatus, robust_accuracy  # noqa: E402
 
 PAPER_MODELS = ("mnist/standard", "mnist/binarized", "mnist/linf_certified", "mnist/wasserstein_adversarial")
-VARIANTS = ("projected_sinkhorn_box", "projected_sinkhorn", "projected_sinkhorn+clamp")
+VARIANTS = ("projected_sinkhorn_box", "projected_sinkhorn+clamp")
 CLAMP_SUFFIX = "+clamp"
 
 
