@@ -389,3 +389,26 @@ def test_attack_and_verify_columns():
         attack_and_verify(model, x, y, make_iterate(solver), SCHEDULE, kernel_size=KERNEL, p=P, norm=Norm.LINF)
     with pytest.raises(ValueError, match="batch_size=0"):
         attack_and_verify(model, x, y, make_iterate(solver), SCHEDULE, kernel_size=KERNEL, p=P, batch_size=0)
+
+
+@pytest.mark.parametrize("name", ["cifar10/small_resnet", "cifar10/resnet18"])
+def test_cifar_architectures_attack_and_verify(name):
+    """Colour images through the whole loop: untrained weights, real CIFAR-10 images, labels = own predictions."""
+    import os
+
+    from harness.data import test_subset
+
+    if not os.environ.get("DATA_ROOT"):
+        pytest.skip("set DATA_ROOT to run the attack on real CIFAR-10 images")
+    x, _ = test_subset("cifar10", os.environ["DATA_ROOT"], 4)
+    spec = next(spec for spec in zoo.models() if spec.name == name)
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    protocol = PROTOCOLS["paper_cifar"]
+    solver = zoo.solver("projected_sinkhorn_box", kernel_size=protocol.kernel_size, p=protocol.p, lam=protocol.lam)
+    result = PGDAttack(model, make_iterate(solver, protocol.rule, protocol.step_size), EpsSchedule(0.01, 1.5, 2, 12)).run(x, y)
+    verdict = verify_wasserstein(model, x, y, result.adversarial, result.success, result.eps_found, protocol.kernel_size, protocol.p)
+    assert result.success.any()
+    assert np.all(verdict.status[result.success.numpy()] == int(VerificationStatus.VERIFIED)), verdict.status_names()
