@@ -1,0 +1,259 @@
+"""The Parquet result store: one canonical schema per table, one file per shard.
+
+Layout under ``results_dir``::
+
+    examples/dataset=mnist/model=mnist%2Fstandard/shard-<shard id>.parquet
+    cells/dataset=mnist/model=mnist%2Fstandard/shard-<cell id>.parquet
+
+Hive-partitioned by data set and model (partition values URI-encoded, so
+registry names with ``/`` stay one folder). A shard is written to a hidden
+temporary file in its final folder, flushed, then renamed: readers never see
+half a file, and the names they skip (leading ``.``) cover any temporary file
+a crash leaves behind. A shard's id comes from a hash of its configuration,
+so a rerun finds what is done (:func:`shard_exists`) and writing the same
+shard twice replaces it with identical content instead of duplicating rows.
+
+Every table is cast to its schema (with a ``schema_version`` column) before it
+is written; a column missing, extra, or of a type that does not convert is an
+error that names it.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import quote
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+__all__ = [
+    "CELLS_SCHEMA",
+    "EXAMPLES_SCHEMA",
+    "PARTITION_SCHEMA",
+    "SCHEMA_VERSION",
+    "Table",
+    "read_table",
+    "shard_exists",
+    "shard_path",
+    "write_shard",
+]
+
+SCHEMA_VERSION = 1
+"""Bumped whenever a column is added, removed or changes meaning."""
+
+
+class Table(enum.Enum):
+    """The tables of the store."""
+
+    EXAMPLES = "examples"
+    """One row per attacked example."""
+    CELLS = "cells"
+    """One row per grid cell."""
+
+
+PARTITION_SCHEMA = pa.schema([pa.field("dataset", pa.string()), pa.field("model", pa.string())])
+"""The partition columns, stored in the folder names rather than in the files."""
+
+# The configuration of a cell: every hyperparameter that changes the numbers.
+_CELL_CONFIG = [
+    pa.field("cell_id", pa.string(), nullable=False),
+    pa.field("threat_model", pa.string(), nullable=False),
+    pa.field("solver", pa.string()),
+    pa.field("kernel_size", pa.int32()),
+    pa.field("p", pa.float64()),
+    pa.field("lam", pa.float64()),
+    pa.field("step_rule", pa.string()),
+    pa.field("step_size", pa.float64()),
+    pa.field("clamp", pa.bool_()),
+    pa.field("eps_initial", pa.float64()),
+    pa.field("eps_factor", pa.float64()),
+    pa.field("eps_every", pa.int32()),
+    pa.field("iterations", pa.int32()),
+    pa.field("loss", pa.string()),
+    pa.field("restarts", pa.int32()),
+    pa.field("seed", pa.int64()),
+    pa.field("gradient_mode", pa.string()),
+]
+
+EXAMPLES_SCHEMA = pa.schema(
+    [pa.field("schema_version", pa.int16(), nullable=False)]
+    + _CELL_CONFIG
+    + [
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("example_index", pa.int64(), nullable=False),
+        pa.field("label", pa.int16()),
+        pa.field("clean_prediction", pa.int16()),
+        pa.field("adversarial_prediction", pa.int16()),
+        pa.field("success", pa.bool_()),
+        pa.field("eps_found", pa.float64()),
+        pa.field("verification_status", pa.string()),
+        pa.field("verified_distance", pa.float64()),
+        pa.field("distance", pa.float64()),
+        pa.field("mass_error", pa.float64()),
+        pa.field("box_violation", pa.float64()),
+        pa.field("unreachable_mass", pa.float64()),
+        pa.field("steps", pa.int32()),
+        pa.field("restart", pa.int16()),
+        pa.field("solver_iterations", pa.int64()),
+        pa.field("unconverged_steps", pa.int32()),
+        pa.field("failed_steps", pa.int32()),
+        pa.field("zero_gradient_steps", pa.int32()),
+        pa.field("attack_seconds", pa.float64()),
+        pa.field("verify_seconds", pa.float64()),
+    ]
+)
+"""Columns of the ``examples`` table (the partition columns come from the path)."""
+
+CELLS_SCHEMA = pa.schema(
+    [pa.field("schema_version", pa.int16(), nullable=False)]
+    + _CELL_CONFIG
+    + [
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("n_examples", pa.int64()),
+        pa.field("started_at", pa.timestamp("us", tz="UTC")),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+        pa.field("seconds", pa.float64()),
+        pa.field("clean_accuracy", pa.float64()),
+        pa.field("robust_accuracy", pa.float64()),
+        pa.field("config_json", pa.string()),
+        pa.field("package_versions_json", pa.string()),
+        pa.field("git_commit", pa.string()),
+        pa.field("device", pa.string()),
+    ]
+)
+"""Columns of the ``cells`` table: the cell's configuration, outcome and provenance."""
+
+_SCHEMAS = {Table.EXAMPLES: EXAMPLES_SCHEMA, Table.CELLS: CELLS_SCHEMA}
+_PARTITIONING = pads.partitioning(PARTITION_SCHEMA, flavor="hive")
+
+
+def _check_table(table: Table) -> Table:
+    if not isinstance(table, Table):
+        raise ValueError(f"table={table!r} is invalid: allowed {[t.value for t in Table]}")
+    return table
+
+
+def _check_shard_id(shard_id: str) -> str:
+    if not isinstance(shard_id, str) or not shard_id or not all(c.isalnum() or c in "-_" for c in shard_id):
+        raise ValueError(f"shard_id={shard_id!r} is invalid: it must be a non-empty string of letters, digits, '-' and '_'")
+    return shard_id
+
+
+def shard_path(results_dir: str | os.PathLike, table: Table, dataset: str, model: str, shard_id: str) -> Path:
+    """Where the shard ``shard_id`` of ``table`` lives."""
+    folder = Path(results_dir) / _check_table(table).value
+    for field, value in (("dataset", dataset), ("model", model)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{field}={value!r} is invalid: it must be a non-empty string")
+        folder = folder / f"{field}={quote(value, safe='')}"
+    return folder / f"shard-{_check_shard_id(shard_id)}.parquet"
+
+
+def shard_exists(results_dir: str | os.PathLike, table: Table, dataset: str, model: str, shard_id: str) -> bool:
+    """Whether a finished file for this shard is on disk."""
+    return shard_path(results_dir, table, dataset, model, shard_id).is_file()
+
+
+def _as_arrow(table: Table, columns: Mapping[str, Any]) -> pa.Table:
+    schema = _SCHEMAS[table]
+    expected = [name for name in schema.names if name != "schema_version"]
+    missing = [name for name in expected if name not in columns]
+    extra = [name for name in columns if name not in expected]
+    if missing or extra:
+        raise ValueError(
+            f"the {table.value} table has the wrong columns: missing {missing or 'none'}, unexpected {extra or 'none'} "
+            f"(schema version {SCHEMA_VERSION}: {', '.join(expected)})"
+        )
+    lengths = {len(value) for value in columns.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"the {table.value} columns have different lengths: {sorted(lengths)}")
+    (rows,) = lengths
+    arrays = {"schema_version": pa.array([SCHEMA_VERSION] * rows, pa.int16())}
+    for name in expected:
+        field = schema.field(name)
+        try:
+            arrays[name] = pa.array(columns[name], type=field.type, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as error:
+            raise ValueError(f"column {name!r} of the {table.value} table does not convert to {field.type}: {error}") from error
+        if not field.nullable and arrays[name].null_count:
+            raise ValueError(f"column {name!r} of the {table.value} table has {arrays[name].null_count} missing values; it must be complete")
+    return pa.table(arrays, schema=schema)
+
+
+def write_shard(
+    results_dir: str | os.PathLike, table: Table, dataset: str, model: str, shard_id: str, columns: Mapping[str, Any]
+) -> Path:
+    """Write one shard atomically and return its path.
+
+    Parameters
+    ----------
+    results_dir : str or os.PathLike
+    table : Table
+    dataset, model : str
+        Partition values (e.g. ``"mnist"``, ``"mnist/standard"``).
+    shard_id : str
+        Hash of the shard's configuration (letters, digits, ``-``, ``_``).
+    columns : mapping of str to array-like
+        Exactly the table's columns except ``schema_version`` (added here),
+        all of one length.
+
+    Returns
+    -------
+    pathlib.Path
+        The final file. An existing file for the same shard is replaced.
+    """
+    path = shard_path(results_dir, _check_table(table), dataset, model, shard_id)
+    arrow = _as_arrow(table, columns)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            pq.write_table(arrow, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def read_table(
+    results_dir: str | os.PathLike,
+    table: Table = Table.EXAMPLES,
+    filters=None,
+    columns: list[str] | None = None,
+) -> pd.DataFrame:
+    """Read a table of the store as a pandas DataFrame.
+
+    Parameters
+    ----------
+    results_dir : str or os.PathLike
+    table : Table, default examples
+    filters : list of tuples, optional
+        As in :func:`pandas.read_parquet`, e.g.
+        ``[("model", "==", "mnist/standard"), ("solver", "in", ["projected_sinkhorn_box"])]``;
+        partition filters skip whole folders.
+    columns : list of str, optional
+        The columns to read (default all, partition columns included).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Finished shards only (temporary files are never read); an empty frame
+        with the table's columns when nothing has been written yet.
+    """
+    schema = _SCHEMAS[_check_table(table)]
+    full = pa.schema(list(schema) + list(PARTITION_SCHEMA))
+    root = Path(results_dir) / table.value
+    if not root.is_dir():
+        frame = full.empty_table().to_pandas()
+        return frame if columns is None else frame[columns]
+    dataset = pads.dataset(str(root), format="parquet", partitioning=_PARTITIONING, schema=full, ignore_prefixes=[".", "_"])
+    expression = pq.filters_to_expression(filters) if filters else None
+    return dataset.to_table(columns=columns, filter=expression).to_pandas()

@@ -1,0 +1,137 @@
+"""Tests of the Parquet result store (harness/store.py): what lands on disk, and what readers see."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from harness import store
+from harness.store import CELLS_SCHEMA, EXAMPLES_SCHEMA, Table, read_table, shard_exists, shard_path, write_shard
+
+
+def example_columns(shard_id: str, rows: int = 3, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    columns = {field.name: [None] * rows for field in EXAMPLES_SCHEMA if field.name != "schema_version"}
+    columns.update(
+        cell_id=["cell-a"] * rows,
+        threat_model=["wasserstein"] * rows,
+        solver=["projected_sinkhorn_box"] * rows,
+        kernel_size=[5] * rows,
+        p=[1.0] * rows,
+        shard_id=[shard_id] * rows,
+        example_index=np.arange(rows),
+        label=rng.integers(0, 10, rows),
+        success=rng.random(rows) < 0.5,
+        eps_found=rng.random(rows),
+        verified_distance=np.r_[rng.random(rows - 1), math.inf],
+        verification_status=["VERIFIED"] * (rows - 1) + ["NOT_FOUND"],
+    )
+    return columns
+
+
+def test_round_trip_with_partitions_and_types(tmp_path):
+    first = write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "shard1", example_columns("shard1"))
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/binarized", "shard2", example_columns("shard2", rows=2, seed=1))
+    assert first == tmp_path / "examples" / "dataset=mnist" / "model=mnist%2Fstandard" / "shard-shard1.parquet"
+    assert pq.read_schema(first).equals(EXAMPLES_SCHEMA, check_metadata=False)
+    frame = read_table(tmp_path)
+    assert len(frame) == 5
+    assert sorted(frame["model"].unique()) == ["mnist/binarized", "mnist/standard"]
+    standard = frame[frame["model"] == "mnist/standard"].sort_values("example_index")
+    expected = example_columns("shard1")
+    assert np.allclose(standard["eps_found"], expected["eps_found"])
+    assert np.isinf(standard["verified_distance"].iloc[-1])
+    assert (frame["schema_version"] == store.SCHEMA_VERSION).all()
+    # What a user types gets the same rows.
+    by_pandas = pd.read_parquet(tmp_path / "examples", filters=[("model", "==", "mnist/standard")])
+    assert len(by_pandas) == 3 and set(by_pandas["model"].astype(str)) == {"mnist/standard"}
+
+
+def test_filters_on_partition_and_data_columns(tmp_path):
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", example_columns("s1", rows=4))
+    write_shard(tmp_path, Table.EXAMPLES, "cifar10", "cifar10/resnet18", "s2", example_columns("s2", rows=2))
+    assert len(read_table(tmp_path, filters=[("dataset", "==", "cifar10")])) == 2
+    verified = read_table(tmp_path, filters=[("verification_status", "==", "VERIFIED"), ("dataset", "==", "mnist")])
+    assert len(verified) == 3
+    assert list(read_table(tmp_path, columns=["example_index", "model"]).columns) == ["example_index", "model"]
+
+
+def test_rewriting_a_shard_replaces_it(tmp_path):
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", example_columns("s1", seed=0))
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", example_columns("s1", seed=5))
+    frame = read_table(tmp_path)
+    assert len(frame) == 3
+    assert np.allclose(frame.sort_values("example_index")["eps_found"], example_columns("s1", seed=5)["eps_found"])
+    assert shard_exists(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1")
+    assert not shard_exists(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s2")
+
+
+def test_stray_temporary_files_are_ignored(tmp_path):
+    path = write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", example_columns("s1"))
+    (path.parent / f".{path.name}.0123.tmp").write_bytes(b"PAR1 half a file")
+    (path.parent / "_scratch").write_bytes(b"not parquet")
+    assert len(read_table(tmp_path)) == 3
+    assert len(pd.read_parquet(tmp_path / "examples")) == 3
+
+
+def test_a_crash_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken_write(table, handle):
+        handle.write(b"PAR1 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store.pq, "write_table", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", example_columns("s1"))
+    folder = shard_path(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1").parent
+    assert list(folder.iterdir()) == []
+    assert read_table(tmp_path).empty
+
+
+def test_empty_store_gives_the_schema_columns(tmp_path):
+    frame = read_table(tmp_path, Table.CELLS)
+    assert frame.empty
+    assert set(CELLS_SCHEMA.names) | {"dataset", "model"} == set(frame.columns)
+
+
+def test_wrong_columns_are_named(tmp_path):
+    columns = example_columns("s1")
+    del columns["eps_found"]
+    columns["epsilon"] = [0.1, 0.2, 0.3]
+    with pytest.raises(ValueError, match=r"missing \['eps_found'\], unexpected \['epsilon'\]"):
+        write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", columns)
+    columns = example_columns("s1")
+    columns["steps"] = ["many", "few", "none"]
+    with pytest.raises(ValueError, match="column 'steps' .* does not convert to int32"):
+        write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", columns)
+    columns = example_columns("s1")
+    columns["cell_id"] = ["a", None, "a"]
+    with pytest.raises(ValueError, match="column 'cell_id' .* 1 missing values"):
+        write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", columns)
+    columns = example_columns("s1")
+    columns["label"] = [1, 2]
+    with pytest.raises(ValueError, match=r"different lengths: \[2, 3\]"):
+        write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", columns)
+    assert not (tmp_path / "examples").exists() or read_table(tmp_path).empty
+
+
+@pytest.mark.parametrize("shard_id", ["", "../escape", "a b", None])
+def test_bad_shard_ids_and_tables(tmp_path, shard_id):
+    with pytest.raises(ValueError, match="shard_id="):
+        shard_path(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", shard_id)
+    with pytest.raises(ValueError, match="table='examples' is invalid"):
+        read_table(tmp_path, "examples")
+    with pytest.raises(ValueError, match="model='' is invalid"):
+        shard_path(tmp_path, Table.EXAMPLES, "mnist", "", "s1")
+
+
+def test_schemas_carry_a_version_and_share_the_cell_configuration():
+    assert EXAMPLES_SCHEMA.names[0] == CELLS_SCHEMA.names[0] == "schema_version"
+    config = [name for name in EXAMPLES_SCHEMA.names if name in CELLS_SCHEMA.names]
+    assert {"cell_id", "solver", "kernel_size", "p", "lam", "seed", "gradient_mode"} <= set(config)
+    assert not set(store.PARTITION_SCHEMA.names) & set(EXAMPLES_SCHEMA.names)
+    assert EXAMPLES_SCHEMA.field("verified_distance").type == pa.float64()
