@@ -1,0 +1,186 @@
+"""Running shards and cells: what a worker does, wherever it runs.
+
+A :class:`ShardRunner` belongs to one worker process (an in-process executor
+or a long-lived Ray actor); it keeps the models and data it has loaded, so a
+worker pays for each only once. :meth:`ShardRunner.run_shard` attacks and
+verifies one shard and writes its rows to the store; a shard already on disk
+is skipped, so running a shard twice (a retry, a resumed run) changes
+nothing. :meth:`ShardRunner.finish_cell` summarizes a cell from the rows that
+landed on disk.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import zoo
+from solvers.iterate import Norm, NormBallIterate
+
+from .attack import make_iterate
+from .data import load_dataset, test_subset
+from .evaluate import attack_and_verify, clean_accuracy
+from .grid import Cell, Shard, ThreatModel
+from .store import Table, read_table, shard_exists, write_shard
+from .verify import VerificationStatus, robust_accuracy
+
+__all__ = ["RunContext", "ShardOutcome", "ShardRunner"]
+
+# The cell settings stored in every row (the partition columns and cell_id aside).
+_CONFIG_COLUMNS = (
+    "threat_model", "solver", "kernel_size", "p", "lam", "eps_initial", "eps_factor", "eps_every",
+    "iterations", "step_rule", "step_size", "clamp", "loss", "restarts", "seed",
+)
+_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pyarrow", "pandas", "ray", "hydra-core")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a run reads and writes, and on what device it computes."""
+
+    data_root: str
+    results_dir: str
+    weights_dir: str | None = None
+    device: str = "cpu"
+    download: bool = False
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    shard_id: str
+    cell_id: str
+    examples: int
+    seconds: float
+    skipped: bool
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def git_commit() -> str:
+    """The commit of the checkout the code runs from ('unknown' outside git)."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+class ShardRunner:
+    """Runs shards for one worker, caching models, test sets and clean accuracies."""
+
+    def __init__(self, context: RunContext):
+        self.context = context
+        self.device = _device(context.device)
+        self._models: dict[str, torch.nn.Module] = {}
+        self._clean_accuracy: dict[str, float] = {}
+
+    def model(self, name: str) -> torch.nn.Module:
+        if name not in self._models:
+            loaded = zoo.model(name, weights_dir=self.context.weights_dir, device=self.device, download=self.context.download)
+            for parameter in loaded.parameters():
+                parameter.requires_grad_(False)
+            self._models[name] = loaded
+        return self._models[name]
+
+    def clean_accuracy(self, cell: Cell) -> float:
+        """Accuracy of the cell's model on the full test split of its data set."""
+        if cell.model not in self._clean_accuracy:
+            images, labels = load_dataset(cell.dataset, self.context.data_root, download=self.context.download)
+            self._clean_accuracy[cell.model] = clean_accuracy(self.model(cell.model), images.to(self.device), labels.to(self.device))
+        return self._clean_accuracy[cell.model]
+
+    def _iterate(self, cell: Cell):
+        if cell.threat_model is not ThreatModel.WASSERSTEIN:
+            return NormBallIterate(Norm(cell.threat_model.value), cell.step_size)
+        spec = next(spec for spec in zoo.solver_specs() if spec.name == cell.solver)
+        wanted = {"kernel_size": cell.kernel_size, "p": cell.p, "lam": cell.lam}
+        solver = spec.create(**{name: value for name, value in wanted.items() if name in spec.defaults and value is not None})
+        return make_iterate(solver, cell.step_rule, cell.step_size, clamp=cell.clamp)
+
+    def run_shard(self, shard: Shard) -> ShardOutcome:
+        """Attack, verify and store one shard (skipped when its file exists)."""
+        cell, context = shard.cell, self.context
+        if shard_exists(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id):
+            return ShardOutcome(shard.shard_id, cell.cell_id, shard.stop - shard.start, 0.0, skipped=True)
+        started = time.perf_counter()
+        images, labels = test_subset(cell.dataset, context.data_root, shard.stop - shard.start, shard.start, download=context.download)
+        model = self.model(cell.model)
+        torch.manual_seed(cell.seed)
+        wasserstein = cell.threat_model is ThreatModel.WASSERSTEIN
+        columns = attack_and_verify(
+            model, images.to(self.device), labels.to(self.device), self._iterate(cell), cell.schedule,
+            kernel_size=cell.kernel_size if wasserstein else None,
+            p=cell.p if wasserstein else None,
+            norm=None if wasserstein else Norm(cell.threat_model.value),
+            batch_size=shard.stop - shard.start, loss=cell.loss, restarts=cell.restarts, seed=cell.seed,
+        )
+        rows = shard.stop - shard.start
+        config = cell.config()
+        spec = next(spec for spec in zoo.models() if spec.name == cell.model)
+        record = {name: [config[name]] * rows for name in _CONFIG_COLUMNS}
+        record.update(
+            cell_id=[cell.cell_id] * rows,
+            gradient_mode=[spec.gradient_mode.value] * rows,
+            shard_id=[shard.shard_id] * rows,
+            example_index=np.arange(shard.start, shard.stop),
+            verification_status=[VerificationStatus(int(code)).name for code in columns["verification_status"]],
+        )
+        for name in (
+            "label", "clean_prediction", "adversarial_prediction", "success", "eps_found", "verified_distance", "distance",
+            "mass_error", "box_violation", "unreachable_mass", "steps", "restart", "solver_iterations", "unconverged_steps",
+            "failed_steps", "zero_gradient_steps", "attack_seconds", "verify_seconds",
+        ):
+            record[name] = columns[name]
+        write_shard(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id, record)
+        return ShardOutcome(shard.shard_id, cell.cell_id, rows, time.perf_counter() - started, skipped=False)
+
+    def finish_cell(self, cell: Cell, seconds: float, started_at: datetime.datetime) -> dict:
+        """Write the cell's row from its examples on disk; returns the row."""
+        context = self.context
+        examples = read_table(context.results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)])
+        examples = examples.drop_duplicates("example_index")
+        config = cell.config()
+        row = {name: [config[name]] for name in _CONFIG_COLUMNS}
+        spec = next(spec for spec in zoo.models() if spec.name == cell.model)
+        complete = len(examples) == cell.n_examples
+        row.update(
+            cell_id=[cell.cell_id],
+            gradient_mode=[spec.gradient_mode.value],
+            status=["complete" if complete else "incomplete"],
+            n_examples=[len(examples)],
+            started_at=[started_at],
+            finished_at=[datetime.datetime.now(datetime.timezone.utc)],
+            seconds=[seconds],
+            clean_accuracy=[self.clean_accuracy(cell)],
+            robust_accuracy=[robust_accuracy(examples["verified_distance"], cell.schedule.final_eps) if len(examples) else None],
+            config_json=[json.dumps(config, sort_keys=True)],
+            package_versions_json=[json.dumps(package_versions(), sort_keys=True)],
+            git_commit=[git_commit()],
+            device=[str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)],
+        )
+        write_shard(context.results_dir, Table.CELLS, cell.dataset, cell.model, cell.cell_id, row)
+        return {name: values[0] for name, values in row.items()}
