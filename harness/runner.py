@@ -97,6 +97,18 @@ class ShardRunner:
         self.device = _device(context.device)
         self._models: dict[str, torch.nn.Module] = {}
         self._clean_accuracy: dict[str, float] = {}
+        self._test_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def provide_test_set(self, dataset: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Use these test images (the first ones, in torchvision's order) instead of reading the data root."""
+        self._test_sets[dataset] = (images, labels)
+
+    def _examples(self, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+        cell = shard.cell
+        provided = self._test_sets.get(cell.dataset)
+        if provided is not None and provided[0].shape[0] >= shard.stop:
+            return provided[0][shard.start : shard.stop], provided[1][shard.start : shard.stop]
+        return test_subset(cell.dataset, self.context.data_root, shard.stop - shard.start, shard.start, download=self.context.download)
 
     def model(self, name: str) -> torch.nn.Module:
         if name not in self._models:
@@ -127,7 +139,7 @@ class ShardRunner:
         if shard_exists(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id):
             return ShardOutcome(shard.shard_id, cell.cell_id, shard.stop - shard.start, 0.0, skipped=True)
         started = time.perf_counter()
-        images, labels = test_subset(cell.dataset, context.data_root, shard.stop - shard.start, shard.start, download=context.download)
+        images, labels = self._examples(shard)
         model = self.model(cell.model)
         torch.manual_seed(cell.seed)
         wasserstein = cell.threat_model is ThreatModel.WASSERSTEIN

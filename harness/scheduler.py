@@ -1,0 +1,310 @@
+"""Running the shards of a grid: in process, or on a pool of Ray actors.
+
+Both executors run the same :class:`~harness.runner.ShardRunner` code. The
+Ray executor keeps one long-lived actor per GPU (or per ``cpus_per_actor``
+CPUs when the cluster has no GPU, with torch's thread count set to match);
+each actor caches the models it loads; each data set's test images go into
+the object store once and every actor reads them from there. Execution is at
+least once with idempotent outputs: a shard whose actor dies is run again on
+a fresh actor, a shard that raises is retried up to ``max_retries`` times,
+and a shard already on disk is skipped, so no result is lost or duplicated.
+Ctrl-C stops the actors and leaves every finished shard on disk; a rerun
+resumes from there.
+
+Ray is imported only by the Ray executor, so the rest of the harness works
+where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import os
+import sys
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import load_dataset
+from .grid import Cell, Shard
+from .runner import RunContext, ShardOutcome, ShardRunner
+
+__all__ = ["Executor", "RayOptions", "RunReport", "run_cells"]
+
+_MAX_REPLACEMENTS_PER_ACTOR = 3
+
+
+class Executor(enum.Enum):
+    """Where shards run."""
+
+    LOCAL = "local"
+    """In this process, one shard after another (debugging, tests, small runs)."""
+    RAY = "ray"
+    """On a pool of Ray actors: an embedded local Ray, or an existing cluster."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the Ray executor finds its cluster and sizes its actors.
+
+    Attributes
+    ----------
+    address : str or None
+        None starts an embedded Ray on this machine; ``"auto"`` or
+        ``"ray://host:port"`` / ``"host:port"`` joins an existing cluster.
+    gpus_per_actor : float
+        GPU share of an actor when the cluster has GPUs (1: one actor per GPU).
+    cpus_per_actor : int
+        CPUs of an actor (and its torch threads) when the cluster has no GPU.
+    max_retries : int
+        Times a shard that raised is run again before the run gives up on it.
+    num_cpus : int or None
+        CPUs of an embedded Ray (None: all of this machine's).
+    """
+
+    address: str | None = None
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: int = 1
+    max_retries: int = 2
+    num_cpus: int | None = None
+
+
+@dataclass
+class RunReport:
+    """What a run did: shards run and skipped, cells finished, shards that failed for good."""
+
+    shards_run: int = 0
+    shards_skipped: int = 0
+    cells: list[dict] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class _Progress:
+    """One status line on the driver: shards done, examples per second, time left."""
+
+    def __init__(self, total_shards: int, total_examples: int, stream=sys.stderr):
+        self.total_shards, self.total_examples = total_shards, total_examples
+        self.shards = self.examples = self.computed = 0
+        self.started = time.perf_counter()
+        self.stream = stream
+
+    def update(self, outcome: ShardOutcome) -> None:
+        self.shards += 1
+        self.examples += outcome.examples
+        if not outcome.skipped:
+            self.computed += outcome.examples
+        elapsed = time.perf_counter() - self.started
+        rate = self.computed / elapsed if elapsed > 0 else 0.0
+        left = self.total_examples - self.examples
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        self.stream.write(
+            f"\rshards {self.shards}/{self.total_shards}  examples {self.examples}/{self.total_examples}  "
+            f"{rate:.2f} examples/s  ETA {eta}   "
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _plan(cells: list[Cell], shard_size: int) -> tuple[list[Shard], dict[str, int]]:
+    shards = [shard for cell in cells for shard in cell.shards(shard_size)]
+    per_cell = defaultdict(int)
+    for shard in shards:
+        per_cell[shard.cell.cell_id] += 1
+    return shards, dict(per_cell)
+
+
+def run_cells(
+    cells: list[Cell],
+    context: RunContext,
+    shard_size: int,
+    executor: Executor = Executor.LOCAL,
+    ray_options: RayOptions = RayOptions(),
+    progress: bool = True,
+) -> RunReport:
+    """Run every shard of ``cells`` and write each finished cell's row.
+
+    Returns
+    -------
+    RunReport
+        Raises nothing for a failed shard: it is listed in ``failures`` (with
+        the last error) and its cell is written as incomplete.
+    """
+    if not isinstance(executor, Executor):
+        raise ValueError(f"executor={executor!r} is invalid: allowed {[e.value for e in Executor]}")
+    shards, per_cell = _plan(cells, shard_size)
+    meter = _Progress(len(shards), sum(s.stop - s.start for s in shards)) if progress else None
+    started = time.perf_counter()
+    if executor is Executor.LOCAL:
+        report = _run_local(cells, shards, per_cell, context, meter)
+    else:
+        report = _run_ray(cells, shards, per_cell, context, ray_options, meter)
+    if meter is not None:
+        meter.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run_local(cells, shards, per_cell, context, meter) -> RunReport:
+    runner = ShardRunner(context)
+    report = RunReport()
+    remaining = dict(per_cell)
+    cell_started = {}
+    by_id = {cell.cell_id: cell for cell in cells}
+    for shard in shards:
+        cell_id = shard.cell.cell_id
+        cell_started.setdefault(cell_id, (datetime.datetime.now(datetime.timezone.utc), time.perf_counter()))
+        try:
+            outcome = runner.run_shard(shard)
+        except Exception as error:  # a bad shard must not stop the others; it is reported
+            report.failures[shard.shard_id] = f"{type(error).__name__}: {error}"
+            outcome = None
+        if outcome is not None:
+            report.shards_skipped += outcome.skipped
+            report.shards_run += not outcome.skipped
+            if meter is not None:
+                meter.update(outcome)
+        remaining[cell_id] -= 1
+        if remaining[cell_id] == 0:
+            when, clock = cell_started[cell_id]
+            report.cells.append(runner.finish_cell(by_id[cell_id], time.perf_counter() - clock, when))
+    return report
+
+
+def _actor_class(ray):
+    """The Ray actor wrapping a :class:`ShardRunner` (built when Ray is first used)."""
+
+    class ShardActor:
+        def __init__(self, context: RunContext, threads: int | None):
+            if threads:
+                torch.set_num_threads(threads)
+            self.runner = ShardRunner(context)
+
+        def provide_test_set(self, dataset, data):
+            self.runner.provide_test_set(dataset, *data)
+
+        def run_shard(self, shard: Shard) -> ShardOutcome:
+            return self.runner.run_shard(shard)
+
+        def finish_cell(self, cell: Cell, seconds: float, started_at) -> dict:
+            return self.runner.finish_cell(cell, seconds, started_at)
+
+        def pid(self) -> int:
+            import os
+
+            return os.getpid()
+
+    return ray.remote(ShardActor)
+
+
+def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> RunReport:
+    import ray
+    from ray.exceptions import RayActorError
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
+        # Workers import this checkout's code, whatever is installed on their node.
+        project_root = str(Path(__file__).resolve().parents[1])
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))}}
+        ray.init(**init, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    report = RunReport()
+    actors = []
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        if gpus:
+            count = max(1, int(gpus / options.gpus_per_actor))
+            actor_options = {"num_gpus": options.gpus_per_actor, "num_cpus": 1}
+            threads = None
+            run_context = context
+        else:
+            count = max(1, int(resources.get("CPU", 1)) // options.cpus_per_actor)
+            actor_options = {"num_cpus": options.cpus_per_actor}
+            threads = options.cpus_per_actor
+            run_context = RunContext(context.data_root, context.results_dir, context.weights_dir, "cpu", context.download)
+        actor_class = _actor_class(ray)
+        largest = defaultdict(int)
+        for cell in cells:
+            largest[cell.dataset] = max(largest[cell.dataset], cell.n_examples)
+        test_sets = {}
+        for dataset, n in largest.items():
+            images, labels = load_dataset(dataset, context.data_root, download=context.download)
+            test_sets[dataset] = ray.put((images[:n].clone(), labels[:n].clone()))
+
+        def new_actor():
+            actor = actor_class.options(**actor_options).remote(run_context, threads)
+            for dataset, ref in test_sets.items():
+                actor.provide_test_set.remote(dataset, ref)
+            return actor
+
+        actors = [new_actor() for _ in range(count)]
+        idle = deque(actors)
+        queue = deque(shards)
+        attempts = defaultdict(int)
+        replacements = 0
+        in_flight = {}
+        remaining = dict(per_cell)
+        cell_started = {}
+        by_id = {cell.cell_id: cell for cell in cells}
+        finishing = {}
+        while queue or in_flight:
+            while queue and idle:
+                shard = queue.popleft()
+                actor = idle.popleft()
+                cell_started.setdefault(shard.cell.cell_id, (datetime.datetime.now(datetime.timezone.utc), time.perf_counter()))
+                in_flight[actor.run_shard.remote(shard)] = (shard, actor)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            shard, actor = in_flight.pop(done[0])
+            try:
+                outcome = ray.get(done[0])
+            except RayActorError as error:
+                # The worker died (killed, out of memory, node lost): replace it and run the shard again,
+                # unless workers keep dying before finishing anything (they cannot start at all).
+                replacements += 1
+                if replacements > _MAX_REPLACEMENTS_PER_ACTOR * count + report.shards_run + report.shards_skipped:
+                    raise RuntimeError(f"Ray workers keep dying ({replacements} replaced); the last error: {error}") from error
+                actors.remove(actor)
+                replacement = new_actor()
+                actors.append(replacement)
+                idle.append(replacement)
+                queue.appendleft(shard)
+                continue
+            except Exception as error:  # the shard itself raised: retry a few times, then report it
+                idle.append(actor)
+                attempts[shard.shard_id] += 1
+                if attempts[shard.shard_id] <= options.max_retries:
+                    queue.append(shard)
+                    continue
+                report.failures[shard.shard_id] = f"{type(error).__name__}: {error}"
+                outcome = None
+            else:
+                idle.append(actor)
+            if outcome is not None:
+                report.shards_skipped += outcome.skipped
+                report.shards_run += not outcome.skipped
+                if meter is not None:
+                    meter.update(outcome)
+            cell_id = shard.cell.cell_id
+            remaining[cell_id] -= 1
+            if remaining[cell_id] == 0:
+                when, clock = cell_started[cell_id]
+                finishing[cell_id] = actor.finish_cell.remote(by_id[cell_id], time.perf_counter() - clock, when)
+        for cell_id, ref in finishing.items():
+            try:
+                report.cells.append(ray.get(ref))
+            except RayActorError:
+                when, clock = cell_started[cell_id]
+                report.cells.append(ShardRunner(context).finish_cell(by_id[cell_id], time.perf_counter() - clock, when))
+        return report
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started_here:
+            ray.shutdown()
