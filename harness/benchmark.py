@@ -112,13 +112,15 @@ def _summary(report: RunReport) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(config: Mapping[str, Any], stream=sys.stdout) -> int:
+def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
     """Run the benchmark a configuration describes; returns the process exit code.
 
     ``config`` holds the keys of ``conf/config.yaml`` with the grid under
     ``grid``. Exit codes: 0 success, 1 some shards failed, 2 the run could not
     start (every problem printed), 130 interrupted (finished shards kept).
+    Messages go to ``stream`` (default: standard output).
     """
+    stream = stream or sys.stdout
     problems = _check_settings(config)
     cells: list[Cell] = []
     try:
