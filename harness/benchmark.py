@@ -67,11 +67,18 @@ def preflight(cells: list[Cell], data_root: str, weights_dir: str | None, downlo
             problems.append(f"model {name!r} has no published weights in the zoo ({spec.training}); drop it from the grid")
             continue
         path = zoo.weights_path(spec, weights_dir)
-        if not path.is_file() and not download:
+        if path.is_file():
+            continue
+        if not download:
             problems.append(
                 f"model {name!r}: weights file {path} is missing (public URL {spec.weights.url}); "
                 "pass weights_dir=FOLDER, set WASSERSTEIN_BENCH_WEIGHTS, or download=true"
             )
+            continue
+        try:  # fetched (and hash-checked) once here, not by every worker at once
+            zoo.model(name, weights_dir=weights_dir, download=True)
+        except (OSError, ValueError) as error:
+            problems.append(f"model {name!r}: {error}")
     for dataset in sorted({cell.dataset for cell in cells}):
         try:
             load_dataset(dataset, data_root, download=download)
