@@ -71,17 +71,16 @@ def parse_variant(variant: str) -> tuple[str, bool]:
 def run(args) -> list[dict]:
     protocol = PROTOCOLS[args.protocol]
     variants = [(variant, *parse_variant(variant)) for variant in args.variants]
-    specs = {spec.name: spec for spec in zoo.models()}
     models = {name: zoo.model(name, weights_dir=args.weights_dir, download=args.download) for name in args.models}
     images, labels = load_mnist(args.data_root, train=False, download=args.download)
     x, y = images[: args.n], labels[: args.n]
     rows = []
     for model_name, model in models.items():
         clean = clean_accuracy(model, images, labels)
-        gradient = specs[model_name].gradient_mode.value
+        gradient = zoo.model_spec(model_name).gradient_mode.value
         print(f"{model_name}: clean accuracy {100 * clean:.2f}% on {images.shape[0]} test images (gradients: {gradient})", flush=True)
         for variant, solver_name, clamp in variants:
-            spec = next(s for s in zoo.solver_specs() if s.name == solver_name)
+            spec = zoo.solver_spec(solver_name)
             solver = spec.create(**protocol.solver_hyperparameters(spec.defaults))
             iterate = make_iterate(solver, protocol.rule, protocol.step_size, clamp=clamp)
             started = time.perf_counter()

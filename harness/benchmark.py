@@ -60,9 +60,8 @@ def grid_blocks(grid: Mapping[str, Any], grid_dir: Path = GRID_DIR, _seen: tuple
 def preflight(cells: list[Cell], data_root: str, weights_dir: str | None, download: bool) -> list[str]:
     """Problems that would stop the run midway: missing weights files, missing data."""
     problems = []
-    specs = {spec.name: spec for spec in zoo.models()}
     for name in sorted({cell.model for cell in cells}):
-        spec = specs[name]
+        spec = zoo.model_spec(name)
         if spec.weights is None:
             problems.append(f"model {name!r} has no published weights in the zoo ({spec.training}); drop it from the grid")
             continue

@@ -183,7 +183,7 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> Cell | N
         }
         settings = {**preset, **settings}
     model_names = [spec.name for spec in zoo.models()]
-    model_spec = next((spec for spec in zoo.models() if spec.name == settings.get("model")), None)
+    model_spec = zoo.model_spec(settings["model"]) if settings.get("model") in model_names else None
     if "model" in settings and model_spec is None:
         problems.append(f"{where}: model={settings['model']!r} is not registered; registered: {', '.join(model_names)}")
     if model_spec is not None and "dataset" in settings and model_spec.dataset.value != settings["dataset"]:
@@ -204,8 +204,7 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> Cell | N
         kernel_size = _number("kernel_size", settings.get("kernel_size"), problems, where, integer=True, low=3, odd=True)
         p = _number("p", settings.get("p"), problems, where, low=0, low_open=True)
         lam = _number("lam", settings.get("lam", 1000.0), problems, where, low=0, low_open=True)
-        spec = next((spec for spec in zoo.solver_specs() if spec.name == solver), None)
-        if spec is not None and "lam" not in spec.defaults:
+        if solver in solver_names and "lam" not in zoo.solver_spec(solver).defaults:
             lam = None  # the solver has no regularization: record none rather than an unused value
     elif threat is not None and settings.get("solver") is not None:
         problems.append(f"{where}: the {threat.value} ball takes no solver (got solver={settings['solver']!r})")

@@ -128,7 +128,7 @@ class ShardRunner:
     def _iterate(self, cell: Cell):
         if cell.threat_model is not ThreatModel.WASSERSTEIN:
             return NormBallIterate(Norm(cell.threat_model.value), cell.step_size)
-        spec = next(spec for spec in zoo.solver_specs() if spec.name == cell.solver)
+        spec = zoo.solver_spec(cell.solver)
         wanted = {"kernel_size": cell.kernel_size, "p": cell.p, "lam": cell.lam}
         solver = spec.create(**{name: value for name, value in wanted.items() if name in spec.defaults and value is not None})
         return make_iterate(solver, cell.step_rule, cell.step_size, clamp=cell.clamp)
@@ -152,11 +152,10 @@ class ShardRunner:
         )
         rows = shard.stop - shard.start
         config = cell.config()
-        spec = next(spec for spec in zoo.models() if spec.name == cell.model)
         record = {name: [config[name]] * rows for name in _CONFIG_COLUMNS}
         record.update(
             cell_id=[cell.cell_id] * rows,
-            gradient_mode=[spec.gradient_mode.value] * rows,
+            gradient_mode=[zoo.model_spec(cell.model).gradient_mode.value] * rows,
             shard_id=[shard.shard_id] * rows,
             example_index=np.arange(shard.start, shard.stop),
             verification_status=[VerificationStatus(int(code)).name for code in columns["verification_status"]],
@@ -177,11 +176,10 @@ class ShardRunner:
         examples = examples.drop_duplicates("example_index")
         config = cell.config()
         row = {name: [config[name]] for name in _CONFIG_COLUMNS}
-        spec = next(spec for spec in zoo.models() if spec.name == cell.model)
         complete = len(examples) == cell.n_examples
         row.update(
             cell_id=[cell.cell_id],
-            gradient_mode=[spec.gradient_mode.value],
+            gradient_mode=[zoo.model_spec(cell.model).gradient_mode.value],
             status=["complete" if complete else "incomplete"],
             n_examples=[len(examples)],
             started_at=[started_at],

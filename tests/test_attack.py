@@ -401,7 +401,7 @@ def test_cifar_architectures_attack_and_verify(name):
     if not os.environ.get("DATA_ROOT"):
         pytest.skip("set DATA_ROOT to run the attack on real CIFAR-10 images")
     x, _ = test_subset("cifar10", os.environ["DATA_ROOT"], 4)
-    spec = next(spec for spec in zoo.models() if spec.name == name)
+    spec = zoo.model_spec(name)
     torch.manual_seed(0)
     model = spec.build().eval()
     with torch.no_grad():

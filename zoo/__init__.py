@@ -11,6 +11,7 @@ from .model_registry import (
     TrainedFor,
     WeightsFile,
     model,
+    model_spec,
     models,
     register_model,
     resolve_weights_dir,
@@ -23,6 +24,7 @@ from .solvers import (
     SolverSpec,
     register_solver,
     solver,
+    solver_spec,
     solver_specs,
 )
 
@@ -43,11 +45,13 @@ __all__ = [
     "TrainedFor",
     "WeightsFile",
     "model",
+    "model_spec",
     "models",
     "register_model",
     "register_solver",
     "resolve_weights_dir",
     "solver",
+    "solver_spec",
     "solver_specs",
     "weights_path",
 ]

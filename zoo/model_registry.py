@@ -419,6 +419,11 @@ def model(
     return _REGISTRY.spec(name).load(weights_dir=weights_dir, device=device, download=download)
 
 
+def model_spec(name: str) -> ModelSpec:
+    """The entry registered as ``name``; an unknown name raises ValueError listing the registered ones."""
+    return _REGISTRY.spec(name)
+
+
 def models() -> list[ModelSpec]:
     """All registered models, sorted by name."""
     return _REGISTRY.specs()

@@ -137,6 +137,11 @@ def solver(name: str, **hyperparameters) -> Projector:
     return _REGISTRY.spec(name).create(**hyperparameters)
 
 
+def solver_spec(name: str) -> SolverSpec:
+    """The entry registered as ``name``; an unknown name raises ValueError listing the registered ones."""
+    return _REGISTRY.spec(name)
+
+
 def solver_specs() -> list[SolverSpec]:
     """All registered solvers, sorted by name."""
     return _REGISTRY.specs()
