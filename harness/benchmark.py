@@ -167,8 +167,9 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
         return 130
     stream.write(
         f"{report.shards_run} shards run, {report.shards_skipped} already done, {len(report.failures)} failed, "
+        f"{report.retries} retried, {report.replaced_actors} workers replaced, "
         f"{report.seconds:.1f} s\n{_summary(report)}\n"
     )
-    for shard_id, error in report.failures.items():
-        stream.write(f"shard {shard_id} failed: {error}\n")
+    for what, error in report.failures.items():
+        stream.write(f"{what} failed: {error}\n")
     return 1 if report.failures else 0

@@ -74,10 +74,15 @@ class RayOptions:
 
 @dataclass
 class RunReport:
-    """What a run did: shards run and skipped, cells finished, shards that failed for good."""
+    """What a run did: shards run and skipped, cells finished, and what failed for good.
+
+    ``failures`` maps ``"shard <id>"`` or ``"cell <id>"`` to the last error.
+    """
 
     shards_run: int = 0
     shards_skipped: int = 0
+    retries: int = 0
+    replaced_actors: int = 0
     cells: list[dict] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -163,7 +168,7 @@ def _run_local(cells, shards, per_cell, context, meter) -> RunReport:
         try:
             outcome = runner.run_shard(shard)
         except Exception as error:  # a bad shard must not stop the others; it is reported
-            report.failures[shard.shard_id] = f"{type(error).__name__}: {error}"
+            report.failures[f"shard {shard.shard_id}"] = f"{type(error).__name__}: {error}"
             outcome = None
         if outcome is not None:
             report.shards_skipped += outcome.skipped
@@ -173,7 +178,10 @@ def _run_local(cells, shards, per_cell, context, meter) -> RunReport:
         remaining[cell_id] -= 1
         if remaining[cell_id] == 0:
             when, clock = cell_started[cell_id]
-            report.cells.append(runner.finish_cell(by_id[cell_id], time.perf_counter() - clock, when))
+            try:
+                report.cells.append(runner.finish_cell(by_id[cell_id], time.perf_counter() - clock, when))
+            except Exception as error:  # the shards are on disk; a rerun writes the cell row
+                report.failures[f"cell {cell_id}"] = f"{type(error).__name__}: {error}"
     return report
 
 
@@ -248,7 +256,6 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> Ru
         idle = deque(actors)
         queue = deque(shards)
         attempts = defaultdict(int)
-        replacements = 0
         in_flight = {}
         remaining = dict(per_cell)
         cell_started = {}
@@ -267,9 +274,9 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> Ru
             except RayActorError as error:
                 # The worker died (killed, out of memory, node lost): replace it and run the shard again,
                 # unless workers keep dying before finishing anything (they cannot start at all).
-                replacements += 1
-                if replacements > _MAX_REPLACEMENTS_PER_ACTOR * count + report.shards_run + report.shards_skipped:
-                    raise RuntimeError(f"Ray workers keep dying ({replacements} replaced); the last error: {error}") from error
+                report.replaced_actors += 1
+                if report.replaced_actors > _MAX_REPLACEMENTS_PER_ACTOR * count + report.shards_run + report.shards_skipped:
+                    raise RuntimeError(f"Ray workers keep dying ({report.replaced_actors} replaced); the last error: {error}") from error
                 actors.remove(actor)
                 replacement = new_actor()
                 actors.append(replacement)
@@ -280,9 +287,10 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> Ru
                 idle.append(actor)
                 attempts[shard.shard_id] += 1
                 if attempts[shard.shard_id] <= options.max_retries:
+                    report.retries += 1
                     queue.append(shard)
                     continue
-                report.failures[shard.shard_id] = f"{type(error).__name__}: {error}"
+                report.failures[f"shard {shard.shard_id}"] = f"{type(error).__name__}: {error}"
                 outcome = None
             else:
                 idle.append(actor)
@@ -302,6 +310,8 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> Ru
             except RayActorError:
                 when, clock = cell_started[cell_id]
                 report.cells.append(ShardRunner(context).finish_cell(by_id[cell_id], time.perf_counter() - clock, when))
+            except Exception as error:  # the shards are on disk; a rerun writes the cell row
+                report.failures[f"cell {cell_id}"] = f"{type(error).__name__}: {error}"
         return report
     finally:
         for actor in actors:

@@ -94,7 +94,7 @@ def test_local_run_writes_every_shard_once_and_a_rerun_resumes(tmp_path, folders
     )
     assert (report.shards_run, report.shards_skipped) == (1, 7)
     assert _rows(config["results_dir"]).equals(examples)
-    assert "8 shards run, 0 already done, 0 failed" in capsys.readouterr().out
+    assert "8 shards run, 0 already done, 0 failed, 0 retried, 0 workers replaced" in capsys.readouterr().out
 
 
 def test_bad_grids_stop_before_any_work(tmp_path, folders):
@@ -172,7 +172,31 @@ def test_a_killed_actor_is_replaced_and_every_shard_lands_once(tmp_path, folders
     worker.join(timeout=600)
     assert killed is not None, "no actor was busy with a shard"
     report = outcome["report"]
-    assert not report.failures and report.shards_run == 3
+    assert not report.failures and report.shards_run == 3 and report.replaced_actors >= 1
     examples = _rows(results)
     assert len(examples) == 9 and not examples.duplicated(["cell_id", "example_index"]).any()
     assert len(list(results.rglob("shard-*.parquet"))) == 3 + 1
+
+
+def test_a_shard_that_keeps_failing_is_retried_then_reported(tmp_path, folders, local_ray):
+    """Corrupt weights make every attempt raise: the run still ends, names what failed, and keeps nothing half-done."""
+    import shutil
+
+    data_root, weights_dir = folders
+    corrupt = tmp_path / "weights"
+    corrupt.mkdir()
+    shutil.copy(Path(weights_dir) / "mnist_vanilla.pth", corrupt / "mnist_vanilla.pth")
+    with open(corrupt / "mnist_vanilla.pth", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02")
+    cells = _cells(n_examples=4, models=("mnist/standard",))
+    report = run_cells(
+        cells, RunContext(data_root, str(tmp_path / "results"), str(corrupt), "cpu"), 2, Executor.RAY,
+        RayOptions(max_retries=1), progress=False,
+    )
+    assert (report.shards_run, report.retries) == (0, 2)
+    shard_failures = [what for what in report.failures if what.startswith("shard ")]
+    assert len(shard_failures) == 2
+    assert all("sha256" in report.failures[what] for what in shard_failures)
+    assert f"cell {cells[0].cell_id}" in report.failures
+    assert read_table(tmp_path / "results").empty
