@@ -126,12 +126,13 @@ def test_hydra_entry_point_smoke(tmp_path, folders):
     data_root, weights_dir = folders
     results = tmp_path / "out"
     command = [
-        sys.executable, "run_benchmark.py", "grid=smoke", "executor=local", "n_examples=2", f"results_dir={results}",
+        sys.executable, "run_benchmark.py", "grid=smoke", "executor=ray", "ray.num_cpus=2", "n_examples=2", f"results_dir={results}",
         f"data_root={data_root}", f"weights_dir={weights_dir}", "device=cpu",
     ]
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert "grid smoke: 8 cells, 8 shards, 16 examples" in finished.stdout
+    assert "8 shards run, 0 already done, 0 failed" in finished.stdout
     assert len(read_table(results)) == 16 and len(read_table(results, Table.CELLS)) == 8
     # Hydra leaves nothing in the working folder.
     assert not (ROOT / "outputs").exists() and not (ROOT / "run_benchmark.log").exists() and not (ROOT / ".hydra").exists()
