@@ -169,8 +169,13 @@ class ShardRunner:
         write_shard(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id, record)
         return ShardOutcome(shard.shard_id, cell.cell_id, rows, time.perf_counter() - started, skipped=False)
 
-    def finish_cell(self, cell: Cell, seconds: float, started_at: datetime.datetime) -> dict:
-        """Write the cell's row from its examples on disk; returns the row."""
+    def finish_cell(self, cell: Cell, started_at: datetime.datetime) -> dict:
+        """Write the cell's row from its examples on disk; returns the row.
+
+        ``seconds`` is the compute time of the examples on disk (attack and
+        verification), so a rerun that only finds finished shards leaves it
+        unchanged; ``started_at`` is when this run began the cell.
+        """
         context = self.context
         examples = read_table(context.results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)])
         examples = examples.drop_duplicates("example_index")
@@ -184,7 +189,7 @@ class ShardRunner:
             n_examples=[len(examples)],
             started_at=[started_at],
             finished_at=[datetime.datetime.now(datetime.timezone.utc)],
-            seconds=[seconds],
+            seconds=[float((examples["attack_seconds"] + examples["verify_seconds"]).sum())],
             clean_accuracy=[self.clean_accuracy(cell)],
             robust_accuracy=[robust_accuracy(examples["verified_distance"], cell.schedule.final_eps) if len(examples) else None],
             config_json=[json.dumps(config, sort_keys=True)],

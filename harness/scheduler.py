@@ -164,7 +164,7 @@ def _run_local(cells, shards, per_cell, context, meter) -> RunReport:
     by_id = {cell.cell_id: cell for cell in cells}
     for shard in shards:
         cell_id = shard.cell.cell_id
-        cell_started.setdefault(cell_id, (datetime.datetime.now(datetime.timezone.utc), time.perf_counter()))
+        cell_started.setdefault(cell_id, datetime.datetime.now(datetime.timezone.utc))
         try:
             outcome = runner.run_shard(shard)
         except Exception as error:  # a bad shard must not stop the others; it is reported
@@ -177,9 +177,8 @@ def _run_local(cells, shards, per_cell, context, meter) -> RunReport:
                 meter.update(outcome)
         remaining[cell_id] -= 1
         if remaining[cell_id] == 0:
-            when, clock = cell_started[cell_id]
             try:
-                report.cells.append(runner.finish_cell(by_id[cell_id], time.perf_counter() - clock, when))
+                report.cells.append(runner.finish_cell(by_id[cell_id], cell_started[cell_id]))
             except Exception as error:  # the shards are on disk; a rerun writes the cell row
                 report.failures[f"cell {cell_id}"] = f"{type(error).__name__}: {error}"
     return report
@@ -200,8 +199,8 @@ def _actor_class(ray):
         def run_shard(self, shard: Shard) -> ShardOutcome:
             return self.runner.run_shard(shard)
 
-        def finish_cell(self, cell: Cell, seconds: float, started_at) -> dict:
-            return self.runner.finish_cell(cell, seconds, started_at)
+        def finish_cell(self, cell: Cell, started_at) -> dict:
+            return self.runner.finish_cell(cell, started_at)
 
         def pid(self) -> int:
             import os
@@ -265,7 +264,7 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> Ru
             while queue and idle:
                 shard = queue.popleft()
                 actor = idle.popleft()
-                cell_started.setdefault(shard.cell.cell_id, (datetime.datetime.now(datetime.timezone.utc), time.perf_counter()))
+                cell_started.setdefault(shard.cell.cell_id, datetime.datetime.now(datetime.timezone.utc))
                 in_flight[actor.run_shard.remote(shard)] = (shard, actor)
             done, _ = ray.wait(list(in_flight), num_returns=1)
             shard, actor = in_flight.pop(done[0])
@@ -302,14 +301,12 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> Ru
             cell_id = shard.cell.cell_id
             remaining[cell_id] -= 1
             if remaining[cell_id] == 0:
-                when, clock = cell_started[cell_id]
-                finishing[cell_id] = actor.finish_cell.remote(by_id[cell_id], time.perf_counter() - clock, when)
+                finishing[cell_id] = actor.finish_cell.remote(by_id[cell_id], cell_started[cell_id])
         for cell_id, ref in finishing.items():
             try:
                 report.cells.append(ray.get(ref))
             except RayActorError:
-                when, clock = cell_started[cell_id]
-                report.cells.append(ShardRunner(context).finish_cell(by_id[cell_id], time.perf_counter() - clock, when))
+                report.cells.append(ShardRunner(context).finish_cell(by_id[cell_id], cell_started[cell_id]))
             except Exception as error:  # the shards are on disk; a rerun writes the cell row
                 report.failures[f"cell {cell_id}"] = f"{type(error).__name__}: {error}"
         return report

@@ -109,7 +109,7 @@ def test_runner_writes_shards_once_and_summarizes_cells_from_disk(tmp_path):
         outcomes = [runner.run_shard(shard) for shard in cell.shards(3)]
         assert [o.skipped for o in outcomes] == [False, False, False]
         assert [o.skipped for o in (runner.run_shard(shard) for shard in cell.shards(3))] == [True, True, True]
-        row = runner.finish_cell(cell, 1.0, datetime.datetime.now(datetime.timezone.utc))
+        row = runner.finish_cell(cell, datetime.datetime.now(datetime.timezone.utc))
         assert row["status"] == "complete" and row["n_examples"] == 7
     examples = read_table(tmp_path)
     assert len(examples) == 14 and not examples.duplicated(["cell_id", "example_index"]).any()
@@ -121,4 +121,6 @@ def test_runner_writes_shards_once_and_summarizes_cells_from_disk(tmp_path):
     expected = np.mean(ours["verified_distance"] > wasserstein.schedule.final_eps)
     assert cells.loc[wasserstein.cell_id, "robust_accuracy"] == pytest.approx(expected)
     assert cells.loc[wasserstein.cell_id, "clean_accuracy"] == pytest.approx(0.9889)
+    compute = ours["attack_seconds"].sum() + ours["verify_seconds"].sum()
+    assert cells.loc[wasserstein.cell_id, "seconds"] == pytest.approx(compute)
     assert cells.loc[linf.cell_id, "threat_model"] == "linf" and np.isnan(cells.loc[linf.cell_id, "kernel_size"])
