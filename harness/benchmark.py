@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import zoo
 
+from .attack import EpsSchedule
 from .data import load_dataset
 from .grid import Cell, GridError, expand_blocks
 from .runner import RunContext
@@ -108,12 +109,12 @@ def _summary(report: RunReport) -> str:
     lines = [f"{'model':<30} {'threat':<12} {'solver':<24} {'k':>2} {'p':>3} {'lambda':>6} {'n':>5} {'clean':>7} {'robust':>7} {'at eps':>7}"]
     for row in sorted(report.cells, key=lambda r: r["config_json"]):
         settings = json.loads(row["config_json"])
-        final = settings["eps_initial"] * settings["eps_factor"] ** ((settings["iterations"] - 1) // settings["eps_every"])
+        schedule = EpsSchedule(settings["eps_initial"], settings["eps_factor"], settings["eps_every"], settings["iterations"])
         robust = row["robust_accuracy"]
         lines.append(
             f"{settings['model']:<30} {settings['threat_model']:<12} {str(settings['solver'] or '-'):<24} "
             f"{settings['kernel_size'] or '-':>2} {settings['p'] or '-':>3} {settings['lam'] or '-':>6} {row['n_examples']:>5} "
-            f"{100 * row['clean_accuracy']:>6.2f}% {'-' if robust is None or math.isnan(robust) else f'{100 * robust:.1f}%':>7} {final:>7.3g}"
+            f"{100 * row['clean_accuracy']:>6.2f}% {'-' if robust is None or math.isnan(robust) else f'{100 * robust:.1f}%':>7} {schedule.final_eps:>7.3g}"
         )
     return "\n".join(lines)
 

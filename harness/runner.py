@@ -29,16 +29,11 @@ from .attack import make_iterate
 from .data import load_dataset, test_subset
 from .evaluate import attack_and_verify, clean_accuracy
 from .grid import Cell, Shard, ThreatModel
-from .store import Table, read_table, shard_exists, write_shard
+from .store import CELLS_SCHEMA, EXAMPLES_SCHEMA, Table, read_table, shard_exists, write_shard
 from .verify import VerificationStatus, robust_accuracy
 
 __all__ = ["RunContext", "ShardOutcome", "ShardRunner"]
 
-# The cell settings stored in every row (the partition columns and cell_id aside).
-_CONFIG_COLUMNS = (
-    "threat_model", "solver", "kernel_size", "p", "lam", "eps_initial", "eps_factor", "eps_every",
-    "iterations", "step_rule", "step_size", "clamp", "loss", "restarts", "seed",
-)
 _PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pyarrow", "pandas", "ray", "hydra-core")
 
 
@@ -152,7 +147,7 @@ class ShardRunner:
         )
         rows = shard.stop - shard.start
         config = cell.config()
-        record = {name: [config[name]] * rows for name in _CONFIG_COLUMNS}
+        record = {name: [config[name]] * rows for name in EXAMPLES_SCHEMA.names if name in config}
         record.update(
             cell_id=[cell.cell_id] * rows,
             gradient_mode=[zoo.model_spec(cell.model).gradient_mode.value] * rows,
@@ -160,12 +155,7 @@ class ShardRunner:
             example_index=np.arange(shard.start, shard.stop),
             verification_status=[VerificationStatus(int(code)).name for code in columns["verification_status"]],
         )
-        for name in (
-            "label", "clean_prediction", "adversarial_prediction", "success", "eps_found", "verified_distance", "distance",
-            "mass_error", "box_violation", "unreachable_mass", "steps", "restart", "solver_iterations", "unconverged_steps",
-            "failed_steps", "zero_gradient_steps", "attack_seconds", "verify_seconds",
-        ):
-            record[name] = columns[name]
+        record.update({name: columns[name] for name in EXAMPLES_SCHEMA.names if name in columns and name not in record})
         write_shard(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id, record)
         return ShardOutcome(shard.shard_id, cell.cell_id, rows, time.perf_counter() - started, skipped=False)
 
@@ -180,7 +170,7 @@ class ShardRunner:
         examples = read_table(context.results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)])
         examples = examples.drop_duplicates("example_index")
         config = cell.config()
-        row = {name: [config[name]] for name in _CONFIG_COLUMNS}
+        row = {name: [config[name]] for name in CELLS_SCHEMA.names if name in config}
         complete = len(examples) == cell.n_examples
         row.update(
             cell_id=[cell.cell_id],
