@@ -4,8 +4,9 @@
 (Hydra's, or one built in a test) and does, in order: resolve the grid's
 blocks (with its ``include`` s), expand and validate them, check that every
 model's weights and every data set are there, print the plan, run the
-shards, print a summary. Nothing is scheduled before every check has passed;
-all problems are reported together.
+shards, print a summary, write the figures and ``leaderboard.html``
+(:mod:`harness.report`) over everything in the results folder. Nothing is
+scheduled before every check has passed; all problems are reported together.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def _check_settings(config: Mapping[str, Any]) -> list[str]:
     device = str(config.get("device"))
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         problems.append(f"device={device!r} is invalid; allowed: auto, cpu, cuda, cuda:N")
+    gallery = config.get("gallery_examples", 8)
+    if isinstance(gallery, bool) or not isinstance(gallery, int) or gallery < 0:
+        problems.append(f"gallery_examples={gallery!r} is invalid: it must be an integer >= 0")
     if not config.get("results_dir"):
         problems.append("results_dir is empty: give the folder the results go to")
     if not config.get("data_root"):
@@ -158,6 +162,7 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
         weights_dir=config.get("weights_dir"),
         device=str(config["device"]),
         download=bool(config.get("download")),
+        gallery_examples=config.get("gallery_examples", 8),
     )
     ray_settings = dict(config.get("ray") or {})
     options = RayOptions(**{k: v for k, v in ray_settings.items() if v is not None})
@@ -173,4 +178,12 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
     )
     for what, error in report.failures.items():
         stream.write(f"{what} failed: {error}\n")
+    if config.get("report", True):
+        from .report import ReportError, write_report
+
+        try:
+            page = write_report(context.results_dir)
+            stream.write(f"leaderboard: {page}\nfigures: {page.parent / 'figures'}\n")
+        except ReportError as error:
+            stream.write(f"no report: {error}\n")
     return 1 if report.failures else 0

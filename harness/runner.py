@@ -46,6 +46,8 @@ class RunContext:
     weights_dir: str | None = None
     device: str = "cpu"
     download: bool = False
+    gallery_examples: int = 8
+    """The first this many examples of every cell keep their images (``images`` table)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,15 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def _attack_summary(cell: Cell) -> str:
+    if cell.threat_model is not ThreatModel.WASSERSTEIN:
+        return f"PGD in the {cell.threat_model.value} ball, step rule {cell.step_rule.value}"
+    summary = zoo.solver_spec(cell.solver).summary
+    if cell.clamp:
+        summary += "; images clamped to [0, 1] after each step (mass is not conserved)"
+    return summary
 
 
 class ShardRunner:
@@ -156,8 +167,29 @@ class ShardRunner:
             verification_status=[VerificationStatus(int(code)).name for code in columns["verification_status"]],
         )
         record.update({name: columns[name] for name in EXAMPLES_SCHEMA.names if name in columns and name not in record})
+        # Images first: the examples file is what marks the shard done.
+        self._write_images(shard, images, columns["adversarial"])
         write_shard(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id, record)
         return ShardOutcome(shard.shard_id, cell.cell_id, rows, time.perf_counter() - started, skipped=False)
+
+    def _write_images(self, shard: Shard, images: torch.Tensor, adversarial: np.ndarray) -> None:
+        kept = max(0, min(shard.stop, self.context.gallery_examples) - shard.start)
+        if kept == 0:
+            return
+        cell = shard.cell
+        channels, height, width = images.shape[1:]
+        originals = images[:kept].detach().cpu().numpy().astype(np.float32)
+        record = {
+            "cell_id": [cell.cell_id] * kept,
+            "shard_id": [shard.shard_id] * kept,
+            "example_index": np.arange(shard.start, shard.start + kept),
+            "channels": [channels] * kept,
+            "height": [height] * kept,
+            "width": [width] * kept,
+            "original": [image.ravel() for image in originals],
+            "adversarial": [image.ravel() for image in adversarial[:kept].astype(np.float32)],
+        }
+        write_shard(self.context.results_dir, Table.IMAGES, cell.dataset, cell.model, shard.shard_id, record)
 
     def finish_cell(self, cell: Cell, started_at: datetime.datetime) -> dict:
         """Write the cell's row from its examples on disk; returns the row.
@@ -170,11 +202,12 @@ class ShardRunner:
         examples = read_table(context.results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)])
         examples = examples.drop_duplicates("example_index")
         config = cell.config()
+        spec = zoo.model_spec(cell.model)
         row = {name: [config[name]] for name in CELLS_SCHEMA.names if name in config}
         complete = len(examples) == cell.n_examples
         row.update(
             cell_id=[cell.cell_id],
-            gradient_mode=[zoo.model_spec(cell.model).gradient_mode.value],
+            gradient_mode=[spec.gradient_mode.value],
             status=["complete" if complete else "incomplete"],
             n_examples=[len(examples)],
             started_at=[started_at],
@@ -182,6 +215,10 @@ class ShardRunner:
             seconds=[float((examples["attack_seconds"] + examples["verify_seconds"]).sum())],
             clean_accuracy=[self.clean_accuracy(cell)],
             robust_accuracy=[robust_accuracy(examples["verified_distance"], cell.schedule.final_eps) if len(examples) else None],
+            trained_for=[spec.trained_for.value],
+            model_training=[spec.training],
+            model_paper=[spec.paper],
+            attack_summary=[_attack_summary(cell)],
             config_json=[json.dumps(config, sort_keys=True)],
             package_versions_json=[json.dumps(package_versions(), sort_keys=True)],
             git_commit=[git_commit()],

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -235,7 +235,7 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> Ru
             count = max(1, int(resources.get("CPU", 1)) // options.cpus_per_actor)
             actor_options = {"num_cpus": options.cpus_per_actor}
             threads = options.cpus_per_actor
-            run_context = RunContext(context.data_root, context.results_dir, context.weights_dir, "cpu", context.download)
+            run_context = replace(context, device="cpu")
         actor_class = _actor_class(ray)
         largest = defaultdict(int)
         for cell in cells:

@@ -3,6 +3,7 @@
 Layout under ``results_dir``::
 
     examples/dataset=mnist/model=mnist%2Fstandard/shard-<shard id>.parquet
+    images/dataset=mnist/model=mnist%2Fstandard/shard-<shard id>.parquet
     cells/dataset=mnist/model=mnist%2Fstandard/shard-<cell id>.parquet
 
 Hive-partitioned by data set and model (partition values URI-encoded, so
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "CELLS_SCHEMA",
     "EXAMPLES_SCHEMA",
+    "IMAGES_SCHEMA",
     "PARTITION_SCHEMA",
     "SCHEMA_VERSION",
     "Table",
@@ -44,8 +46,13 @@ __all__ = [
     "write_shard",
 ]
 
-SCHEMA_VERSION = 1
-"""Bumped whenever a column is added, removed or changes meaning."""
+SCHEMA_VERSION = 2
+"""Bumped whenever a table or column is added, removed or changes meaning.
+
+Version 2 added the ``images`` table, and to ``cells`` the model's
+``trained_for``, ``model_training`` and ``model_paper`` and the solver's
+``attack_summary``; version-1 files read
+with those columns empty."""
 
 
 class Table(enum.Enum):
@@ -55,6 +62,8 @@ class Table(enum.Enum):
     """One row per attacked example."""
     CELLS = "cells"
     """One row per grid cell."""
+    IMAGES = "images"
+    """Clean and adversarial images of the first examples of each cell (galleries)."""
 
 
 PARTITION_SCHEMA = pa.schema([pa.field("dataset", pa.string()), pa.field("model", pa.string())])
@@ -121,15 +130,37 @@ CELLS_SCHEMA = pa.schema(
         pa.field("seconds", pa.float64()),
         pa.field("clean_accuracy", pa.float64()),
         pa.field("robust_accuracy", pa.float64()),
+        pa.field("trained_for", pa.string()),
+        pa.field("model_training", pa.string()),
+        pa.field("model_paper", pa.string()),
+        pa.field("attack_summary", pa.string()),
         pa.field("config_json", pa.string()),
         pa.field("package_versions_json", pa.string()),
         pa.field("git_commit", pa.string()),
         pa.field("device", pa.string()),
     ]
 )
-"""Columns of the ``cells`` table: the cell's configuration, outcome and provenance."""
+"""Columns of the ``cells`` table: the cell's configuration, outcome, model and provenance."""
 
-_SCHEMAS = {Table.EXAMPLES: EXAMPLES_SCHEMA, Table.CELLS: CELLS_SCHEMA}
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("schema_version", pa.int16(), nullable=False),
+        pa.field("cell_id", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("example_index", pa.int64(), nullable=False),
+        pa.field("channels", pa.int16(), nullable=False),
+        pa.field("height", pa.int16(), nullable=False),
+        pa.field("width", pa.int16(), nullable=False),
+        pa.field("original", pa.list_(pa.float32()), nullable=False),
+        pa.field("adversarial", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+"""Columns of the ``images`` table: pixels in [0, 1], flattened channel-first.
+
+Join with ``examples`` on ``cell_id`` and ``example_index`` for labels,
+predictions and verified distances."""
+
+_SCHEMAS = {Table.EXAMPLES: EXAMPLES_SCHEMA, Table.CELLS: CELLS_SCHEMA, Table.IMAGES: IMAGES_SCHEMA}
 _PARTITIONING = pads.partitioning(PARTITION_SCHEMA, flavor="hive")
 
 

@@ -14,9 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness.benchmark import run_benchmark
+from harness import data as datasets
 from harness.grid import expand_blocks
 from harness.runner import RunContext
 from harness.scheduler import Executor, RayOptions, run_cells
@@ -82,6 +84,15 @@ def test_local_run_writes_every_shard_once_and_a_rerun_resumes(tmp_path, folders
     assert len(examples) == 4 * 4 and not examples.duplicated(["cell_id", "example_index"]).any()
     cells = read_table(config["results_dir"], Table.CELLS)
     assert len(cells) == 4 and (cells["status"] == "complete").all()
+    assert set(cells["trained_for"]) == {"none", "linf_certified"}
+    # Galleries: the first gallery_examples (default 8 > 4) examples keep their clean and adversarial images.
+    images = read_table(config["results_dir"], Table.IMAGES)
+    assert len(images) == 16 and set(images["example_index"]) == set(range(4))
+    clean, _ = datasets.test_subset("mnist", folders[0], 4)
+    for row in images.itertuples():
+        assert np.array_equal(np.asarray(row.original).reshape(1, 28, 28), clean[row.example_index].numpy())
+    results = Path(config["results_dir"])
+    assert (results / "leaderboard.html").is_file() and (results / "figures" / "robust_accuracy.png").is_file()
     # An interrupted run: one shard file lost; the rerun redoes that one only.
     lost = sorted((Path(config["results_dir"]) / "examples").rglob("shard-*.parquet"))[0]
     lost.unlink()
@@ -134,6 +145,7 @@ def test_hydra_entry_point_smoke(tmp_path, folders):
     assert "grid smoke: 8 cells, 8 shards, 16 examples" in finished.stdout
     assert "8 shards run, 0 already done, 0 failed" in finished.stdout
     assert len(read_table(results)) == 16 and len(read_table(results, Table.CELLS)) == 8
+    assert f"leaderboard: {results / 'leaderboard.html'}" in finished.stdout and (results / "leaderboard.html").is_file()
     # Hydra leaves nothing in the working folder.
     assert not (ROOT / "outputs").exists() and not (ROOT / "run_benchmark.log").exists() and not (ROOT / ".hydra").exists()
     bad = subprocess.run(command + ["+grid.blocks.0.kernel_size=4"], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,320 @@
+"""The numbers of the leaderboard, computed from the store's tables alone.
+
+A leaderboard table holds the models attacked under one threat model: a data
+set, a ball (Wasserstein with its kernel size and cost exponent p, or an
+l_p ball), and every attack run against it (solvers, lambdas, schedules).
+A model's robustness is the worst case over those attacks, example by
+example: example ``i`` is robust at radius ``r`` when no attack found a
+*verified* adversarial example within ``r`` (the exact distance of
+:mod:`harness.verify`), and at least one attack searched up to ``r``. Where
+some unbroken example was never searched up to ``r``, the robust accuracy
+at ``r`` is unknown (NaN), never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "STANDARD_RADII",
+    "ThreatGroup",
+    "attack_label",
+    "leaderboard",
+    "model_curves",
+    "robust_accuracy_at",
+    "solver_table",
+    "threat_groups",
+    "with_final_eps",
+    "worst_case",
+]
+
+STANDARD_RADII = {
+    ("mnist", "wasserstein"): (0.1, 0.5, 1.0, 2.0),
+    ("cifar10", "wasserstein"): (0.01, 0.05, 0.1),
+    ("mnist", "linf"): (0.1, 0.2, 0.3, 0.4),
+    ("cifar10", "linf"): (2 / 255, 4 / 255, 8 / 255),
+    ("mnist", "l2"): (1.0, 2.0, 3.0),
+    ("cifar10", "l2"): (0.25, 0.5, 1.0),
+}
+"""The radii every leaderboard of a (data set, threat model) reports."""
+
+_VERIFIED = "VERIFIED"
+_CLEAN_MISCLASSIFIED = "CLEAN_MISCLASSIFIED"
+_BPDA = "bpda_straight_through"
+
+
+@dataclass(frozen=True)
+class ThreatGroup:
+    """A data set and a ball: the rows of one leaderboard table."""
+
+    dataset: str
+    threat_model: str
+    kernel_size: int | None = None
+    p: float | None = None
+
+    @property
+    def slug(self) -> str:
+        parts = [self.dataset, self.threat_model]
+        if self.kernel_size is not None:
+            parts += [f"k{self.kernel_size}", f"p{self.p:g}"]
+        return "-".join(parts).replace(".", "_")
+
+    @property
+    def title(self) -> str:
+        if self.threat_model == "wasserstein":
+            return f"{self.dataset}: Wasserstein ball, {self.kernel_size}x{self.kernel_size} local transport, p = {self.p:g}"
+        return f"{self.dataset}: {self.threat_model} ball"
+
+    def select(self, frame: pd.DataFrame) -> pd.Series:
+        """Rows of ``frame`` (examples or cells) that belong to this group."""
+        mask = (frame["dataset"] == self.dataset) & (frame["threat_model"] == self.threat_model)
+        if self.kernel_size is not None:
+            mask &= (frame["kernel_size"] == self.kernel_size) & (frame["p"] == self.p)
+        return mask
+
+    def radii(self, largest_attacked: float) -> tuple[float, ...]:
+        """The standard radii, or fractions of the largest radius attacked for an unlisted pair."""
+        known = STANDARD_RADII.get((self.dataset, self.threat_model))
+        if known is not None:
+            return known
+        return tuple(float(f"{largest_attacked * fraction:.2g}") for fraction in (0.25, 0.5, 1.0))
+
+
+def with_final_eps(examples: pd.DataFrame) -> pd.DataFrame:
+    """``examples`` with ``final_eps``, the largest radius its attack searched (from the schedule columns)."""
+    from .attack import EpsSchedule
+
+    schedules = examples[["eps_initial", "eps_factor", "eps_every", "iterations"]].drop_duplicates()
+    largest = {
+        tuple(row): EpsSchedule(float(row[0]), float(row[1]), int(row[2]), int(row[3])).final_eps
+        for row in schedules.itertuples(index=False)
+    }
+    keys = zip(examples["eps_initial"], examples["eps_factor"], examples["eps_every"], examples["iterations"])
+    return examples.assign(final_eps=[largest[key] for key in keys])
+
+
+def threat_groups(examples: pd.DataFrame) -> list[ThreatGroup]:
+    """Every group in ``examples``, the one with most examples of each data set first."""
+    counts: dict[ThreatGroup, int] = {}
+    columns = ["dataset", "threat_model", "kernel_size", "p"]
+    for (dataset, threat, kernel_size, p), rows in examples.groupby(columns, dropna=False).size().items():
+        wasserstein = threat == "wasserstein"
+        group = ThreatGroup(
+            dataset, threat, int(kernel_size) if wasserstein else None, float(p) if wasserstein else None
+        )
+        counts[group] = counts.get(group, 0) + int(rows)
+    return sorted(counts, key=lambda g: (g.dataset, -counts[g], g.threat_model, g.kernel_size or 0, g.p or 0))
+
+
+def worst_case(examples: pd.DataFrame) -> pd.DataFrame:
+    """Per example index: the smallest verified distance over all attacks, and the largest radius searched."""
+    per_example = examples.groupby("example_index").agg(
+        verified_distance=("verified_distance", "min"), reach=("final_eps", "max")
+    )
+    return per_example
+
+
+def robust_accuracy_at(per_example: pd.DataFrame, radius: float) -> float:
+    """Fraction robust at ``radius`` (see the module docstring); NaN when not known."""
+    if per_example.empty:
+        return math.nan
+    unbroken = per_example["verified_distance"] > radius
+    if (unbroken & (per_example["reach"] < radius)).any():
+        return math.nan
+    return float(unbroken.mean())
+
+
+def attack_label(solver, clamp, lam, step_rule=None) -> str:
+    """How an attack is named in tables and legends."""
+    if solver is None or (isinstance(solver, float) and math.isnan(solver)):
+        return f"PGD ({step_rule})" if step_rule else "PGD"
+    label = str(solver) + (" +clamp" if bool(clamp) else "")
+    if lam is not None and not (isinstance(lam, float) and math.isnan(lam)):
+        label += f" λ={lam:g}"
+    return label
+
+
+def _median(values: pd.Series) -> float:
+    return float(np.median(values.to_numpy(dtype=np.float64))) if len(values) else math.nan
+
+
+@dataclass
+class LeaderboardTable:
+    """One table: a threat group, the radii reported, the rank radius, the largest radius searched, one row per model."""
+
+    group: ThreatGroup
+    radii: tuple[float, ...]
+    rank_radius: float | None
+    largest_radius: float
+    attacks: list[str]
+    schedules: list[str]
+    rows: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+def _flags(examples: pd.DataFrame, cells: pd.DataFrame) -> list[tuple[str, str]]:
+    flags = []
+    unconverged = int(examples["unconverged_steps"].sum())
+    if unconverged:
+        flags.append(("unconverged", f"{unconverged} attack steps whose projection did not converge"))
+    failed = int(examples["failed_steps"].sum())
+    if failed:
+        flags.append(("failed steps", f"{failed} attack steps whose solver failed"))
+    zero = int(examples["zero_gradient_steps"].sum())
+    if zero:
+        flags.append(("zero gradients", f"{zero} attack steps with a zero input gradient (masked or saturated model)"))
+    claimed = examples["success"].fillna(False).astype(bool) & (examples["verification_status"] != _CLEAN_MISCLASSIFIED)
+    rejected = examples[claimed & (examples["verification_status"] != _VERIFIED)]
+    if len(rejected):
+        reasons = ", ".join(f"{status} {count}" for status, count in rejected["verification_status"].value_counts().items())
+        flags.append((f"{len(rejected)} rejected", f"{len(rejected)} claimed successes failed exact verification ({reasons})"))
+    if (examples["gradient_mode"] == _BPDA).any():
+        flags.append(("BPDA", "input gradients approximated (straight-through BPDA): an upper bound on robustness"))
+    if len(cells) and (cells["status"] != "complete").any():
+        flags.append(("incomplete", "some of this model's cells did not finish; rerun the grid to complete them"))
+    return flags
+
+
+def _first(values: pd.Series):
+    present = values.dropna()
+    return present.iloc[0] if len(present) else None
+
+
+def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup) -> LeaderboardTable:
+    """The leaderboard table of one threat group.
+
+    Parameters
+    ----------
+    examples : DataFrame
+        The ``examples`` table with ``final_eps`` (:func:`with_final_eps`).
+    cells : DataFrame
+        The ``cells`` table (clean accuracy, model metadata, status).
+    group : ThreatGroup
+
+    Returns
+    -------
+    LeaderboardTable
+        Rows sorted by rank: robust accuracy at the rank radius (the largest
+        standard radius known for every model) descending, then median
+        verified radius descending.
+    """
+    mine = examples[group.select(examples)]
+    my_cells = cells[group.select(cells)] if len(cells) else cells
+    largest = float(mine["final_eps"].max())
+    radii = group.radii(largest)
+    rows = []
+    for model, model_examples in mine.groupby("model"):
+        per_example = worst_case(model_examples)
+        model_cells = my_cells[my_cells["model"] == model] if len(my_cells) else my_cells
+        claimed = model_examples["success"].fillna(False).astype(bool) & (
+            model_examples["verification_status"] != _CLEAN_MISCLASSIFIED
+        )
+        verified = int((model_examples["verification_status"] == _VERIFIED).sum())
+        per_attack = {}
+        for cell_id, attack_examples in model_examples.groupby("cell_id"):
+            first = attack_examples.iloc[0]
+            per_attack[cell_id] = (attack_label(first["solver"], first["clamp"], first["lam"], first["step_rule"]), worst_case(attack_examples))
+        seconds = float((model_examples["attack_seconds"] + model_examples["verify_seconds"]).sum())
+        row = {
+            "model": model,
+            "trained_for": _first(model_cells["trained_for"]) if len(model_cells) else None,
+            "training": _first(model_cells["model_training"]) if len(model_cells) else None,
+            "paper": _first(model_cells["model_paper"]) if len(model_cells) else None,
+            "clean_accuracy": _first(model_cells["clean_accuracy"]) if len(model_cells) else None,
+            "median_radius": _median(per_example["verified_distance"]),
+            "examples": len(per_example),
+            "attacks": len(per_attack),
+            "claimed": int(claimed.sum()),
+            "verified": verified,
+            "fraction_verified": verified / int(claimed.sum()) if claimed.any() else math.nan,
+            "seconds": seconds,
+            "seconds_per_example": seconds / len(model_examples),
+            "flags": _flags(model_examples, model_cells),
+            "_per_example": per_example,
+            "_per_attack": per_attack,
+        }
+        for radius in radii:
+            row[radius] = robust_accuracy_at(per_example, radius)
+        rows.append(row)
+    known = [r for r in radii if all(not math.isnan(row[r]) for row in rows)]
+    rank_radius = max(known) if known else None
+    notes = []
+    for row in rows:
+        if rank_radius is not None:
+            scores = {label: robust_accuracy_at(pe, rank_radius) for label, pe in row["_per_attack"].values()}
+        else:
+            scores = {label: _median(pe["verified_distance"]) for label, pe in row["_per_attack"].values()}
+        row["best_attack"] = min(scores, key=lambda label: (math.inf if math.isnan(scores[label]) else scores[label], label))
+    frame = pd.DataFrame(rows)
+    sort_key = [rank_radius, "median_radius"] if rank_radius is not None else ["median_radius"]
+    frame = frame.sort_values(sort_key + ["model"], ascending=[False] * len(sort_key) + [True], kind="stable")
+    scores = frame[sort_key].apply(tuple, axis=1)
+    frame["rank"] = [1 + sum(other > score for other in scores) for score in scores]
+    frame = frame.drop(columns=["_per_example", "_per_attack"]).reset_index(drop=True)
+    if rank_radius is None:
+        notes.append("no standard radius was searched for every model: ranked by median verified radius")
+    attacks = sorted({
+        attack_label(s, c, l, r) for s, c, l, r in mine[["solver", "clamp", "lam", "step_rule"]].drop_duplicates().itertuples(index=False)
+    })
+    schedules = sorted({
+        f"eps {e0:g} x{f:g} every {every} of {it} steps (largest {fe:.3g})"
+        for e0, f, every, it, fe in mine[["eps_initial", "eps_factor", "eps_every", "iterations", "final_eps"]]
+        .drop_duplicates().itertuples(index=False)
+    })
+    return LeaderboardTable(group, radii, rank_radius, largest, attacks, schedules, frame, notes)
+
+
+def model_curves(examples: pd.DataFrame, by: list[str], points: int = 120) -> pd.DataFrame:
+    """Robust accuracy against radius, worst case over the attacks within each ``by`` group.
+
+    Returns a long frame with the ``by`` columns, ``eps`` and
+    ``robust_accuracy``; each curve stops at the largest radius searched.
+    """
+    parts = []
+    for key, rows in examples.groupby(by, dropna=False):
+        per_example = worst_case(rows)
+        reach = float(per_example["reach"].min())
+        grid = np.linspace(0.0, reach, points)
+        distances = np.sort(per_example["verified_distance"].to_numpy(dtype=np.float64))
+        robust = 1.0 - np.searchsorted(distances, grid, side="right") / len(distances)
+        part = pd.DataFrame({"eps": grid, "robust_accuracy": robust})
+        for name, value in zip(by, key if isinstance(key, tuple) else (key,)):
+            part[name] = value
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=by + ["eps", "robust_accuracy"])
+
+
+def solver_table(examples: pd.DataFrame, tables: list[LeaderboardTable]) -> pd.DataFrame:
+    """One row per cell (attack on a model): its own robust accuracy, verification rate and cost."""
+    rows = []
+    for table in tables:
+        mine = examples[table.group.select(examples)]
+        for cell_id, cell_examples in mine.groupby("cell_id"):
+            first = cell_examples.iloc[0]
+            per_example = worst_case(cell_examples)
+            claimed = cell_examples["success"].fillna(False).astype(bool) & (
+                cell_examples["verification_status"] != _CLEAN_MISCLASSIFIED
+            )
+            verified = int((cell_examples["verification_status"] == _VERIFIED).sum())
+            steps = int(cell_examples["steps"].sum())
+            rows.append({
+                "threat": table.group.title,
+                "attack": attack_label(first["solver"], first["clamp"], first["lam"], first["step_rule"]),
+                "model": first["model"],
+                "radius": table.rank_radius,
+                "robust_accuracy": robust_accuracy_at(per_example, table.rank_radius) if table.rank_radius is not None else math.nan,
+                "median_radius": _median(per_example["verified_distance"]),
+                "claimed": int(claimed.sum()),
+                "verified": verified,
+                "fraction_verified": verified / int(claimed.sum()) if claimed.any() else math.nan,
+                "seconds_per_example": float((cell_examples["attack_seconds"] + cell_examples["verify_seconds"]).mean()),
+                "iterations_per_step": float(cell_examples["solver_iterations"].sum()) / steps if steps else math.nan,
+                "unconverged_steps": int(cell_examples["unconverged_steps"].sum()),
+                "examples": len(per_example),
+                "cell_id": cell_id,
+            })
+    return pd.DataFrame(rows)

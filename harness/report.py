@@ -1,0 +1,173 @@
+"""Figures and ``leaderboard.html`` from a results folder, and nothing else.
+
+Usage::
+
+    python -m harness.report RESULTS_DIR [--output DIR] [--screenshot PNG [--width W --height H]]
+
+writes ``DIR/leaderboard.html`` and ``DIR/figures/*.png`` (``DIR`` defaults
+to ``RESULTS_DIR``). ``run_benchmark.py`` calls :func:`write_report` after
+every run, so the page always shows everything on disk, earlier runs
+included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import figures as plots
+from .leaderboard import LeaderboardTable, attack_label, leaderboard, solver_table, threat_groups, with_final_eps
+from .page import FigureEntry, figure_png, render_page
+from .store import SCHEMA_VERSION, Table, read_table
+
+__all__ = ["Report", "ReportError", "build_report", "main", "write_report"]
+
+
+_GALLERY_MODELS = 8
+"""Galleries show at most this many models (the best ranked), to stay readable."""
+
+
+class ReportError(ValueError):
+    """The results folder holds nothing to report on."""
+
+
+@dataclass
+class Report:
+    """Everything the page shows."""
+
+    tables: list[LeaderboardTable]
+    solvers: pd.DataFrame
+    figures: list[FigureEntry]
+    attack_summaries: dict[str, str]
+    provenance: dict[str, str]
+
+    def html(self) -> str:
+        return render_page(self.tables, self.solvers, self.figures, self.attack_summaries, self.provenance)
+
+
+def _attack_summaries(cells: pd.DataFrame) -> dict[str, str]:
+    summaries = {}
+    for row in cells.to_dict("records"):
+        if isinstance(row.get("attack_summary"), str):
+            summaries[attack_label(row["solver"], row["clamp"], row["lam"], row["step_rule"])] = row["attack_summary"]
+    return summaries
+
+
+def _provenance(results_dir: Path, examples: pd.DataFrame, cells: pd.DataFrame) -> dict[str, str]:
+    commits = sorted({str(c)[:10] for c in cells["git_commit"].dropna()})
+    torch_versions = sorted({json.loads(v).get("torch", "?") for v in cells["package_versions_json"].dropna()})
+    devices = sorted(set(cells["device"].dropna()))
+    return {
+        "results": results_dir.name or str(results_dir),
+        "cells": str(examples["cell_id"].nunique()),
+        "examples attacked": str(len(examples)),
+        "commits": ", ".join(commits) or "unknown",
+        "torch": ", ".join(torch_versions) or "unknown",
+        "devices": ", ".join(devices) or "unknown",
+        "store schema": f"v{SCHEMA_VERSION}",
+    }
+
+
+def _figures(examples, images, tables, solvers, palette) -> list[FigureEntry]:
+    main_groups = plots.main_groups(tables)
+    main_threats = {group.title for group in main_groups}
+    wanted = [
+        ("robust_accuracy", "Robust accuracy against radius from verified distances (paper Figures 4 and 5); "
+         "colour: model, line style: solver (worst case over its lambdas).",
+         lambda: plots.accuracy_against_radius(examples, main_groups, palette)),
+        ("solvers", "Cost against strength: seconds per example and the robust accuracy each attack reached alone.",
+         lambda: plots.solver_cost(solvers[solvers["threat"].isin(main_threats)], palette)),
+        ("kernel_sizes", "Robust accuracy against radius for each kernel size (paper Figure 7).",
+         lambda: plots.kernel_sizes(examples, palette)),
+        ("lambda_p", "Median verified radius of the successes for each lambda and p, verified success rate below "
+         "(paper Figure 8).", lambda: plots.lambda_p(examples, palette)),
+        ("lambda_p_gallery", "One adversarial example for each lambda and p, the same test image throughout (paper Figure 8).",
+         lambda: plots.lambda_p_gallery(images, examples)),
+    ]
+    for table in tables:
+        if table.group not in main_groups:
+            continue
+        wanted.append((
+            f"gallery_{table.group.slug}",
+            f"{table.group.title}: original, signed perturbation (symmetric scale) and adversarial image with its exact "
+            f"distance and the labels before and after (paper Figures 2, 3 and 6); up to {_GALLERY_MODELS} models "
+            "with stored images, in rank order.",
+            lambda table=table: plots.gallery(images, examples, table.group, palette, list(table.rows["model"]), max_models=_GALLERY_MODELS),
+        ))
+    entries = []
+    for name, caption, draw in wanted:
+        figure = draw()
+        if figure is not None:
+            entries.append(FigureEntry(name, caption, figure_png(figure)))
+    return entries
+
+
+def build_report(results_dir: str | os.PathLike) -> Report:
+    """Read the store under ``results_dir`` and compute every table and figure."""
+    results_dir = Path(results_dir)
+    examples = read_table(results_dir, Table.EXAMPLES)
+    if examples.empty:
+        raise ReportError(f"{results_dir} holds no results (no {Table.EXAMPLES.value}/ table): run the benchmark first")
+    examples = with_final_eps(examples.drop_duplicates(["cell_id", "example_index"]))
+    cells = read_table(results_dir, Table.CELLS)
+    images = read_table(results_dir, Table.IMAGES)
+    tables = [leaderboard(examples, cells, group) for group in threat_groups(examples)]
+    solvers = solver_table(examples, tables)
+    palette = plots.model_palette(examples["model"])
+    return Report(
+        tables=tables,
+        solvers=solvers,
+        figures=_figures(examples, images, tables, solvers, palette),
+        attack_summaries=_attack_summaries(cells),
+        provenance=_provenance(results_dir, examples, cells),
+    )
+
+
+def write_report(results_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``leaderboard.html`` and ``figures/*.png``; returns the page's path."""
+    report = build_report(results_dir)
+    output = Path(output_dir if output_dir is not None else results_dir)
+    figure_dir = output / "figures"
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    for entry in report.figures:
+        (figure_dir / f"{entry.name}.png").write_bytes(entry.png)
+    page = output / "leaderboard.html"
+    temporary = page.with_name(f".{page.name}.tmp")
+    temporary.write_text(report.html(), encoding="utf-8")
+    os.replace(temporary, page)
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results_dir", help="the results folder of a benchmark run")
+    parser.add_argument("--output", help="where leaderboard.html and figures/ go (default: RESULTS_DIR)")
+    parser.add_argument("--screenshot", help="also save a PNG of the top of the page, taken in headless Chromium")
+    parser.add_argument("--width", type=int, default=1400, help="screenshot width in pixels (default 1400)")
+    parser.add_argument("--height", type=int, default=1000, help="screenshot height in pixels (default 1000)")
+    arguments = parser.parse_args(argv)
+    try:
+        page = write_report(arguments.results_dir, arguments.output)
+    except ReportError as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"wrote {page} and {page.parent / 'figures'}")
+    if arguments.screenshot:
+        from .browser import BrowserUnavailable, screenshot
+
+        try:
+            print(f"wrote {screenshot(page, arguments.screenshot, arguments.width, arguments.height)}")
+        except BrowserUnavailable as error:
+            print(error, file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
