@@ -138,6 +138,16 @@ def attack_label(solver, clamp, lam, step_rule=None) -> str:
     return label
 
 
+def _cell_label(cell_examples: pd.DataFrame) -> str:
+    first = cell_examples.iloc[0]
+    return attack_label(first["solver"], first["clamp"], first["lam"], first["step_rule"])
+
+
+def _claimed(examples: pd.DataFrame) -> pd.Series:
+    """Successes the attack claimed on examples the model classified correctly."""
+    return examples["success"].fillna(False).astype(bool) & (examples["verification_status"] != _CLEAN_MISCLASSIFIED)
+
+
 def _median(values: pd.Series) -> float:
     return float(np.median(values.to_numpy(dtype=np.float64))) if len(values) else math.nan
 
@@ -167,8 +177,7 @@ def _flags(examples: pd.DataFrame, cells: pd.DataFrame) -> list[tuple[str, str]]
     zero = int(examples["zero_gradient_steps"].sum())
     if zero:
         flags.append(("zero gradients", f"{zero} attack steps with a zero input gradient (masked or saturated model)"))
-    claimed = examples["success"].fillna(False).astype(bool) & (examples["verification_status"] != _CLEAN_MISCLASSIFIED)
-    rejected = examples[claimed & (examples["verification_status"] != _VERIFIED)]
+    rejected = examples[_claimed(examples) & (examples["verification_status"] != _VERIFIED)]
     if len(rejected):
         reasons = ", ".join(f"{status} {count}" for status, count in rejected["verification_status"].value_counts().items())
         flags.append((f"{len(rejected)} rejected", f"{len(rejected)} claimed successes failed exact verification ({reasons})"))
@@ -177,6 +186,18 @@ def _flags(examples: pd.DataFrame, cells: pd.DataFrame) -> list[tuple[str, str]]
     if len(cells) and (cells["status"] != "complete").any():
         flags.append(("incomplete", "some of this model's cells did not finish; rerun the grid to complete them"))
     return flags
+
+
+_MODEL_METADATA = {"trained_for": "trained_for", "training": "model_training", "paper": "model_paper", "clean_accuracy": "clean_accuracy"}
+
+
+def _strongest(attacks: dict[str, pd.DataFrame], radius: float | None) -> str:
+    """The attack with the lowest robust accuracy of its own at ``radius`` (lowest median radius without one)."""
+    if radius is None:
+        scores = {label: _median(per_example["verified_distance"]) for label, per_example in attacks.items()}
+    else:
+        scores = {label: robust_accuracy_at(per_example, radius) for label, per_example in attacks.items()}
+    return min(scores, key=lambda label: (math.inf if math.isnan(scores[label]) else scores[label], label))
 
 
 def _first(values: pd.Series):
@@ -206,36 +227,27 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     my_cells = cells[group.select(cells)] if len(cells) else cells
     largest = float(mine["final_eps"].max())
     radii = group.radii(largest)
-    rows = []
+    rows, attacks_of = [], {}
     for model, model_examples in mine.groupby("model"):
         per_example = worst_case(model_examples)
         model_cells = my_cells[my_cells["model"] == model] if len(my_cells) else my_cells
-        claimed = model_examples["success"].fillna(False).astype(bool) & (
-            model_examples["verification_status"] != _CLEAN_MISCLASSIFIED
-        )
+        claimed = _claimed(model_examples)
         verified = int((model_examples["verification_status"] == _VERIFIED).sum())
-        per_attack = {}
-        for cell_id, attack_examples in model_examples.groupby("cell_id"):
-            first = attack_examples.iloc[0]
-            per_attack[cell_id] = (attack_label(first["solver"], first["clamp"], first["lam"], first["step_rule"]), worst_case(attack_examples))
+        attacks_of[model] = {_cell_label(attack_examples): worst_case(attack_examples) for _, attack_examples in model_examples.groupby("cell_id")}
         seconds = float((model_examples["attack_seconds"] + model_examples["verify_seconds"]).sum())
+        metadata = {name: _first(model_cells[column]) if len(model_cells) else None for name, column in _MODEL_METADATA.items()}
         row = {
             "model": model,
-            "trained_for": _first(model_cells["trained_for"]) if len(model_cells) else None,
-            "training": _first(model_cells["model_training"]) if len(model_cells) else None,
-            "paper": _first(model_cells["model_paper"]) if len(model_cells) else None,
-            "clean_accuracy": _first(model_cells["clean_accuracy"]) if len(model_cells) else None,
+            **metadata,
             "median_radius": _median(per_example["verified_distance"]),
             "examples": len(per_example),
-            "attacks": len(per_attack),
+            "attacks": model_examples["cell_id"].nunique(),
             "claimed": int(claimed.sum()),
             "verified": verified,
             "fraction_verified": verified / int(claimed.sum()) if claimed.any() else math.nan,
             "seconds": seconds,
             "seconds_per_example": seconds / len(model_examples),
             "flags": _flags(model_examples, model_cells),
-            "_per_example": per_example,
-            "_per_attack": per_attack,
         }
         for radius in radii:
             row[radius] = robust_accuracy_at(per_example, radius)
@@ -244,17 +256,13 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     rank_radius = max(known) if known else None
     notes = []
     for row in rows:
-        if rank_radius is not None:
-            scores = {label: robust_accuracy_at(pe, rank_radius) for label, pe in row["_per_attack"].values()}
-        else:
-            scores = {label: _median(pe["verified_distance"]) for label, pe in row["_per_attack"].values()}
-        row["best_attack"] = min(scores, key=lambda label: (math.inf if math.isnan(scores[label]) else scores[label], label))
+        row["best_attack"] = _strongest(attacks_of[row["model"]], rank_radius)
     frame = pd.DataFrame(rows)
     sort_key = [rank_radius, "median_radius"] if rank_radius is not None else ["median_radius"]
     frame = frame.sort_values(sort_key + ["model"], ascending=[False] * len(sort_key) + [True], kind="stable")
     scores = frame[sort_key].apply(tuple, axis=1)
     frame["rank"] = [1 + sum(other > score for other in scores) for score in scores]
-    frame = frame.drop(columns=["_per_example", "_per_attack"]).reset_index(drop=True)
+    frame = frame.reset_index(drop=True)
     if rank_radius is None:
         notes.append("no standard radius was searched for every model: ranked by median verified radius")
     attacks = sorted({
@@ -294,17 +302,14 @@ def solver_table(examples: pd.DataFrame, tables: list[LeaderboardTable]) -> pd.D
     for table in tables:
         mine = examples[table.group.select(examples)]
         for cell_id, cell_examples in mine.groupby("cell_id"):
-            first = cell_examples.iloc[0]
             per_example = worst_case(cell_examples)
-            claimed = cell_examples["success"].fillna(False).astype(bool) & (
-                cell_examples["verification_status"] != _CLEAN_MISCLASSIFIED
-            )
+            claimed = _claimed(cell_examples)
             verified = int((cell_examples["verification_status"] == _VERIFIED).sum())
             steps = int(cell_examples["steps"].sum())
             rows.append({
                 "threat": table.group.title,
-                "attack": attack_label(first["solver"], first["clamp"], first["lam"], first["step_rule"]),
-                "model": first["model"],
+                "attack": _cell_label(cell_examples),
+                "model": cell_examples["model"].iloc[0],
                 "radius": table.rank_radius,
                 "robust_accuracy": robust_accuracy_at(per_example, table.rank_radius) if table.rank_radius is not None else math.nan,
                 "median_radius": _median(per_example["verified_distance"]),
