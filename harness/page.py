@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from .leaderboard import LeaderboardTable
 
-__all__ = ["FigureEntry", "figure_png", "render_page"]
+__all__ = ["AttackNote", "FigureEntry", "figure_png", "render_page"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,14 @@ class FigureEntry:
     name: str
     caption: str
     png: bytes
+
+
+@dataclass(frozen=True)
+class AttackNote:
+    """What an attack does and how it keeps pixels in [0, 1] (None: not recorded, as in version-1 stores)."""
+
+    summary: str | None
+    box_handling: str | None
 
 
 def figure_png(figure: Figure, dpi: int = 110) -> bytes:
@@ -142,7 +150,7 @@ def _table(table_id: str, columns: list[_Column], rows: list[list[str]]) -> str:
     )
 
 
-def _leaderboard_section(table: LeaderboardTable, attack_summaries: dict[str, str]) -> str:
+def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) -> str:
     group = table.group
     radii_columns = [_Column(f"robust @ {_radius(r)}", f"verified robust accuracy at eps = {r:g}") for r in table.radii]
     columns = [
@@ -183,22 +191,24 @@ def _leaderboard_section(table: LeaderboardTable, attack_summaries: dict[str, st
             _cell(flags or '<span class="flag ok">ok</span>', str(len(row["flags"])), css="text"),
         ]
         rows.append(cells)
+    unknown = AttackNote(None, None)
     attacks = "; ".join(
-        f"<b>{html.escape(a)}</b>" + (f": {html.escape(attack_summaries[a])}" if attack_summaries.get(a) else "") for a in table.attacks
+        f"<b>{html.escape(a)}</b>" + (f": {html.escape(notes[a].summary)}" if notes.get(a, unknown).summary else "")
+        for a in table.attacks
     )
+    box = "; ".join(f"<b>{html.escape(a)}</b>: {html.escape(notes.get(a, unknown).box_handling or 'not recorded')}" for a in table.attacks)
     ranked = (
         f"robust accuracy at eps = {_radius(table.rank_radius)}, then median radius" if table.rank_radius is not None
         else "median verified radius"
     )
-    notes = "".join(f"<p class=lede>{html.escape(n)}</p>" for n in table.notes)
+    remarks = "".join(f'<p class="lede">{html.escape(n)}</p>' for n in table.notes)
     return (
         f'<section id="{group.slug}"><h2>{html.escape(group.title)}</h2>'
         f'<dl class="threat"><dt>Ball</dt><dd>{html.escape(_ball(table))}</dd>'
         f"<dt>Attacks</dt><dd>{attacks}</dd>"
         f"<dt>Schedules</dt><dd>{html.escape('; '.join(table.schedules))}</dd>"
-        f"<dt>Box</dt><dd>every counted success has pixels in [0, 1] and conserved mass (exact check); "
-        f"attacks keep the box as stated above</dd>"
-        f"<dt>Ranked by</dt><dd>{ranked}</dd></dl>{notes}"
+        f"<dt>Box</dt><dd>{box}. Verification counts a success only with pixels in [0, 1] and mass conserved.</dd>"
+        f"<dt>Ranked by</dt><dd>{ranked}</dd></dl>{remarks}"
         f"{_table('leaderboard-' + group.slug, columns, rows)}</section>"
     )
 
@@ -268,7 +278,7 @@ def render_page(
     tables: list[LeaderboardTable],
     solvers: pd.DataFrame,
     figures: list[FigureEntry],
-    attack_summaries: dict[str, str],
+    attack_notes: dict[str, AttackNote],
     provenance: dict[str, str],
 ) -> str:
     """The whole page as one HTML string."""
@@ -291,7 +301,7 @@ within the radius whose exact distance (an LP over the local transport plan) is 
 [0, 1] and mass conserved. A model's row takes the worst case over every attack in its table, example by example.
 A dash means the attacks did not search that far for every example. Click a column header to sort.</p>
 <nav>{nav}</nav></header>
-<main>{''.join(_leaderboard_section(t, attack_summaries) for t in tables)}
+<main>{''.join(_leaderboard_section(t, attack_notes) for t in tables)}
 {_solver_section(solvers)}
 <section id="figures"><h2>Figures</h2>{figures_html or '<p class="lede">No figures: nothing to draw yet.</p>'}</section></main>
 <script>{_SCRIPT}</script></body></html>

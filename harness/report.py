@@ -23,7 +23,7 @@ import pandas as pd
 
 from . import figures as plots
 from .leaderboard import LeaderboardTable, attack_label, leaderboard, solver_table, threat_groups, with_final_eps
-from .page import FigureEntry, figure_png, render_page
+from .page import AttackNote, FigureEntry, figure_png, render_page
 from .store import SCHEMA_VERSION, Table, read_table
 
 __all__ = ["Report", "ReportError", "build_report", "main", "write_report"]
@@ -44,19 +44,23 @@ class Report:
     tables: list[LeaderboardTable]
     solvers: pd.DataFrame
     figures: list[FigureEntry]
-    attack_summaries: dict[str, str]
+    attack_notes: dict[str, AttackNote]
     provenance: dict[str, str]
 
     def html(self) -> str:
-        return render_page(self.tables, self.solvers, self.figures, self.attack_summaries, self.provenance)
+        return render_page(self.tables, self.solvers, self.figures, self.attack_notes, self.provenance)
 
 
-def _attack_summaries(cells: pd.DataFrame) -> dict[str, str]:
-    summaries = {}
-    for row in cells.to_dict("records"):
-        if isinstance(row.get("attack_summary"), str):
-            summaries[attack_label(row["solver"], row["clamp"], row["lam"], row["step_rule"])] = row["attack_summary"]
-    return summaries
+def _attack_notes(cells: pd.DataFrame) -> dict[str, AttackNote]:
+    def text(value):
+        return value if isinstance(value, str) else None
+
+    return {
+        attack_label(row["solver"], row["clamp"], row["lam"], row["step_rule"]): AttackNote(
+            text(row.get("attack_summary")), text(row.get("box_handling"))
+        )
+        for row in cells.to_dict("records")
+    }
 
 
 def _provenance(results_dir: Path, examples: pd.DataFrame, cells: pd.DataFrame) -> dict[str, str]:
@@ -124,7 +128,7 @@ def build_report(results_dir: str | os.PathLike) -> Report:
         tables=tables,
         solvers=solvers,
         figures=_figures(examples, images, tables, solvers, palette),
-        attack_summaries=_attack_summaries(cells),
+        attack_notes=_attack_notes(cells),
         provenance=_provenance(results_dir, examples, cells),
     )
 

@@ -89,10 +89,22 @@ def git_commit() -> str:
 def _attack_summary(cell: Cell) -> str:
     if cell.threat_model is not ThreatModel.WASSERSTEIN:
         return f"PGD in the {cell.threat_model.value} ball, step rule {cell.step_rule.value}"
-    summary = zoo.solver_spec(cell.solver).summary
+    return zoo.solver_spec(cell.solver).summary
+
+
+def _box_handling(cell: Cell) -> str:
+    """How the attack keeps pixels in [0, 1], in words for the report."""
+    if cell.threat_model is not ThreatModel.WASSERSTEIN:
+        return "clipped to [0, 1] after each step"
     if cell.clamp:
-        summary += "; images clamped to [0, 1] after each step (mass is not conserved)"
-    return summary
+        return "clamped to [0, 1] after each step, which does not conserve mass"
+    spec = zoo.solver_spec(cell.solver)
+    box = {**spec.defaults, **spec.fixed}.get("box")
+    if box is True:
+        return "kept in [0, 1] by the solver"
+    if box is False:
+        return "none: images may leave [0, 1], and such claims fail verification"
+    return "not declared by the solver"
 
 
 class ShardRunner:
@@ -219,6 +231,7 @@ class ShardRunner:
             model_training=[spec.training],
             model_paper=[spec.paper],
             attack_summary=[_attack_summary(cell)],
+            box_handling=[_box_handling(cell)],
             config_json=[json.dumps(config, sort_keys=True)],
             package_versions_json=[json.dumps(package_versions(), sort_keys=True)],
             git_commit=[git_commit()],

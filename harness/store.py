@@ -50,8 +50,8 @@ SCHEMA_VERSION = 2
 """Bumped whenever a table or column is added, removed or changes meaning.
 
 Version 2 added the ``images`` table, and to ``cells`` the model's
-``trained_for``, ``model_training`` and ``model_paper`` and the solver's
-``attack_summary``; version-1 files read
+``trained_for``, ``model_training`` and ``model_paper`` and the attack's
+``attack_summary`` and ``box_handling``; version-1 files read
 with those columns empty."""
 
 
@@ -134,6 +134,7 @@ CELLS_SCHEMA = pa.schema(
         pa.field("model_training", pa.string()),
         pa.field("model_paper", pa.string()),
         pa.field("attack_summary", pa.string()),
+        pa.field("box_handling", pa.string()),
         pa.field("config_json", pa.string()),
         pa.field("package_versions_json", pa.string()),
         pa.field("git_commit", pa.string()),

@@ -22,6 +22,15 @@ def attack(solver="projected_sinkhorn_box", lam=1000.0, clamp=False, kernel_size
     }
 
 
+def norm_attack(threat_model="linf", eps=0.4, iterations=40) -> dict:
+    """The configuration columns of a fixed-radius l_p PGD attack (no solver, kernel or p)."""
+    return {
+        "threat_model": threat_model, "solver": None, "kernel_size": None, "p": None, "lam": None,
+        "step_rule": "linf_sign", "step_size": 0.01, "clamp": False, "loss": "cross_entropy", "restarts": 1, "seed": 0,
+        "eps_initial": eps, "eps_factor": 1.0, "eps_every": iterations, "iterations": iterations,
+    }
+
+
 def _status(distance: float) -> str:
     if distance == 0.0:
         return "CLEAN_MISCLASSIFIED"
@@ -75,7 +84,8 @@ def write_cell(
         finished_at=[None], seconds=[seconds_per_example * n], clean_accuracy=[clean_accuracy],
         robust_accuracy=[float(np.mean(distances > 1.83))], trained_for=[trained_for],
         model_training=[f"training recipe of {model}"], model_paper=[f"paper of {model}"],
-        attack_summary=[f"summary of {config['solver']}"], config_json=["{}"], package_versions_json=['{"torch": "2.15.0"}'],
+        attack_summary=[f"summary of {config['solver'] or config['threat_model']}"],
+        box_handling=["clamped" if config["clamp"] else f"box of {config['solver']}"], config_json=["{}"], package_versions_json=['{"torch": "2.15.0"}'],
         git_commit=["0123456789abcdef"], device=["cpu"],
     )
     write_shard(results_dir, Table.CELLS, dataset, model, cell_id, row)

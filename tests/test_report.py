@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from PIL import Image
-from results_factory import attack, write_cell
+from results_factory import attack, norm_attack, write_cell
 
 from harness.leaderboard import ThreatGroup, leaderboard, model_curves, solver_table, threat_groups, with_final_eps
 from harness.report import ReportError, build_report, main, write_report
@@ -43,6 +43,7 @@ def store(tmp_path_factory):
         for p in (2.0, 3.0):
             write_cell(root, "mnist/beta", attack("projected_sinkhorn_box", lam=lam, p=p), [0.3 * p / lam ** 0.1] * 3 + [INF] * 3,
                        images=digits)
+    write_cell(root, "mnist/gamma", norm_attack(), [0.05, 0.15, 0.25, INF, INF, INF])
     cifar = attack("projected_sinkhorn_box", eps_initial=0.001, eps_factor=1.17, eps_every=10, iterations=400)
     write_cell(root, "cifar10/omega", cifar, [0.004, 0.03, 0.2, INF], dataset="cifar10",
                images=np.random.default_rng(1).random((4, 3, 32, 32)).astype(np.float32))
@@ -64,7 +65,7 @@ def test_groups_are_data_set_and_ball_the_main_ball_first(examples):
     assert groups[0] == ThreatGroup("cifar10", "wasserstein", 5, 1.0)
     assert groups[1] == ThreatGroup("mnist", "wasserstein", 5, 1.0)  # most examples of MNIST
     assert set(groups[2:]) == {ThreatGroup("mnist", "wasserstein", 3, 1.0), ThreatGroup("mnist", "wasserstein", 5, 2.0),
-                               ThreatGroup("mnist", "wasserstein", 5, 3.0)}
+                               ThreatGroup("mnist", "wasserstein", 5, 3.0), ThreatGroup("mnist", "linf")}
 
 
 def test_robust_accuracy_is_the_worst_case_over_attacks_and_unknown_beyond_the_search(main_table):
@@ -109,6 +110,14 @@ def test_cifar_table_uses_its_own_radii(store, examples):
     row = table.rows.iloc[0]
     assert table.radii == (0.01, 0.05, 0.1)
     assert [row[r] for r in table.radii] == pytest.approx([3 / 4, 2 / 4, 2 / 4])
+
+
+def test_norm_ball_table_uses_l_inf_radii_and_names_pgd(store, examples):
+    table = leaderboard(examples, read_table(store, Table.CELLS), ThreatGroup("mnist", "linf"))
+    assert table.radii == (0.1, 0.2, 0.3, 0.4) and table.largest_radius == pytest.approx(0.4)
+    row = table.rows.iloc[0]
+    assert [row[r] for r in table.radii] == pytest.approx([5 / 6, 4 / 6, 3 / 6, 3 / 6])
+    assert row["best_attack"] == "PGD (linf_sign)" and table.attacks == ["PGD (linf_sign)"]
 
 
 def test_solver_table_has_one_row_per_attack_on_a_model(store, examples, main_table):
@@ -156,7 +165,7 @@ def test_page_holds_the_tables_numbers_and_needs_no_network(store, tmp_path):
     parser.feed(page.read_text(encoding="utf-8"))
     assert set(parser.tables) == {
         "leaderboard-cifar10-wasserstein-k5-p1", "leaderboard-mnist-wasserstein-k5-p1", "leaderboard-mnist-wasserstein-k3-p1",
-        "leaderboard-mnist-wasserstein-k5-p2", "leaderboard-mnist-wasserstein-k5-p3", "solvers-table",
+        "leaderboard-mnist-wasserstein-k5-p2", "leaderboard-mnist-wasserstein-k5-p3", "leaderboard-mnist-linf", "solvers-table",
     }
     rows = [row for row in parser.tables["leaderboard-mnist-wasserstein-k5-p1"] if row]
     assert [row[1] for row in rows] == ["mnist/beta", "mnist/delta", "mnist/gamma", "mnist/alpha"]
@@ -164,6 +173,9 @@ def test_page_holds_the_tables_numbers_and_needs_no_network(store, tmp_path):
     alpha = rows[3]
     assert [float(v) for v in alpha[5:9]] == pytest.approx([4 / 6, 3 / 6, 1 / 6, 0.0])
     assert rows[0][8] == "" and rows[0][9] == "Infinity"  # beta: unknown at 2.0, median unbounded
+    text = page.read_text(encoding="utf-8")
+    assert "<b>projected_sinkhorn λ=100</b>: box of projected_sinkhorn;" in text
+    assert "<b>projected_sinkhorn λ=100</b>: summary of projected_sinkhorn;" in text
     # Self-contained: every link is an in-page anchor or an inline PNG that decodes.
     external = [link for link in parser.links if not link.startswith(("#", "data:image/png;base64,"))]
     assert external == []

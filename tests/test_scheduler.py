@@ -85,6 +85,10 @@ def test_local_run_writes_every_shard_once_and_a_rerun_resumes(tmp_path, folders
     cells = read_table(config["results_dir"], Table.CELLS)
     assert len(cells) == 4 and (cells["status"] == "complete").all()
     assert set(cells["trained_for"]) == {"none", "linf_certified"}
+    assert set(zip(cells["solver"], cells["box_handling"])) == {
+        ("projected_sinkhorn_box", "kept in [0, 1] by the solver"),
+        ("projected_sinkhorn", "none: images may leave [0, 1], and such claims fail verification"),
+    }
     # Galleries: the first gallery_examples (default 8 > 4) examples keep their clean and adversarial images.
     images = read_table(config["results_dir"], Table.IMAGES)
     assert len(images) == 16 and set(images["example_index"]) == set(range(4))
