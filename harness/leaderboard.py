@@ -160,7 +160,8 @@ class LeaderboardTable:
     radii: tuple[float, ...]
     rank_radius: float | None
     largest_radius: float
-    attacks: list[str]
+    attacks: dict[str, list[float]]
+    """Attack families (solver, with +clamp when clamped, or PGD and its step) and the lambdas each ran with."""
     schedules: list[str]
     rows: pd.DataFrame
     notes: list[str] = field(default_factory=list)
@@ -265,9 +266,12 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     frame = frame.reset_index(drop=True)
     if rank_radius is None:
         notes.append("no standard radius was searched for every model: ranked by median verified radius")
-    attacks = sorted({
-        attack_label(s, c, l, r) for s, c, l, r in mine[["solver", "clamp", "lam", "step_rule"]].drop_duplicates().itertuples(index=False)
-    })
+    attacks: dict[str, list[float]] = {}
+    for solver, clamp, lam, step_rule in mine[["solver", "clamp", "lam", "step_rule"]].drop_duplicates().itertuples(index=False):
+        lambdas = attacks.setdefault(attack_label(solver, clamp, None, step_rule), [])
+        if lam is not None and not math.isnan(lam):
+            lambdas.append(float(lam))
+    attacks = {label: sorted(attacks[label]) for label in sorted(attacks)}
     schedules = sorted({
         f"eps {e0:g} x{f:g} every {every} of {it} steps (largest {fe:.3g})"
         for e0, f, every, it, fe in mine[["eps_initial", "eps_factor", "eps_every", "iterations", "final_eps"]]

@@ -57,6 +57,7 @@ nav a { margin-right: 14px; color: var(--accent); }
 dl.threat { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 6px 0 10px; }
 dl.threat dt { font-weight: 600; color: var(--ink); }
 dl.threat dd { margin: 0; }
+ul.attacks { margin: 0; padding-left: 18px; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; margin: 6px 0 8px; font-size: 13px; }
 th, td { border-bottom: 1px solid var(--line); padding: 4px 6px; text-align: right; vertical-align: top; white-space: nowrap; }
@@ -191,12 +192,16 @@ def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) 
             _cell(flags or '<span class="flag ok">ok</span>', str(len(row["flags"])), css="text"),
         ]
         rows.append(cells)
-    unknown = AttackNote(None, None)
-    attacks = "; ".join(
-        f"<b>{html.escape(a)}</b>" + (f": {html.escape(notes[a].summary)}" if notes.get(a, unknown).summary else "")
-        for a in table.attacks
-    )
-    box = "; ".join(f"<b>{html.escape(a)}</b>: {html.escape(notes.get(a, unknown).box_handling or 'not recorded')}" for a in table.attacks)
+    items = []
+    for family, lambdas in table.attacks.items():
+        note = notes.get(family, AttackNote(None, None))
+        lambda_text = f", λ ∈ {{{', '.join(f'{lam:g}' for lam in lambdas)}}}" if lambdas else ""
+        items.append(
+            f"<li><b>{html.escape(family)}</b>{html.escape(lambda_text)}"
+            + (f": {html.escape(note.summary)}" if note.summary else "")
+            + f". Box: {html.escape(note.box_handling or 'not recorded')}.</li>"
+        )
+    attacks = f'<ul class="attacks">{"".join(items)}</ul>'
     ranked = (
         f"robust accuracy at eps = {_radius(table.rank_radius)}, then median radius" if table.rank_radius is not None
         else "median verified radius"
@@ -207,7 +212,8 @@ def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) 
         f'<dl class="threat"><dt>Ball</dt><dd>{html.escape(_ball(table))}</dd>'
         f"<dt>Attacks</dt><dd>{attacks}</dd>"
         f"<dt>Schedules</dt><dd>{html.escape('; '.join(table.schedules))}</dd>"
-        f"<dt>Box</dt><dd>{box}. Verification counts a success only with pixels in [0, 1] and mass conserved.</dd>"
+        "<dt>Counted</dt><dd>a success only when the exact check passes: pixels in [0, 1], mass conserved, "
+        "distance within the radius</dd>"
         f"<dt>Ranked by</dt><dd>{ranked}</dd></dl>{remarks}"
         f"{_table('leaderboard-' + group.slug, columns, rows)}</section>"
     )

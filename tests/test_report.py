@@ -85,6 +85,8 @@ def test_robust_accuracy_is_the_worst_case_over_attacks_and_unknown_beyond_the_s
 
 def test_rank_uses_the_largest_radius_known_for_every_model_and_ties_share_a_rank(main_table):
     assert main_table.rank_radius == 1.0
+    assert main_table.attacks == {"projected_sinkhorn": [100.0], "projected_sinkhorn_box": [1000.0]}
+    assert main_table.schedules == ["eps 0.3 x1.1 every 10 of 200 steps (largest 1.83)"]
     assert list(main_table.rows["model"]) == ["mnist/beta", "mnist/delta", "mnist/gamma", "mnist/alpha"]
     assert list(main_table.rows["rank"]) == [1, 2, 2, 4]
 
@@ -117,7 +119,7 @@ def test_norm_ball_table_uses_l_inf_radii_and_names_pgd(store, examples):
     assert table.radii == (0.1, 0.2, 0.3, 0.4) and table.largest_radius == pytest.approx(0.4)
     row = table.rows.iloc[0]
     assert [row[r] for r in table.radii] == pytest.approx([5 / 6, 4 / 6, 3 / 6, 3 / 6])
-    assert row["best_attack"] == "PGD (linf_sign)" and table.attacks == ["PGD (linf_sign)"]
+    assert row["best_attack"] == "PGD (linf_sign)" and table.attacks == {"PGD (linf_sign)": []}
 
 
 def test_solver_table_has_one_row_per_attack_on_a_model(store, examples, main_table):
@@ -174,8 +176,8 @@ def test_page_holds_the_tables_numbers_and_needs_no_network(store, tmp_path):
     assert [float(v) for v in alpha[5:9]] == pytest.approx([4 / 6, 3 / 6, 1 / 6, 0.0])
     assert rows[0][8] == "" and rows[0][9] == "Infinity"  # beta: unknown at 2.0, median unbounded
     text = page.read_text(encoding="utf-8")
-    assert "<b>projected_sinkhorn λ=100</b>: box of projected_sinkhorn;" in text
-    assert "<b>projected_sinkhorn λ=100</b>: summary of projected_sinkhorn;" in text
+    assert "<li><b>projected_sinkhorn</b>, λ ∈ {100}: summary of projected_sinkhorn. Box: box of projected_sinkhorn.</li>" in text
+    assert "<li><b>projected_sinkhorn_box</b>, λ ∈ {10, 1000}: summary" in text.split('id="mnist-wasserstein-k5-p2"')[1]
     # Self-contained: every link is an in-page anchor or an inline PNG that decodes.
     external = [link for link in parser.links if not link.startswith(("#", "data:image/png;base64,"))]
     assert external == []
