@@ -115,8 +115,9 @@ def _summary(report: RunReport) -> str:
         settings = json.loads(row["config_json"])
         schedule = EpsSchedule(settings["eps_initial"], settings["eps_factor"], settings["eps_every"], settings["iterations"])
         robust = row["robust_accuracy"]
+        solver = str(settings["solver"] or "-") + (" +clamp" if settings["clamp"] else "")
         lines.append(
-            f"{settings['model']:<30} {settings['threat_model']:<12} {str(settings['solver'] or '-'):<24} "
+            f"{settings['model']:<30} {settings['threat_model']:<12} {solver:<24} "
             f"{settings['kernel_size'] or '-':>2} {settings['p'] or '-':>3} {settings['lam'] or '-':>6} {row['n_examples']:>5} "
             f"{100 * row['clean_accuracy']:>6.2f}% {'-' if robust is None or math.isnan(robust) else f'{100 * robust:.1f}%':>7} {schedule.final_eps:>7.3g}"
         )

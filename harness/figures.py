@@ -131,10 +131,14 @@ def lambda_p(examples: pd.DataFrame, palette: dict) -> Figure | None:
         radius = rows[verified].groupby(["p", "lam"])["verified_distance"].median().unstack("lam")
         rate = verified.groupby([rows["p"], rows["lam"]]).mean().unstack("lam")
         radius = radius.reindex(index=rate.index, columns=rate.columns)
-        text = np.vectorize(lambda r, s: f"{r:.2f}\n{100 * s:.0f}%" if not math.isnan(r) else f"-\n{100 * s:.0f}%")(
+        text = np.vectorize(lambda r, s: f"{r:.2f}\n{100 * s:.0f}%" if not math.isnan(r) else ("not run" if math.isnan(s) else "none\n0%"))(
             radius.to_numpy(dtype=float), rate.to_numpy(dtype=float)
         )
         sns.heatmap(radius, annot=text, fmt="", cmap="mako_r", ax=axis, cbar_kws={"label": "median verified radius"})
+        # seaborn leaves cells without a value blank; say that nothing was verified there.
+        axis.set_facecolor("#eeeeee")
+        for row, column in zip(*np.nonzero(np.isnan(radius.to_numpy(dtype=float)))):
+            axis.text(column + 0.5, row + 0.5, text[row, column], ha="center", va="center", fontsize="small", color="#555555")
         axis.set(xlabel="lambda", ylabel="p")
         axis.set_xticklabels([f"{v:g}" for v in radius.columns])
         axis.set_yticklabels([f"{v:g}" for v in radius.index], rotation=0)
