@@ -57,7 +57,9 @@ _DEFAULTS = {"threat_model": "wasserstein", "clamp": False, "loss": "cross_entro
 class Cell:
     """One point of a grid: everything that determines its numbers.
 
-    Norm-ball cells have no solver, kernel size, p or lambda (None).
+    Norm-ball cells have no solver, kernel size, p or lambda (None); cells of
+    a solver without regularization have no lambda, and plan-space solvers,
+    which step by their own rule, no step rule.
     """
 
     dataset: str
@@ -68,7 +70,7 @@ class Cell:
     p: float | None
     lam: float | None
     schedule: EpsSchedule
-    step_rule: StepRule
+    step_rule: StepRule | None
     step_size: float
     clamp: bool
     loss: Loss
@@ -90,7 +92,7 @@ class Cell:
             "eps_factor": self.schedule.factor,
             "eps_every": self.schedule.every,
             "iterations": self.schedule.iterations,
-            "step_rule": self.step_rule.value,
+            "step_rule": self.step_rule.value if self.step_rule is not None else None,
             "step_size": self.step_size,
             "clamp": self.clamp,
             "loss": self.loss.value,
@@ -194,6 +196,7 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> Cell | N
         if name not in settings:
             problems.append(f"{where}: {name} is not set (set it, or a protocol: {', '.join(sorted(PROTOCOLS))})")
     solver = kernel_size = p = lam = None
+    plan_space = False
     if threat is ThreatModel.WASSERSTEIN:
         solver_names = [spec.name for spec in zoo.solver_specs()]
         solver = settings.get("solver")
@@ -206,9 +209,14 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> Cell | N
         lam = _number("lam", settings.get("lam", 1000.0), problems, where, low=0, low_open=True)
         if solver in solver_names and "lam" not in zoo.solver_spec(solver).defaults:
             lam = None  # the solver has no regularization: record none rather than an unused value
+        plan_space = solver in solver_names and zoo.solver_spec(solver).kind is zoo.SolverKind.PLAN_SPACE
+        if plan_space and settings["clamp"] is True:
+            problems.append(f"{where}: clamp=true is not allowed with the plan-space solver {solver!r}: its iterates are feasible")
     elif threat is not None and settings.get("solver") is not None:
         problems.append(f"{where}: the {threat.value} ball takes no solver (got solver={settings['solver']!r})")
     step_rule = _enum_value(StepRule, "step_rule", settings.get("step_rule", "linf_sign"), problems, where)
+    if threat is ThreatModel.WASSERSTEIN and plan_space:
+        step_rule = None  # a plan-space solver steps by its own rule
     loss = _enum_value(Loss, "loss", settings["loss"], problems, where)
     step_size = _number("step_size", settings.get("step_size", 1.0), problems, where, low=0, low_open=True)
     restarts = _number("restarts", settings["restarts"], problems, where, integer=True, low=1)

@@ -147,7 +147,7 @@ class ShardRunner:
         if cell.threat_model is not ThreatModel.WASSERSTEIN:
             return NormBallIterate(Norm(cell.threat_model.value), cell.step_size)
         spec = zoo.solver_spec(cell.solver)
-        wanted = {"kernel_size": cell.kernel_size, "p": cell.p, "lam": cell.lam}
+        wanted = {"kernel_size": cell.kernel_size, "p": cell.p, "lam": cell.lam, "step_size": cell.step_size}
         solver = spec.create(**{name: value for name, value in wanted.items() if name in spec.defaults and value is not None})
         return make_iterate(solver, cell.step_rule, cell.step_size, clamp=cell.clamp)
 

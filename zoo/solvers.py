@@ -1,4 +1,4 @@
-"""The solver catalogue: projection solvers looked up by name.
+"""The solver catalogue: projection and plan-space solvers looked up by name.
 
 A grid names a solver and its hyperparameters (``solver=projected_sinkhorn
 lam=1000``); :func:`solver` turns that into a ready object. Third parties add
@@ -12,6 +12,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from solvers.iterate import BallIterate
+from solvers.plan_space import FrankWolfeIterate, PlanPGDIterate
 from solvers.projectors import ExactProjection, Projector, ProjectedSinkhorn
 
 from .registry import Registry
@@ -46,7 +48,7 @@ class SolverSpec:
     """
 
     name: str
-    factory: Callable[..., Projector]
+    factory: Callable[..., Projector | BallIterate]
     kind: SolverKind
     summary: str
     reference: str
@@ -62,7 +64,7 @@ class SolverSpec:
             if parameter.default is not inspect.Parameter.empty and name not in self.fixed
         }
 
-    def create(self, **hyperparameters) -> Projector:
+    def create(self, **hyperparameters) -> Projector | BallIterate:
         unknown = sorted(set(hyperparameters) - set(self.defaults))
         if unknown:
             allowed = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items()) or "none"
@@ -93,6 +95,40 @@ BUILTIN_SOLVERS = (
         kind=SolverKind.IMAGE_SPACE,
         summary="projected Sinkhorn with the pixel box 0 <= z <= 1 inside the projection",
         reference="Hu, Wang, Yu et al. 2020 (box constraint); Wong et al. 2019",
+        fixed={"box": True},
+    ),
+    SolverSpec(
+        name="plan_pgd",
+        factory=PlanPGDIterate,
+        kind=SolverKind.PLAN_SPACE,
+        summary="projected gradient on the local transport plan, exact projection onto the ball of plans",
+        reference="Wu, Wang, Yu, Stronger and Faster Wasserstein Adversarial Attacks, ICML 2020",
+        fixed={"box": False},
+    ),
+    SolverSpec(
+        name="plan_pgd_box",
+        factory=PlanPGDIterate,
+        kind=SolverKind.PLAN_SPACE,
+        summary="projected gradient on the transport plan with the pixel box z <= 1 inside the projection (Dykstra)",
+        reference="Wu, Wang, Yu, ICML 2020; box by alternating projections",
+        fixed={"box": True},
+    ),
+    SolverSpec(
+        name="frank_wolfe",
+        factory=FrankWolfeIterate,
+        kind=SolverKind.PLAN_SPACE,
+        summary="Frank-Wolfe on the transport plan with the exact dual linear maximization oracle, "
+        "step 2/(s+2) restarted at each radius",
+        reference="Wu, Wang, Yu, Stronger and Faster Wasserstein Adversarial Attacks, ICML 2020",
+        fixed={"box": False},
+    ),
+    SolverSpec(
+        name="frank_wolfe_box",
+        factory=FrankWolfeIterate,
+        kind=SolverKind.PLAN_SPACE,
+        summary="Frank-Wolfe on the transport plan; the model sees the plan's projection onto the ball with the "
+        "pixel box z <= 1",
+        reference="Wu, Wang, Yu, ICML 2020 (their capacity-constrained post-processing, applied at every step)",
         fixed={"box": True},
     ),
     SolverSpec(
@@ -132,7 +168,7 @@ def register_solver(
     return decorate
 
 
-def solver(name: str, **hyperparameters) -> Projector:
+def solver(name: str, **hyperparameters) -> Projector | BallIterate:
     """Build the registered solver ``name`` with the given hyperparameters."""
     return _REGISTRY.spec(name).create(**hyperparameters)
 

@@ -1,0 +1,1222 @@
+r"""Plan-space attacks: projected gradient and Frank-Wolfe on local transport plans.
+
+Wu, Wang and Yu (2020, *Stronger and faster Wasserstein adversarial
+attacks*) attack in the space of transport plans instead of images: the
+adversarial image is the column sum of a plan, and the ball is a polytope of
+plans with a cheap exact projection and a cheap exact linear maximization.
+
+Layout
+------
+An image batch ``x`` has shape ``(B, C, H, W)``; with the window ``k x k``,
+``h = k // 2``, ``N = H W`` and ``K = k^2``, a *plan* is a tensor of shape
+``(B, C, N, K)``: entry ``P[b, c, i, o]`` is the mass moved from pixel ``i``
+(row-major ``r W + s``) of channel ``c`` to pixel ``i + offset(o)``, where
+offset ``o = (dr + h) k + (ds + h)`` is the window position of
+``(dr, ds)``, the order of ``LocalTransport.cost().flatten()`` and of
+:func:`torch.nn.functional.unfold`. Offsets that leave the image are
+*invalid* (``valid[i, o]`` is False) and carry exactly 0. The offset
+``(0, 0)`` is ``o = K // 2``, the only one with zero cost.
+
+The image of a plan is its column sums, :math:`z_j = \sum_{(i, o):\,
+i + \text{offset}(o) = j} P_{io}` (:func:`plan_image`, a ``fold``); its
+adjoint gathers an image-space gradient ``g`` at each entry's destination,
+:math:`G_{io} = g_{i + \text{offset}(o)}` (:func:`plan_gradient`, an
+``unfold``), which is the chain rule through the column sums.
+
+The ball in plan space, one budget per image over all channels, is
+
+.. math::
+
+    \mathcal{P}_\varepsilon(x) = \{ P \ge 0 \text{ local} :\;
+        P \mathbf{1} = x,\; \langle c, P \rangle \le \varepsilon\, m(x) \},
+
+and its image under the column sums is the Wasserstein ball of
+:mod:`solvers.geometry`. The *identity plan* (all mass on offset ``(0, 0)``)
+costs nothing and has image ``x``. With the box option the plans also satisfy
+:math:`P^\top \mathbf{1} \le 1` (no pixel above 1).
+
+Contents
+--------
+:func:`project_plans`
+    Exact Euclidean projection onto :math:`\mathcal{P}_\varepsilon(x)` (a
+    safeguarded Newton search on the budget multiplier over row-wise simplex
+    projections), and, with ``box=True``, onto its intersection with the box
+    by Dykstra's alternating projections and a feasibility repair.
+:func:`plan_linear_maximization`
+    Exact :math:`\max_{P \in \mathcal{P}_\varepsilon(x)} \langle G, P\rangle`
+    by a one-dimensional dual search (the linear maximization oracle).
+:class:`PlanPGDIterate`, :class:`FrankWolfeIterate`
+    The two attacks as :class:`~solvers.iterate.BallIterate` objects.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import LocalTransport, check_images, check_nonnegative_eps
+from .iterate import IterateState, StepReport, _zero_gradient
+from .projectors import check_iterations, check_positive
+
+__all__ = [
+    "FrankWolfeIterate",
+    "PlanMaximization",
+    "PlanPGDIterate",
+    "PlanProjection",
+    "identity_plan",
+    "plan_cost",
+    "plan_gradient",
+    "plan_image",
+    "plan_linear_maximization",
+    "project_plans",
+    "window_layout",
+]
+
+
+# --------------------------------------------------------------------------
+# Layout: offsets, validity, column sums and their adjoint
+# --------------------------------------------------------------------------
+
+
+def _offsets(kernel_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column displacement ``(dr, ds)`` of each window offset, shape ``(K,)`` each."""
+    h = kernel_size // 2
+    steps = torch.arange(-h, h + 1, device=device)
+    return steps.repeat_interleave(kernel_size), steps.repeat(kernel_size)
+
+
+def _kernel_size_of(plan: torch.Tensor) -> int:
+    k = math.isqrt(plan.shape[-1])
+    if k * k != plan.shape[-1] or k < 3 or k % 2 == 0:
+        raise ValueError(f"plan has {plan.shape[-1]} offsets per row: it must be k^2 for an odd window size k >= 3")
+    return k
+
+
+def window_layout(
+    transport: LocalTransport, height: int, width: int, dtype: torch.dtype = torch.float32, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cost per offset and validity mask of the plans of ``height x width`` images.
+
+    Parameters
+    ----------
+    transport : LocalTransport
+        Window size ``k`` and cost exponent ``p``.
+    height, width : int
+        Image size; ``N = height * width``.
+    dtype, device
+        Of the cost vector.
+
+    Returns
+    -------
+    cost : Tensor (K,)
+        :math:`c_o = (dr^2 + ds^2)^{p/2}`, ``LocalTransport.cost().flatten()``.
+    valid : Tensor (N, K), bool
+        ``valid[i, o]``: the offset ``o`` from pixel ``i`` stays inside the image.
+    """
+    k = transport.kernel_size
+    dr, ds = _offsets(k, device)
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    r, s = rows[:, None] + dr, cols[:, None] + ds
+    valid = (r >= 0) & (r < height) & (s >= 0) & (s < width)
+    return transport.cost(dtype=dtype, device=device).flatten(), valid
+
+
+def _incoming_index(kernel_size: int, height: int, width: int, device) -> torch.Tensor:
+    """For destination ``j`` and offset ``o``, the flat plan index ``i K + o`` of the entry arriving at ``j``.
+
+    Shape ``(N, K)``; an offset whose source ``j - offset(o)`` is outside the
+    image points at ``N K``, one past the end (a padding slot).
+    """
+    dr, ds = _offsets(kernel_size, device)
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    r, s = rows[:, None] - dr, cols[:, None] - ds
+    inside = (r >= 0) & (r < height) & (s >= 0) & (s < width)
+    k2 = kernel_size * kernel_size
+    flat = (r * width + s) * k2 + torch.arange(k2, device=device)
+    return torch.where(inside, flat, height * width * k2)
+
+
+def plan_image(plan: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    r"""Column sums of plans: the images they transport to.
+
+    .. math:: z_{b,c,j} = \sum_{(i,o):\, i + \mathrm{offset}(o) = j} P_{b,c,i,o}
+
+    Parameters
+    ----------
+    plan : Tensor (B, C, N, K)
+    height, width : int
+        With ``height * width = N``.
+
+    Returns
+    -------
+    Tensor (B, C, H, W)
+    """
+    batch, channels, pixels, k2 = plan.shape
+    k = _kernel_size_of(plan)
+    columns = plan.transpose(2, 3).reshape(batch, channels * k2, pixels)
+    return F.fold(columns, (height, width), k, padding=k // 2)
+
+
+def plan_gradient(image_grad: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    r"""Gather an image-space tensor at each plan entry's destination (adjoint of :func:`plan_image`).
+
+    .. math:: G_{b,c,i,o} = g_{b,c,\,i + \mathrm{offset}(o)}
+
+    (0 for invalid offsets). If ``g`` is the gradient of a loss at the image
+    ``plan_image(P)``, ``G`` is its gradient with respect to ``P``.
+
+    Parameters
+    ----------
+    image_grad : Tensor (B, C, H, W)
+    kernel_size : int
+
+    Returns
+    -------
+    Tensor (B, C, H W, k^2)
+    """
+    batch, channels, height, width = image_grad.shape
+    k2 = kernel_size * kernel_size
+    patches = F.unfold(image_grad, kernel_size, padding=kernel_size // 2)
+    return patches.view(batch, channels, k2, height * width).transpose(2, 3)
+
+
+def identity_plan(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The plan that moves nothing: all of ``x`` on offset ``(0, 0)``; shape ``(B, C, H W, k^2)``."""
+    batch, channels, height, width = x.shape
+    k2 = kernel_size * kernel_size
+    plan = x.new_zeros(batch, channels, height * width, k2)
+    plan[..., k2 // 2] = x.reshape(batch, channels, height * width)
+    return plan
+
+
+def plan_cost(plan: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    r"""Un-normalized transport cost :math:`\langle c, P_b\rangle` of each plan, shape ``(B,)``."""
+    return (plan.flatten(0, -2) @ cost).view(plan.shape[0], -1).sum(1)
+
+
+# --------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------
+
+
+def _check_plan_problem(name: str, values: torch.Tensor, x: torch.Tensor, cost: torch.Tensor, valid: torch.Tensor) -> None:
+    """Shapes, dtypes and finiteness of a plan-space problem, with messages naming the culprit."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 4:
+        raise ValueError(f"{name} must be a (B, C, H*W, k*k) tensor, got {getattr(values, 'shape', type(values).__name__)}")
+    check_images(x, x)
+    batch, channels, height, width = x.shape
+    _kernel_size_of(values)
+    k2 = values.shape[-1]
+    if values.shape != (batch, channels, height * width, k2):
+        raise ValueError(
+            f"{name} has shape {tuple(values.shape)}: for x of shape {tuple(x.shape)} it must be "
+            f"({batch}, {channels}, {height * width}, k*k)"
+        )
+    if values.dtype != x.dtype or values.device != x.device:
+        raise ValueError(f"{name} ({values.dtype}, {values.device}) and x ({x.dtype}, {x.device}) must share dtype and device")
+    if cost.shape != (k2,) or valid.shape != (height * width, k2) or valid.dtype != torch.bool:
+        raise ValueError(
+            f"cost {tuple(cost.shape)} and valid {tuple(valid.shape)} ({valid.dtype}) do not fit {k2} offsets "
+            f"of {height}x{width} images: build them with window_layout"
+        )
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} has NaN or infinite entries")
+
+
+def _check_box_centres(x: torch.Tensor) -> None:
+    if bool((x > 1).any()):
+        raise ValueError(
+            f"box=True needs centres with pixels <= 1 (max {float(x.max()):.6g}): otherwise even x is outside the box"
+        )
+
+
+# --------------------------------------------------------------------------
+# Row-wise simplex projection (sorting, Duchi et al. 2008 / Condat 2016)
+# --------------------------------------------------------------------------
+
+
+def _project_rows_onto_simplex(values: torch.Tensor, mass: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    r"""Project each row onto :math:`\{p \ge 0,\ p = 0 \text{ off } \texttt{valid},\ \sum p = a\}`.
+
+    The answer is :math:`p = (v - \tau)_+` with the threshold
+    :math:`\tau = \max_j (\sum_{l \le j} v_{(l)} - a) / j` over the valid
+    entries sorted in decreasing order (Duchi et al. 2008). The projection is
+    invariant to adding a constant to a row, so rows are first shifted to
+    have maximum 0; entries below :math:`-a` can then never reach the
+    support (:math:`\tau \ge v_{(1)} - a = -a`) and are raised to
+    :math:`-2a`, which keeps every sum bounded by :math:`2 K a` whatever the
+    size of the target, and also disposes of the invalid entries. (Raising
+    them to :math:`-a` itself would tie them with :math:`\tau` when the
+    support is a single entry, and rounding would let them in.)
+
+    Parameters
+    ----------
+    values : Tensor (R, K)
+    mass : Tensor (R,), >= 0
+    valid : Tensor (R, K), bool; at least one True per row
+
+    Returns
+    -------
+    Tensor (R, K)
+        Exactly 0 off ``valid`` and on rows with zero mass.
+    """
+    shifted = values.masked_fill(~valid, -math.inf)
+    shifted = shifted - shifted.amax(-1, keepdim=True)
+    shifted = torch.maximum(shifted, -2 * mass[:, None])
+    ordered = shifted.sort(-1, descending=True).values
+    excess = ordered.cumsum(-1) - mass[:, None]
+    ranks = torch.arange(1, values.shape[-1] + 1, dtype=values.dtype, device=values.device)
+    support = (ordered * ranks > excess).sum(-1, keepdim=True).clamp_min(1)
+    threshold = excess.gather(-1, support - 1) / support
+    return (shifted - threshold).clamp_min(0).masked_fill(~valid, 0.0)
+
+
+def _image_sums(per_row: torch.Tensor, row_image: torch.Tensor, batch: int) -> torch.Tensor:
+    """Sum a per-row quantity over the rows of each image, in float64."""
+    return torch.zeros(batch, dtype=torch.float64, device=per_row.device).index_add_(0, row_image, per_row.double())
+
+
+@dataclass
+class _Rows:
+    """The rows of a batch of plans that carry mass (``x_i > 0``), the only ones that can move.
+
+    Zero-mass rows are all-zero in every feasible plan, so solvers work on
+    this compact ``(R, K)`` view (on MNIST about a fifth of the pixels).
+    """
+
+    index: torch.Tensor  # (R,) flat row index into (B*C*N)
+    image: torch.Tensor  # (R,) example of each row
+    mass: torch.Tensor  # (R,) x_i
+    valid: torch.Tensor  # (R, K)
+
+    @classmethod
+    def of(cls, x: torch.Tensor, valid: torch.Tensor) -> _Rows:
+        channels, height, width = x.shape[1:]
+        flat = x.reshape(-1)
+        index = torch.nonzero(flat > 0).flatten()
+        pixels = height * width
+        return cls(index, index // (channels * pixels), flat[index], valid[index % pixels])
+
+    def scatter(self, rows: torch.Tensor, shape) -> torch.Tensor:
+        """The full ``(B, C, N, K)`` plans with ``rows`` on the massive rows and zeros elsewhere."""
+        plan = rows.new_zeros(shape[0] * shape[1] * shape[2], shape[3])
+        plan[self.index] = rows
+        return plan.view(shape)
+
+
+def _fit_budget(rows: torch.Tensor, data: _Rows, cost: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    r"""Mix plans that overspend (by rounding) with the identity plan, which costs nothing.
+
+    :math:`P \leftarrow \theta P + (1 - \theta) D` with
+    :math:`\theta = b / \langle c, P\rangle`; rows keep their sums and
+    entries their sign, so the result is exactly in the ball.
+    """
+    spent = _image_sums(rows @ cost, data.image, budget.shape[0])
+    over = spent > budget.double()
+    if not bool(over.any()):
+        return rows
+    theta = torch.where(over, budget.double() / spent.clamp_min(torch.finfo(torch.float64).tiny), 1.0).to(rows.dtype)
+    row_theta = theta[data.image]
+    rows = rows * row_theta[:, None]
+    rows[:, rows.shape[1] // 2] += (1 - row_theta) * data.mass
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Exact projection onto the ball of plans
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class PlanProjection:
+    """Result of :func:`project_plans`; every field has the batch first.
+
+    Attributes
+    ----------
+    plan : Tensor (B, C, N, K)
+        The projection, always feasible.
+    multiplier : Tensor (B,)
+        The budget multiplier :math:`\\mu \\ge 0` found (0 when the budget is
+        slack); pass it back as ``multiplier`` to warm-start the next call.
+    iterations : Tensor (B,), int64
+        Multiplier evaluations (each one a row-wise simplex projection); with
+        ``box=True``, Dykstra iterations.
+    converged : Tensor (B,), bool
+        The tolerance was met (or the multiplier was resolved to the working
+        precision); with ``box=True``, Dykstra met its tolerance and the
+        repair did not have to fall back on the identity plan.
+    """
+
+    plan: torch.Tensor
+    multiplier: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+
+
+def _project_ball(
+    target: torch.Tensor,
+    x: torch.Tensor,
+    cost: torch.Tensor,
+    valid: torch.Tensor,
+    budget: torch.Tensor,
+    multiplier: torch.Tensor,
+    tol: float,
+    max_iter: int,
+) -> PlanProjection:
+    """:func:`project_plans` without the box, on validated inputs; ``budget`` is ``eps * m(x)``."""
+    batch = target.shape[0]
+    dtype, device = target.dtype, target.device
+    data = _Rows.of(x, valid)
+    targets = target.reshape(-1, target.shape[-1])[data.index]
+    center = target.shape[-1] // 2
+    budget64 = budget.double()
+    resolution = 4 * torch.finfo(dtype).eps
+
+    # Above this multiplier every row keeps all its mass in place (cost 0):
+    # the centre entry beats entry o by at least the row's mass.
+    raised = (targets - targets[:, center : center + 1] + data.mass[:, None]) / cost.clamp_min(1e-30)
+    raised = raised.masked_fill(~data.valid, -math.inf)
+    raised[:, center] = 0.0
+    ceiling = torch.zeros(batch, dtype=dtype, device=device).scatter_reduce_(
+        0, data.image, raised.amax(-1), "amax", include_self=True
+    )
+    # Keep mu * cost finite; larger multipliers change nothing anyway.
+    ceiling = ceiling.clamp_max(torch.finfo(dtype).max / (4 * float(cost.max()))).double()
+
+    lower = torch.zeros(batch, dtype=torch.float64, device=device)
+    lower_known = torch.zeros(batch, dtype=torch.bool, device=device)
+    upper = ceiling.clone()
+    mu = torch.minimum(multiplier.double().clamp_min(0), ceiling)
+    iterations = torch.zeros(batch, dtype=torch.int64, device=device)
+    converged = torch.zeros(batch, dtype=torch.bool, device=device)
+    rows = torch.zeros_like(targets)
+    # Nothing may move on a zero budget: the answer is the identity plan.
+    settled = budget <= 0
+    rows[settled[data.image], center] = data.mass[settled[data.image]]
+    converged |= settled
+    mu = torch.where(settled, 0.0, mu)
+
+    position = torch.full((batch,), -1, dtype=torch.int64, device=device)
+    for _ in range(max_iter):
+        active = torch.nonzero(~settled).flatten()
+        if active.numel() == 0:
+            break
+        position[active] = torch.arange(active.numel(), device=device)
+        on = torch.nonzero(~settled[data.image]).flatten()
+        local = position[data.image[on]]
+        mu_now = mu[active]
+        shifted_targets = targets[on] - mu_now.to(dtype)[local, None] * cost
+        plan_rows = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
+        iterations[active] += 1
+
+        spent = _image_sums(plan_rows @ cost, local, active.numel())
+        # d spent / d mu = -sum_rows sum_support (c_o - mean_support c)^2 on the current linear piece.
+        support = (plan_rows > 0).to(dtype)
+        count = support.sum(-1).clamp_min(1)
+        first, second = support @ cost, support @ (cost * cost)
+        slope = -_image_sums(second - first * first / count, local, active.numel())
+
+        gap = spent - budget64[active]
+        feasible = gap <= 0
+        lower_now = torch.where(feasible, lower[active], mu_now)
+        upper_now = torch.where(feasible, mu_now, upper[active])
+        known_now = lower_known[active] | ~feasible
+        newton = mu_now - gap / slope.clamp_max(-torch.finfo(torch.float64).tiny)
+        bisection = 0.5 * (lower_now + upper_now)
+        inside = (newton > lower_now) & (newton < upper_now) & (slope < 0)
+        candidate = torch.where(inside, newton, bisection)
+        # The bracket's lower end is 0 until some mu is seen to overspend: try 0 itself first.
+        candidate = torch.where(~known_now & (newton <= 0) & (slope < 0), 0.0, candidate)
+
+        done = (gap.abs() <= tol * budget64[active]) | (feasible & (mu_now == 0))
+        stalled = ((candidate - mu_now).abs() <= resolution * mu_now) | (upper_now - lower_now <= resolution * upper_now)
+        finished = done | stalled
+        # Finished examples keep the plan just computed (slightly overspending
+        # ones are mixed with the identity at the end).
+        finished_rows = finished[local]
+        rows[on[finished_rows]] = plan_rows[finished_rows]
+        converged[active] |= finished
+        settled[active] |= finished
+        lower[active], upper[active], lower_known[active] = lower_now, upper_now, known_now
+        mu[active] = torch.where(finished, mu_now, candidate)
+
+    unfinished = ~settled
+    if bool(unfinished.any()):
+        # Out of iterations: fall back on the feasible end of the bracket.
+        mu = torch.where(unfinished, upper, mu)
+        on = torch.nonzero(unfinished[data.image]).flatten()
+        shifted_targets = targets[on] - mu.to(dtype)[data.image[on], None] * cost
+        rows[on] = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
+
+    rows = _fit_budget(rows, data, cost, budget)
+    return PlanProjection(data.scatter(rows, target.shape), mu.to(dtype), iterations, converged)
+
+
+# --------------------------------------------------------------------------
+# The box: Dykstra's alternating projections and a feasibility repair
+# --------------------------------------------------------------------------
+
+
+def _project_onto_capacity(values: torch.Tensor, valid: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
+    r"""Project plans onto :math:`\{P \ge 0,\ P = 0 \text{ off valid},\ P^\top \mathbf 1 \le 1\}`.
+
+    Separable per destination ``j``: the entries arriving at ``j`` are
+    clipped at 0, and if they still sum to more than 1 they are projected
+    onto the simplex :math:`\{v \ge 0, \sum v = 1\}` instead.
+    """
+    batch, channels, pixels, k2 = values.shape
+    clipped = values.clamp_min(0).masked_fill(~valid, 0.0)
+    flat = torch.cat([clipped.reshape(batch * channels, pixels * k2), clipped.new_zeros(batch * channels, 1)], 1)
+    arriving = flat[:, incoming.flatten()].view(batch * channels, pixels, k2)
+    over = torch.nonzero(arriving.sum(-1) > 1)
+    if over.numel() == 0:
+        return clipped
+    channel_row, destination = over[:, 0], over[:, 1]
+    slots = incoming[destination]
+    arrived_valid = slots < pixels * k2
+    capped = _project_rows_onto_simplex(
+        arriving[channel_row, destination], torch.ones_like(destination, dtype=values.dtype), arrived_valid
+    )
+    flat[channel_row[:, None], slots] = capped
+    return flat[:, :-1].view(values.shape)
+
+
+def _repair_capacity(
+    plan: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, rounds: int = 50
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Make a plan of the ball satisfy :math:`P^\top \mathbf 1 \le 1` without leaving the ball.
+
+    Each round scales down the entries arriving at every over-full pixel
+    ``j`` from *other* pixels so that ``j`` holds 1, less a few units in the
+    last place against rounding (its own kept mass is at most
+    ``x_j <= 1``), and gives the removed mass back to its
+    source pixel's offset ``(0, 0)``. Row sums are unchanged, entries stay
+    non-negative and the cost can only drop, so the plan stays in the ball;
+    a source that overflows in turn is handled in the next round (the
+    overflow only shrinks: what comes back is what was removed).
+
+    If overflow remains after ``rounds`` rounds, the plan is mixed with the
+    identity plan, :math:`P \leftarrow \theta P + (1 - \theta) D`, with the
+    largest :math:`\theta` that fits (``x <= 1`` makes :math:`\theta = 0`
+    always fit), and the example is reported as repaired by fallback.
+
+    Returns
+    -------
+    plan : Tensor (B, C, N, K)
+    fallback : Tensor (B,), bool
+    """
+    batch, channels, pixels, k2 = plan.shape
+    height, width = x.shape[-2:]
+    k = math.isqrt(k2)
+    center = k2 // 2
+    headroom = 1 - 4 * torch.finfo(plan.dtype).eps  # aim a little below 1 so rounding cannot overshoot
+    for _ in range(rounds):
+        filled = plan_image(plan, height, width).view(batch, channels, pixels)
+        over = filled > 1
+        if not bool(over.any()):
+            break
+        kept = plan[..., center]
+        arriving = filled - kept
+        keep = ((headroom - kept) / arriving.clamp_min(torch.finfo(plan.dtype).tiny)).clamp(0, 1)
+        keep = torch.where(over, keep, torch.ones_like(keep))
+        keep_entry = plan_gradient(keep.view(batch, channels, height, width), k).clone()
+        keep_entry[..., center] = 1
+        removed = plan * (1 - keep_entry)
+        plan = plan * keep_entry
+        plan[..., center] += removed.sum(-1)
+    filled = plan_image(plan, height, width)
+    slack = 4 * torch.finfo(plan.dtype).eps
+    over = filled > 1 + slack
+    fallback = over.flatten(1).any(1)
+    if bool(fallback.any()):
+        # theta (z_j - x_j) <= 1 - x_j at every over-full pixel; x_j <= 1 keeps theta >= 0.
+        room = ((headroom - x) / (filled - x).clamp_min(torch.finfo(plan.dtype).tiny)).clamp(0, 1)
+        theta = torch.where(over, room, torch.ones_like(room)).flatten(1).amin(1)
+        theta = theta.view(batch, 1, 1, 1)
+        plan = theta * plan + (1 - theta) * identity_plan(x, k)
+    return plan.masked_fill(~valid, 0.0), fallback
+
+
+def _project_with_box(
+    target: torch.Tensor,
+    x: torch.Tensor,
+    cost: torch.Tensor,
+    valid: torch.Tensor,
+    budget: torch.Tensor,
+    multiplier: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    box_tol: float,
+    box_max_iter: int,
+) -> PlanProjection:
+    r"""Projection onto the ball of plans intersected with the box, by Dykstra's algorithm.
+
+    With :math:`\Pi_A` the exact projection onto the ball of plans and
+    :math:`\Pi_B` the one onto the capacity set, Dykstra's iteration
+
+    .. math::
+
+        a_t = \Pi_A(y_{t-1} + p_{t-1}),\quad p_t = y_{t-1} + p_{t-1} - a_t,\quad
+        y_t = \Pi_B(a_t + q_{t-1}),\quad q_t = a_t + q_{t-1} - y_t
+
+    converges to the projection onto the intersection (Boyle and Dykstra
+    1986). An example stops when :math:`a_t` overflows the box by at most
+    ``box_tol`` and moved by at most ``box_tol`` (max-abs), or at once if
+    :math:`a_1 = \Pi_A(\text{target})` is already in the box (then it is
+    the exact answer). The last :math:`a_t` is feasible for the ball; the
+    repair of :func:`_repair_capacity` then removes its remaining overflow.
+    """
+    batch, k2 = target.shape[0], target.shape[-1]
+    height, width = x.shape[-2:]
+    incoming = _incoming_index(math.isqrt(k2), height, width, target.device)
+    result = torch.empty_like(target)
+    mu = multiplier.clone()
+    iterations = torch.zeros(batch, dtype=torch.int64, device=target.device)
+    converged = torch.zeros(batch, dtype=torch.bool, device=target.device)
+    active = torch.arange(batch, device=target.device)
+    centres, budgets = x, budget
+    box_side, ball_correction, box_correction = target, torch.zeros_like(target), torch.zeros_like(target)
+    previous = None
+    for step in range(box_max_iter):
+        ball = _project_ball(box_side + ball_correction, centres, cost, valid, budgets, mu[active], tol, max_iter)
+        ball_side = ball.plan
+        mu[active] = ball.multiplier
+        iterations[active] += 1
+        ball_correction = box_side + ball_correction - ball_side
+        overflow = (plan_image(ball_side, height, width) - 1).clamp_min(0).flatten(1).amax(1)
+        if previous is None:
+            done = overflow == 0
+        else:
+            moved = (ball_side - previous).abs().flatten(1).amax(1)
+            done = (overflow <= box_tol) & (moved <= box_tol)
+        result[active[done]] = ball_side[done]
+        converged[active[done]] = True
+        keep = ~done
+        if not bool(keep.any()):
+            break
+        if step == box_max_iter - 1:
+            result[active[keep]] = ball_side[keep]
+            break
+        box_side = _project_onto_capacity(ball_side + box_correction, valid, incoming)
+        box_correction = ball_side + box_correction - box_side
+        if not bool(keep.all()):
+            active, centres, budgets = active[keep], centres[keep], budgets[keep]
+            box_side, ball_correction, box_correction = box_side[keep], ball_correction[keep], box_correction[keep]
+            ball_side = ball_side[keep]
+        previous = ball_side
+    plan, fallback = _repair_capacity(result, x, valid)
+    return PlanProjection(plan, mu, iterations, converged & ~fallback)
+
+
+@torch.no_grad()
+def project_plans(
+    target: torch.Tensor,
+    x: torch.Tensor,
+    cost: torch.Tensor,
+    valid: torch.Tensor,
+    eps,
+    *,
+    multiplier: torch.Tensor | None = None,
+    box: bool = False,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    box_tol: float = 1e-6,
+    box_max_iter: int = 1000,
+) -> PlanProjection:
+    r"""Euclidean projection of plans onto the ball of plans (optionally with the box).
+
+    Solves, for each example,
+
+    .. math::
+
+        \min_P \tfrac12 \|P - T\|_2^2 \quad\text{s.t.}\quad P \ge 0,\;
+        P = 0 \text{ off valid},\; P\mathbf 1 = x,\;
+        \langle c, P\rangle \le \varepsilon\, m(x)
+        \quad [,\; P^\top \mathbf 1 \le 1 \text{ if box}].
+
+    **Without the box (exact).** The KKT conditions give
+    :math:`P(\mu) = \Pi_\Delta(T - \mu c)`, the row-wise projection onto the
+    scaled simplices :math:`\{p \ge 0, \sum p = x_i\}`, for the multiplier
+    :math:`\mu \ge 0` of the budget: :math:`\mu = 0` if :math:`P(0)` is
+    within the budget, otherwise the root of
+    :math:`\phi(\mu) = \langle c, P(\mu)\rangle = \varepsilon m(x)`.
+    :math:`\phi` is continuous, non-increasing and piecewise linear; on the
+    piece through :math:`\mu` its slope is
+    :math:`-\sum_i \sum_{o \in S_i} (c_o - \bar c_{S_i})^2` with
+    :math:`S_i` the support of row ``i``. The root is found by Newton's
+    method on that slope, safeguarded by a bracket
+    :math:`[\mu_-, \mu_+]` (bisection whenever a Newton step leaves it),
+    starting at ``multiplier`` (warm start) or 0; the bracket's upper end
+    starts at the :math:`\mu` beyond which every row keeps all its mass in
+    place. Once the iterate is on the root's linear piece, Newton's step is
+    exact. An example stops when :math:`|\phi(\mu) - \varepsilon m(x)| \le
+    \texttt{tol}\cdot \varepsilon m(x)`, or when :math:`\mu` can no longer
+    move in the working precision; out of iterations it returns
+    :math:`P(\mu_+)`, which is feasible. A plan that overspends by rounding
+    is mixed with the identity plan (zero cost) by the smallest amount that
+    restores the budget, so the result always satisfies it.
+
+    **With the box (exact in the limit).** Dykstra's alternating projections
+    between the ball of plans (above, warm-started) and the capacity set
+    :math:`\{P \ge 0, P^\top \mathbf 1 \le 1\}` (separable per destination,
+    projected by sorting), stopped at ``box_tol``; the last ball-side
+    iterate is then made to satisfy the box by moving the overflow back to
+    the sources (a plan-level repair that keeps rows and budget), falling
+    back on a mix with the identity plan only if that fails (reported as
+    not converged). Feasibility is exact up to float rounding.
+
+    Parameters
+    ----------
+    target : Tensor (B, C, N, K)
+        Plans to project (any finite values).
+    x : Tensor (B, C, H, W)
+        Centres, ``>= 0`` (and ``<= 1`` with ``box``); ``N = H W``.
+    cost : Tensor (K,)
+        Cost per offset, from :func:`window_layout`.
+    valid : Tensor (N, K), bool
+        Offsets inside the image, from :func:`window_layout`.
+    eps : float or Tensor (B,)
+        Radii, ``>= 0``, in normalized units.
+    multiplier : Tensor (B,), optional
+        Initial budget multipliers (e.g. from the previous attack step).
+    box : bool, default False
+        Also require :math:`P^\top \mathbf 1 \le 1`.
+    tol : float, default 1e-6
+        Relative budget gap at which the multiplier search stops.
+    max_iter : int, default 100
+        Multiplier evaluations per example (per projection onto the ball).
+    box_tol : float, default 1e-6
+        Dykstra's stopping tolerance (box overflow and change of the
+        iterate, max-abs, mass units).
+    box_max_iter : int, default 1000
+        Dykstra iterations per example.
+
+    Returns
+    -------
+    PlanProjection
+        Rows of the plan sum to ``x`` (to rounding), entries are ``>= 0``
+        and exactly 0 off ``valid`` and on pixels with ``x_i = 0``, the cost
+        is within the budget; ``eps = 0`` or ``m(x) = 0`` gives the identity
+        plan.
+    """
+    _check_plan_problem("target", target, x, cost, valid)
+    if not isinstance(box, bool):
+        raise ValueError(f"box={box!r} is invalid: it must be True or False")
+    tol = check_positive("tol", tol, upper=1.0, upper_open=True)
+    max_iter = check_iterations("max_iter", max_iter)
+    box_tol = check_positive("box_tol", box_tol, upper=1.0, upper_open=True)
+    box_max_iter = check_iterations("box_max_iter", box_max_iter)
+    batch = x.shape[0]
+    budget = check_nonnegative_eps(eps, batch, x) * x.flatten(1).sum(1)
+    if multiplier is None:
+        multiplier = x.new_zeros(batch)
+    elif (
+        not isinstance(multiplier, torch.Tensor)
+        or multiplier.shape != (batch,)
+        or not bool(torch.isfinite(multiplier).all())
+    ):
+        described = tuple(multiplier.shape) if isinstance(multiplier, torch.Tensor) else type(multiplier).__name__
+        raise ValueError(f"multiplier must be a finite tensor of shape ({batch},), got {described}")
+    multiplier = multiplier.to(dtype=x.dtype, device=x.device).clamp_min(0)
+    cost, valid = cost.to(dtype=x.dtype, device=x.device), valid.to(x.device)
+    if box:
+        _check_box_centres(x)
+        return _project_with_box(target, x, cost, valid, budget, multiplier, tol, max_iter, box_tol, box_max_iter)
+    return _project_ball(target, x, cost, valid, budget, multiplier, tol, max_iter)
+
+
+# --------------------------------------------------------------------------
+# Linear maximization oracle
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class PlanMaximization:
+    """Result of :func:`plan_linear_maximization`; every field has the batch first.
+
+    Attributes
+    ----------
+    plan : Tensor (B, C, N, K)
+        A maximizer, in the ball of plans.
+    value : Tensor (B,)
+        :math:`\\langle G, P\\rangle` of that plan.
+    multiplier : Tensor (B,)
+        The optimal budget multiplier :math:`\\mu^\\star` (0 when the budget is slack).
+    iterations : Tensor (B,), int64
+        Greedy-plan evaluations.
+    converged : Tensor (B,), bool
+        The duality gap was certified below the tolerance.
+    """
+
+    plan: torch.Tensor
+    value: torch.Tensor
+    multiplier: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+
+
+@torch.no_grad()
+def plan_linear_maximization(
+    gradient: torch.Tensor,
+    x: torch.Tensor,
+    cost: torch.Tensor,
+    valid: torch.Tensor,
+    eps,
+    *,
+    tol: float | None = None,
+    max_iter: int = 100,
+) -> PlanMaximization:
+    r"""Exact linear maximization over the ball of plans (Frank-Wolfe's oracle).
+
+    Solves the LP :math:`\max \langle G, P\rangle` over
+    :math:`P \ge 0` local, :math:`P\mathbf 1 = x`,
+    :math:`\langle c, P\rangle \le b = \varepsilon m(x)` by its Lagrangian
+    dual in the budget multiplier alone:
+
+    .. math::
+
+        D(\mu) = \sum_i x_i \max_o (G_{io} - \mu c_o) + \mu b, \qquad
+        \min_{\mu \ge 0} D(\mu).
+
+    For a fixed :math:`\mu` each row puts all its mass on an offset of
+    :math:`\arg\max_o (G_{io} - \mu c_o)` (the *greedy plan*
+    :math:`S(\mu)`, ties broken towards the cheaper offset); its cost
+    :math:`C(\mu)` is a non-increasing step function and :math:`b - C(\mu)`
+    is a slope of the convex, piecewise linear :math:`D`. If
+    :math:`C(0) \le b`, :math:`S(0)` is optimal. Otherwise the search keeps
+    :math:`\mu_-` with :math:`C(\mu_-) > b` and :math:`\mu_+` with
+    :math:`C(\mu_+) \le b` (at first 0 and the multiplier beyond which every
+    row stays in place) and evaluates the point where the supporting lines
+    of :math:`D` at both ends cross,
+
+    .. math::
+
+        \mu_c = \frac{V(\mu_-) - V(\mu_+)}{C(\mu_-) - C(\mu_+)},
+        \qquad V(\mu) = \langle G, S(\mu)\rangle
+
+    (the value gained per unit of cost between the two greedy plans; a
+    cutting-plane step, finite on a piecewise linear function). If
+    :math:`D(\mu_c)` equals the lines' value there, :math:`\mu_c` minimizes
+    :math:`D` and both greedy plans are optimal for the Lagrangian at
+    :math:`\mu_c`; their mix :math:`\theta S(\mu_-) + (1 - \theta) S(\mu_+)`
+    with :math:`\theta = (b - C(\mu_+)) / (C(\mu_-) - C(\mu_+))` spends
+    exactly :math:`b` (only the rows whose argmax differs are split) and is
+    optimal by strong duality. Otherwise :math:`\mu_c` replaces the end of
+    the bracket on its side. For any bracket the mix is feasible and its
+    value is within :math:`D(\mu_c) - \text{line}(\mu_c)` of the optimum,
+    the certificate tested against ``tol``.
+
+    The gradient is scaled per example to max-abs 1 (the maximizer does not
+    change); the returned multiplier is in the original units.
+
+    Parameters
+    ----------
+    gradient : Tensor (B, C, N, K)
+        Linear functional on plans, e.g. ``plan_gradient(g, k)``.
+    x, cost, valid, eps
+        As in :func:`project_plans`.
+    tol : float, optional
+        Certified duality gap, relative to :math:`m(x) \max |G|`; default
+        ``32 * finfo(dtype).eps``.
+    max_iter : int, default 100
+        Greedy-plan evaluations per example.
+
+    Returns
+    -------
+    PlanMaximization
+    """
+    _check_plan_problem("gradient", gradient, x, cost, valid)
+    max_iter = check_iterations("max_iter", max_iter)
+    dtype, device = gradient.dtype, gradient.device
+    tol = 32 * torch.finfo(dtype).eps if tol is None else check_positive("tol", tol, upper=1.0, upper_open=True)
+    batch, k2 = gradient.shape[0], gradient.shape[-1]
+    cost, valid = cost.to(dtype=dtype, device=device), valid.to(device)
+    budget = (check_nonnegative_eps(eps, batch, x) * x.flatten(1).sum(1)).double()
+    data = _Rows.of(x, valid)
+    # Offsets by increasing cost: argmax returns the first maximum, so ties go to the cheaper offset.
+    order = torch.sort(cost, stable=True).indices
+    ordered_cost = cost[order]
+    values = gradient.reshape(-1, k2)[data.index][:, order]
+    ordered_valid = data.valid[:, order]
+    scale = torch.zeros(batch, dtype=dtype, device=device).scatter_reduce_(
+        0, data.image, values.masked_fill(~ordered_valid, 0).abs().amax(-1), "amax", include_self=True
+    )
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    values = (values / scale[data.image, None]).masked_fill(~ordered_valid, -math.inf)
+    mass64 = data.mass.double()
+
+    def greedy(mu: torch.Tensor):
+        """Offsets, value and cost of the greedy plans at per-example multipliers ``mu`` (B,)."""
+        choice = (values - mu.to(dtype)[data.image, None] * ordered_cost).argmax(-1)
+        gained = values.gather(1, choice[:, None])[:, 0].double() * mass64
+        spent = ordered_cost[choice].double() * mass64
+        return choice, _image_sums(gained, data.image, batch), _image_sums(spent, data.image, batch)
+
+    zero = torch.zeros(batch, dtype=torch.float64, device=device)
+    choice_low, value_low, cost_low = greedy(zero)
+    iterations = torch.ones(batch, dtype=torch.int64, device=device)
+    slack = cost_low <= budget
+    settled = budget <= 0  # nothing may move: the identity plan (offset (0, 0) is the only free one)
+    done = slack | settled
+    ceiling = ((values - values[:, :1]) / ordered_cost.clamp_min(1e-30)).masked_fill(~ordered_valid, -math.inf)
+    ceiling[:, 0] = 0.0
+    upper = torch.zeros(batch, dtype=dtype, device=device).scatter_reduce_(
+        0, data.image, ceiling.amax(-1), "amax", include_self=True
+    ).double() * (1 + 2.0**-10)
+    choice_high, value_high, cost_high = greedy(torch.where(done, zero, upper))
+    iterations += (~done).long()
+    # With a slack budget the unconstrained greedy plan is the answer: both ends hold it.
+    choice_high = torch.where(slack[data.image], choice_low, choice_high)
+    value_high, cost_high = torch.where(slack, value_low, value_high), torch.where(slack, cost_low, cost_high)
+    lower = zero.clone()
+    upper = torch.where(slack, zero, upper)
+    converged = done.clone()
+    mass = x.flatten(1).sum(1).double()
+    gap_tol = tol * mass
+
+    for _ in range(max_iter):
+        searching = ~converged & (iterations < max_iter)
+        if not bool(searching.any()):
+            break
+        crossing = (value_low - value_high) / (cost_low - cost_high).clamp_min(torch.finfo(torch.float64).tiny)
+        inside = (crossing > lower) & (crossing < upper)
+        # Rounding can put the crossing on an end: the bracket is then as tight as it gets.
+        converged |= searching & ~inside
+        searching &= inside
+        if not bool(searching.any()):
+            break
+        mu = torch.where(searching, crossing, upper)
+        choice, value, spent = greedy(mu)
+        iterations += searching.long()
+        dual = value + mu * (budget - spent)
+        line = value_low + mu * (budget - cost_low)
+        optimal = searching & (dual - line <= gap_tol)
+        converged |= optimal
+        move_low = searching & ~optimal & (spent > budget)
+        move_high = searching & ~optimal & ~(spent > budget)
+        lower = torch.where(move_low, mu, lower)
+        value_low, cost_low = torch.where(move_low, value, value_low), torch.where(move_low, spent, cost_low)
+        choice_low = torch.where(move_low[data.image], choice, choice_low)
+        upper = torch.where(move_high | optimal, mu, upper)
+        # At an optimal crossing the upper end's plan stays: it is also optimal there.
+        value_high, cost_high = torch.where(move_high, value, value_high), torch.where(move_high, spent, cost_high)
+        choice_high = torch.where(move_high[data.image], choice, choice_high)
+
+    theta = ((budget - cost_high) / (cost_low - cost_high).clamp_min(torch.finfo(torch.float64).tiny)).clamp(0, 1)
+    theta = torch.where(slack, 0.0, theta)
+    row_theta = theta[data.image]
+    rows = values.new_zeros(values.shape)
+    center = 0  # offset (0, 0) comes first in cost order
+    choice_low = torch.where(settled[data.image], center, choice_low)
+    choice_high = torch.where(settled[data.image], center, choice_high)
+    rows.scatter_add_(1, choice_low[:, None], (row_theta * mass64).to(dtype)[:, None])
+    rows.scatter_add_(1, choice_high[:, None], ((1 - row_theta) * mass64).to(dtype)[:, None])
+    unordered = torch.empty_like(rows)
+    unordered[:, order] = rows
+    unordered = _fit_budget(unordered, data, cost, budget.to(dtype))
+    plan = data.scatter(unordered, gradient.shape)
+    value = (plan * gradient).flatten(1).sum(1, dtype=torch.float64).to(dtype)
+    multiplier = torch.where(slack | settled, 0.0, upper) * scale.double()
+    return PlanMaximization(plan, value, multiplier.to(dtype), iterations, converged | settled)
+
+
+# --------------------------------------------------------------------------
+# The attacks
+# --------------------------------------------------------------------------
+
+
+class _PlanGeometry:
+    """Transport, and the layout of each image size met so far (cached: it is rebuilt often otherwise)."""
+
+    def __init__(self, kernel_size: int, p: float):
+        self.transport = LocalTransport(kernel_size, p)
+        self._layouts: dict = {}
+
+    def layout(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (x.shape[-2], x.shape[-1], x.dtype, x.device)
+        if key not in self._layouts:
+            self._layouts[key] = window_layout(self.transport, x.shape[-2], x.shape[-1], x.dtype, x.device)
+        return self._layouts[key]
+
+    def image(self, plan: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return plan_image(plan, x.shape[-2], x.shape[-1])
+
+
+def _check_centres(x: torch.Tensor) -> None:
+    check_images(x, x)
+
+
+def _checked_gradient(state: IterateState, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient with non-finite examples zeroed, and the mask of those examples (they fail)."""
+    if not isinstance(grad, torch.Tensor) or grad.shape != state.center.shape:
+        raise ValueError(
+            f"grad has shape {tuple(getattr(grad, 'shape', ()))}: it must match the images, {tuple(state.center.shape)}"
+        )
+    failed = ~torch.isfinite(grad).flatten(1).all(1)
+    if bool(failed.any()):
+        grad = torch.where(failed.view(-1, 1, 1, 1), torch.zeros_like(grad), grad)
+    return grad, failed
+
+
+def _random_plan(x: torch.Tensor, valid: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, generator) -> torch.Tensor:
+    r"""A random plan of the ball.
+
+    Rows uniformly random on their scaled simplices (Dirichlet(1) on the
+    valid offsets), mixed with the identity plan to fit the budget.
+    """
+    batch, channels, height, width = x.shape
+    k2 = valid.shape[-1]
+    draws = torch.rand((batch, channels, height * width, k2), generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+    weights = (-torch.log1p(-draws)).masked_fill(~valid, 0.0)
+    rows = weights / weights.sum(-1, keepdim=True) * x.reshape(batch, channels, -1, 1)
+    spent = plan_cost(rows, cost)
+    theta = torch.where(spent > budget, budget / spent.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(spent))
+    theta = theta.view(batch, 1, 1, 1)
+    return theta * rows + (1 - theta) * identity_plan(x, math.isqrt(k2))
+
+
+class PlanPGDIterate:
+    r"""Projected gradient ascent on transport plans (Wu, Wang and Yu 2020).
+
+    The iterate is a plan :math:`P` of the ball of plans around the clean
+    image, kept in ``state.extra["plan"]``; the model sees its column sums.
+    A step moves the plan along the loss gradient in plan space,
+    :math:`G = \texttt{plan\_gradient}(g)` (the image gradient at each
+    entry's destination), and projects back exactly with
+    :func:`project_plans`, warm-started from the previous step's budget
+    multiplier (``state.extra["multiplier"]``):
+
+    .. math:: P \leftarrow \Pi\big(P + \alpha\, d(G)\big).
+
+    Step rules :math:`d`, in units of pixel mass (images in [0, 1]):
+
+    * ``"linf_normalized"`` (default): :math:`d = G / \max |G|` per example,
+      Wu et al.'s rule (their ``lr`` is :math:`\alpha`: 0.1 on MNIST, 0.01 on
+      CIFAR-10); every entry moves by at most :math:`\alpha`.
+    * ``"sign"``: :math:`d = \operatorname{sign}(G)`.
+
+    Parameters
+    ----------
+    kernel_size, p
+        Local transport window and cost exponent (see :class:`LocalTransport`).
+    step_size : float, default 0.1
+        :math:`\alpha > 0`.
+    step_rule : {"linf_normalized", "sign"}
+    box : bool, default False
+        Keep pixels <= 1 inside the projection (Dykstra, see :func:`project_plans`).
+    tol, max_iter, box_tol, box_max_iter
+        Passed to :func:`project_plans`.
+    """
+
+    STEP_RULES = ("linf_normalized", "sign")
+
+    def __init__(
+        self,
+        kernel_size: int = 5,
+        p: float = 2.0,
+        step_size: float = 0.1,
+        step_rule: str = "linf_normalized",
+        box: bool = False,
+        tol: float = 1e-6,
+        max_iter: int = 100,
+        box_tol: float = 1e-6,
+        box_max_iter: int = 1000,
+    ):
+        self.geometry = _PlanGeometry(kernel_size, p)
+        self.transport = self.geometry.transport
+        self.step_size = check_positive("step_size", step_size)
+        if step_rule not in self.STEP_RULES:
+            raise ValueError(f"step_rule={step_rule!r} is invalid: allowed {list(self.STEP_RULES)}")
+        self.step_rule = step_rule
+        if not isinstance(box, bool):
+            raise ValueError(f"box={box!r} is invalid: it must be True or False")
+        self.box = box
+        self.tol = check_positive("tol", tol, upper=1.0, upper_open=True)
+        self.max_iter = check_iterations("max_iter", max_iter)
+        self.box_tol = check_positive("box_tol", box_tol, upper=1.0, upper_open=True)
+        self.box_max_iter = check_iterations("box_max_iter", box_max_iter)
+
+    def __repr__(self) -> str:
+        t = self.transport
+        return (
+            f"PlanPGDIterate(kernel_size={t.kernel_size}, p={t.p}, step_size={self.step_size}, "
+            f"step_rule={self.step_rule!r}, box={self.box})"
+        )
+
+    def _project(self, target, x, eps, multiplier) -> PlanProjection:
+        cost, valid = self.geometry.layout(x)
+        return project_plans(
+            target, x, cost, valid, eps, multiplier=multiplier, box=self.box, tol=self.tol,
+            max_iter=self.max_iter, box_tol=self.box_tol, box_max_iter=self.box_max_iter,
+        )
+
+    def start(self, x, eps, generator=None):
+        _check_centres(x)
+        if self.box:
+            _check_box_centres(x)
+        k = self.transport.kernel_size
+        multiplier = x.new_zeros(x.shape[0])
+        if generator is None:
+            plan = identity_plan(x, k)
+        else:
+            cost, valid = self.geometry.layout(x)
+            budget = check_nonnegative_eps(eps, x.shape[0], x) * x.flatten(1).sum(1)
+            plan = _random_plan(x, valid, cost, budget, generator)
+            if self.box:
+                projection = self._project(plan, x, eps, multiplier)
+                plan, multiplier = projection.plan, projection.multiplier
+        return IterateState(x, self.geometry.image(plan, x), {"plan": plan, "multiplier": multiplier})
+
+    def _direction(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.step_rule == "sign":
+            return grad.sign()
+        # Every pixel is some entry's destination (its own offset (0, 0)), so max |G| = max |g|.
+        norm = grad.flatten(1).abs().amax(1).view(-1, 1, 1, 1)
+        return grad / norm.clamp_min(torch.finfo(grad.dtype).tiny)
+
+    def step(self, state, grad, eps, iteration):
+        grad, failed = _checked_gradient(state, grad)
+        x = state.center
+        direction = plan_gradient(self._direction(grad), self.transport.kernel_size)
+        target = state.extra["plan"] + self.step_size * direction
+        projection = self._project(target, x, eps, state.extra["multiplier"])
+        plan = torch.where(failed.view(-1, 1, 1, 1), identity_plan(x, self.transport.kernel_size), projection.plan)
+        report = StepReport(
+            converged=projection.converged & ~failed,
+            solver_iterations=projection.iterations,
+            zero_gradient=_zero_gradient(grad) & ~failed,
+            failed=failed,
+        )
+        extra = dict(state.extra, plan=plan, multiplier=projection.multiplier)
+        return IterateState(x, self.geometry.image(plan, x), extra), report
+
+
+class FrankWolfeIterate:
+    r"""Frank-Wolfe on transport plans with the exact dual oracle (Wu, Wang and Yu 2020).
+
+    Each step solves the linear maximization
+    :math:`S = \arg\max_{P \in \mathcal{P}_\varepsilon(x)} \langle G, P\rangle`
+    of the plan-space gradient exactly (:func:`plan_linear_maximization`)
+    and moves towards it,
+
+    .. math:: P \leftarrow P + \gamma_s (S - P), \qquad \gamma_s = \frac{2}{s + 2},
+
+    where ``s`` counts the steps taken at the current radius: the attack's
+    schedule grows the radius every few steps, and each growth restarts the
+    step sizes (``s = 0`` jumps to ``S``), since the classical schedule
+    :math:`2/(t+2)` of a fixed polytope would leave too little step to use
+    the new budget. A convex combination of plans of the ball stays in the
+    ball, and a growing radius only enlarges it. If a radius shrinks below
+    the plan's cost, the plan is first mixed with the identity plan to fit.
+
+    **Box.** With ``box=True`` the Frank-Wolfe plan runs on the ball without
+    the box (where the oracle is exact and cheap), and the image the model
+    sees is that of its projection onto the ball *with* the box
+    (:func:`project_plans`, ``box=True``), so every image shown is feasible;
+    Wu et al. apply the same capacity-constrained projection once, after the
+    last step.
+
+    Parameters
+    ----------
+    kernel_size, p
+        Local transport window and cost exponent.
+    box : bool, default False
+        Show the box-constrained projection of the plan (see above).
+    tol, max_iter
+        Passed to :func:`plan_linear_maximization`.
+    box_tol, box_max_iter
+        Passed to :func:`project_plans` for the box projection.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 5,
+        p: float = 2.0,
+        box: bool = False,
+        tol: float | None = None,
+        max_iter: int = 100,
+        box_tol: float = 1e-6,
+        box_max_iter: int = 1000,
+    ):
+        self.geometry = _PlanGeometry(kernel_size, p)
+        self.transport = self.geometry.transport
+        if not isinstance(box, bool):
+            raise ValueError(f"box={box!r} is invalid: it must be True or False")
+        self.box = box
+        self.tol = None if tol is None else check_positive("tol", tol, upper=1.0, upper_open=True)
+        self.max_iter = check_iterations("max_iter", max_iter)
+        self.box_tol = check_positive("box_tol", box_tol, upper=1.0, upper_open=True)
+        self.box_max_iter = check_iterations("box_max_iter", box_max_iter)
+
+    def __repr__(self) -> str:
+        t = self.transport
+        return f"FrankWolfeIterate(kernel_size={t.kernel_size}, p={t.p}, box={self.box})"
+
+    def _shown(self, plan, x, eps, multiplier) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The image the model sees, the box projection's multiplier, its iterations and convergence."""
+        if not self.box:
+            ones = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            return self.geometry.image(plan, x), multiplier, torch.zeros_like(multiplier, dtype=torch.int64), ones
+        cost, valid = self.geometry.layout(x)
+        boxed = project_plans(
+            plan, x, cost, valid, eps, multiplier=multiplier, box=True, box_tol=self.box_tol, box_max_iter=self.box_max_iter
+        )
+        return self.geometry.image(boxed.plan, x), boxed.multiplier, boxed.iterations, boxed.converged
+
+    def start(self, x, eps, generator=None):
+        _check_centres(x)
+        if self.box:
+            _check_box_centres(x)
+        batch = x.shape[0]
+        if generator is None:
+            plan = identity_plan(x, self.transport.kernel_size)
+        else:
+            cost, valid = self.geometry.layout(x)
+            budget = check_nonnegative_eps(eps, batch, x) * x.flatten(1).sum(1)
+            plan = _random_plan(x, valid, cost, budget, generator)
+        image, box_multiplier, _, _ = self._shown(plan, x, eps, x.new_zeros(batch))
+        extra = {
+            "plan": plan,
+            "multiplier": x.new_zeros(batch),
+            "box_multiplier": box_multiplier,
+            "radius": check_nonnegative_eps(eps, batch, x).clone(),
+            "steps_at_radius": torch.zeros(batch, dtype=torch.int64, device=x.device),
+        }
+        return IterateState(x, image, extra)
+
+    def step(self, state, grad, eps, iteration):
+        if isinstance(iteration, bool) or not isinstance(iteration, numbers.Integral) or iteration < 0:
+            raise ValueError(f"iteration={iteration!r} is invalid: it must be an integer >= 0")
+        grad, failed = _checked_gradient(state, grad)
+        x = state.center
+        k = self.transport.kernel_size
+        cost, valid = self.geometry.layout(x)
+        radius = check_nonnegative_eps(eps, x.shape[0], x)
+        budget = radius * x.flatten(1).sum(1)
+        plan = state.extra["plan"]
+        spent = plan_cost(plan, cost)
+        theta = torch.where(spent > budget, budget / spent.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(spent))
+        plan = theta.view(-1, 1, 1, 1) * plan + (1 - theta).view(-1, 1, 1, 1) * identity_plan(x, k)
+        oracle = plan_linear_maximization(plan_gradient(grad, k), x, cost, valid, eps, tol=self.tol, max_iter=self.max_iter)
+        steps = torch.where(radius != state.extra["radius"], torch.zeros_like(state.extra["steps_at_radius"]), state.extra["steps_at_radius"])
+        gamma = (2.0 / (steps + 2)).to(x.dtype).view(-1, 1, 1, 1)
+        plan = plan + gamma * (oracle.plan - plan)
+        plan = torch.where(failed.view(-1, 1, 1, 1), identity_plan(x, k), plan)
+        image, box_multiplier, box_iterations, box_converged = self._shown(plan, x, eps, state.extra["box_multiplier"])
+        report = StepReport(
+            converged=oracle.converged & box_converged & ~failed,
+            solver_iterations=oracle.iterations + box_iterations,
+            zero_gradient=_zero_gradient(grad) & ~failed,
+            failed=failed,
+        )
+        extra = dict(
+            state.extra, plan=plan, multiplier=oracle.multiplier, box_multiplier=box_multiplier,
+            radius=radius.clone(), steps_at_radius=steps + 1,
+        )
+        return IterateState(x, image, extra), report
