@@ -69,7 +69,7 @@ def test_every_problem_is_listed_once_with_what_is_allowed():
     message = str(raised.value)
     for expected in (
         "block 1: model='mnist/std' is not registered; registered: cifar10/resnet18",
-        "block 1: solver='sinkhorn' is not registered; registered: exact_projection, projected_sinkhorn",
+        "block 1: solver='sinkhorn' is not registered; registered: exact_projection, frank_wolfe, frank_wolfe_box, plan_pgd",
         "block 2: kernel_size=4 is invalid: it must be an odd integer >= 3",
         "block 2: lam=0 is invalid: it must be a number > 0",
         "block 2: lam=-1 is invalid",
@@ -84,6 +84,17 @@ def test_every_problem_is_listed_once_with_what_is_allowed():
         assert expected in message, expected
     assert message.count("kernel_size=4 is invalid") == 1
     assert message.startswith("the grid cannot run; 15 problem(s)")
+
+
+def test_plan_space_cells_record_no_lambda_or_step_rule_and_refuse_the_clamp():
+    (plan,) = expand_blocks([
+        {"dataset": "mnist", "model": "mnist/standard", "solver": "plan_pgd_box", "protocol": "paper_mnist", "n_examples": 3}
+    ])
+    config = plan.config()
+    assert (config["lam"], config["step_rule"], config["step_size"], config["kernel_size"]) == (None, None, 0.1, 5)
+    with pytest.raises(GridError, match="clamp=true is not allowed with the plan-space solver 'frank_wolfe'"):
+        expand_blocks([{"dataset": "mnist", "model": "mnist/standard", "solver": "frank_wolfe", "clamp": True,
+                        "protocol": "paper_mnist", "n_examples": 3}])
 
 
 def _real_context(tmp_path):
@@ -124,3 +135,23 @@ def test_runner_writes_shards_once_and_summarizes_cells_from_disk(tmp_path):
     compute = ours["attack_seconds"].sum() + ours["verify_seconds"].sum()
     assert cells.loc[wasserstein.cell_id, "seconds"] == pytest.approx(compute)
     assert cells.loc[linf.cell_id, "threat_model"] == "linf" and np.isnan(cells.loc[linf.cell_id, "kernel_size"])
+
+
+def test_plan_space_solvers_run_through_the_runner_and_every_success_verifies(tmp_path):
+    from harness.runner import ShardRunner
+
+    runner = ShardRunner(_real_context(tmp_path))
+    cells = expand_blocks([{
+        "dataset": "mnist", "model": "mnist/standard", "solver": ["plan_pgd_box", "frank_wolfe_box"],
+        "protocol": "paper_mnist", "n_examples": 4,
+    }])
+    for cell in cells:
+        for shard in cell.shards(4):
+            runner.run_shard(shard)
+        runner.finish_cell(cell, datetime.datetime.now(datetime.timezone.utc))
+    examples = read_table(tmp_path)
+    assert len(examples) == 8 and examples["step_rule"].isna().all() and examples["lam"].isna().all()
+    assert set(examples["verification_status"]) <= {"VERIFIED", "CLEAN_MISCLASSIFIED", "NOT_FOUND"}
+    assert (examples["verification_status"] == "VERIFIED").sum() >= 6  # the standard model falls below eps 1.83
+    cells_table = read_table(tmp_path, Table.CELLS)
+    assert set(cells_table["box_handling"]) == {"kept in [0, 1] by the solver"}

@@ -51,6 +51,20 @@ def test_builtins_registered_and_usable():
         exact_check_batch(x, z, 0.3, 3, 2.0, box=name.endswith("box"))
 
 
+@pytest.mark.parametrize("name", ["plan_pgd", "plan_pgd_box", "frank_wolfe", "frank_wolfe_box"])
+def test_plan_space_entries_build_ball_iterates_the_attack_uses_as_they_are(name):
+    from harness.attack import make_iterate
+    from solvers.iterate import BallIterate
+
+    spec = zoo.solver_spec(name)
+    assert spec.kind is zoo.SolverKind.PLAN_SPACE and "lam" not in spec.defaults and "box" not in spec.defaults
+    iterate = zoo.solver(name, kernel_size=3, p=1.0)
+    assert isinstance(iterate, BallIterate) and make_iterate(iterate) is iterate
+    assert iterate.box is name.endswith("_box")
+    with pytest.raises(ValueError, match="has no hyperparameter 'lam'"):
+        zoo.solver(name, lam=1000.0)
+
+
 def test_unknown_solver_lists_registered_names():
     with pytest.raises(ValueError, match="projected_sinkhorn_typo") as error:
         zoo.solver("projected_sinkhorn_typo")
@@ -289,6 +303,6 @@ def test_duplicate_registration_raises():
     # A registry seeded with the built-ins is independent of the global one.
     seeded = zoo.SolverRegistry(zoo.BUILTIN_SOLVERS)
     _make_custom(seeded)
-    assert seeded.names() == sorted([*BUILTINS, "stay_put"])
+    assert seeded.names() == sorted([*(spec.name for spec in zoo.BUILTIN_SOLVERS), "stay_put"])
     with pytest.raises(ValueError, match="already registered"):
         zoo.SolverRegistry(zoo.BUILTIN_SOLVERS + zoo.BUILTIN_SOLVERS[:1])
