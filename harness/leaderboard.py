@@ -158,7 +158,8 @@ class LeaderboardTable:
 
     group: ThreatGroup
     radii: tuple[float, ...]
-    rank_radius: float | None
+    reference_radius: float | None
+    """The largest standard radius at which every row's robust accuracy is known (ties in rank, the solver table)."""
     largest_radius: float
     attacks: dict[str, list[float]]
     """Attack families (solver, with +clamp when clamped, or PGD and its step) and the lambdas each ran with."""
@@ -193,12 +194,14 @@ _MODEL_METADATA = {"trained_for": "trained_for", "training": "model_training", "
 
 
 def _strongest(attacks: dict[str, pd.DataFrame], radius: float | None) -> str:
-    """The attack with the lowest robust accuracy of its own at ``radius`` (lowest median radius without one)."""
-    if radius is None:
-        scores = {label: _median(per_example["verified_distance"]) for label, per_example in attacks.items()}
-    else:
-        scores = {label: robust_accuracy_at(per_example, radius) for label, per_example in attacks.items()}
-    return min(scores, key=lambda label: (math.inf if math.isnan(scores[label]) else scores[label], label))
+    """The attack whose own median verified radius is smallest; ties: lower robust accuracy at ``radius``."""
+
+    def score(label):
+        per_example = attacks[label]
+        at_radius = robust_accuracy_at(per_example, radius) if radius is not None else math.nan
+        return (_median(per_example["verified_distance"]), math.inf if math.isnan(at_radius) else at_radius, label)
+
+    return min(attacks, key=score)
 
 
 def _first(values: pd.Series):
@@ -220,9 +223,12 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     Returns
     -------
     LeaderboardTable
-        Rows sorted by rank: robust accuracy at the rank radius (the largest
-        standard radius known for every model) descending, then median
-        verified radius descending.
+        Rows sorted by rank: median verified radius descending (the radius
+        at which half of the examples are broken; infinite when more than
+        half survive the whole search), ties broken by robust accuracy at the
+        reference radius (the largest standard radius known for every model)
+        descending. A fixed radius alone would rank a model that is broken
+        early but keeps a few survivors above one that is broken late.
     """
     mine = examples[group.select(examples)]
     my_cells = cells[group.select(cells)] if len(cells) else cells
@@ -254,18 +260,18 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
             row[radius] = robust_accuracy_at(per_example, radius)
         rows.append(row)
     known = [r for r in radii if all(not math.isnan(row[r]) for row in rows)]
-    rank_radius = max(known) if known else None
+    reference_radius = max(known) if known else None
     notes = []
     for row in rows:
-        row["best_attack"] = _strongest(attacks_of[row["model"]], rank_radius)
+        row["best_attack"] = _strongest(attacks_of[row["model"]], reference_radius)
     frame = pd.DataFrame(rows)
-    sort_key = [rank_radius, "median_radius"] if rank_radius is not None else ["median_radius"]
+    sort_key = ["median_radius", reference_radius] if reference_radius is not None else ["median_radius"]
     frame = frame.sort_values(sort_key + ["model"], ascending=[False] * len(sort_key) + [True], kind="stable")
     scores = frame[sort_key].apply(tuple, axis=1)
     frame["rank"] = [1 + sum(other > score for other in scores) for score in scores]
     frame = frame.reset_index(drop=True)
-    if rank_radius is None:
-        notes.append("no standard radius was searched for every model: ranked by median verified radius")
+    if reference_radius is None:
+        notes.append("no standard radius was searched for every model: ties in median radius stay tied")
     attacks: dict[str, list[float]] = {}
     for solver, clamp, lam, step_rule in mine[["solver", "clamp", "lam", "step_rule"]].drop_duplicates().itertuples(index=False):
         lambdas = attacks.setdefault(attack_label(solver, clamp, None, step_rule), [])
@@ -277,7 +283,7 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
         for e0, f, every, it, fe in mine[["eps_initial", "eps_factor", "eps_every", "iterations", "final_eps"]]
         .drop_duplicates().itertuples(index=False)
     })
-    return LeaderboardTable(group, radii, rank_radius, largest, attacks, schedules, frame, notes)
+    return LeaderboardTable(group, radii, reference_radius, largest, attacks, schedules, frame, notes)
 
 
 def model_curves(examples: pd.DataFrame, by: list[str], points: int = 120) -> pd.DataFrame:
@@ -314,8 +320,8 @@ def solver_table(examples: pd.DataFrame, tables: list[LeaderboardTable]) -> pd.D
                 "threat": table.group.title,
                 "attack": _cell_label(cell_examples),
                 "model": cell_examples["model"].iloc[0],
-                "radius": table.rank_radius,
-                "robust_accuracy": robust_accuracy_at(per_example, table.rank_radius) if table.rank_radius is not None else math.nan,
+                "radius": table.reference_radius,
+                "robust_accuracy": robust_accuracy_at(per_example, table.reference_radius) if table.reference_radius is not None else math.nan,
                 "median_radius": _median(per_example["verified_distance"]),
                 "claimed": int(claimed.sum()),
                 "verified": verified,

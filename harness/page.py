@@ -164,7 +164,7 @@ def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) 
         _Column("median radius", "median over examples of the smallest verified adversarial distance (0 if misclassified clean)"),
         _Column("examples", "test examples attacked"),
         _Column("verified", "claimed successes that passed exact verification"),
-        _Column("best attack", "the attack with the lowest robust accuracy of its own", text=True),
+        _Column("best attack", "the attack with the smallest median verified radius of its own", text=True),
         _Column("s / example", "attack and verification seconds per example, all attacks"),
         _Column("reliability", "warnings about this row's numbers (hover a flag)", text=True),
     ]
@@ -203,8 +203,8 @@ def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) 
         )
     attacks = f'<ul class="attacks">{"".join(items)}</ul>'
     ranked = (
-        f"robust accuracy at eps = {_radius(table.rank_radius)}, then median radius" if table.rank_radius is not None
-        else "median verified radius"
+        f"median verified radius, then robust accuracy at eps = {_radius(table.reference_radius)}"
+        if table.reference_radius is not None else "median verified radius"
     )
     remarks = "".join(f'<p class="lede">{html.escape(n)}</p>' for n in table.notes)
     return (

@@ -37,6 +37,8 @@ def store(tmp_path_factory):
                clean_accuracy=0.97, images=digits)
     write_cell(root, "mnist/gamma", BOX, [0.4, 0.4, 0.7, 0.7, INF, 1.5], gradient_mode="bpda_straight_through", images=digits)
     write_cell(root, "mnist/delta", BOX, [0.4, 0.4, 0.7, 0.7, INF, 1.5], zero_gradients=5, images=digits)
+    # Broken early, with two survivors: ahead of alpha at eps 1.0 (2/6 against 1/6), behind it by median radius.
+    write_cell(root, "mnist/epsilon", BOX, [0.05, 0.05, 0.05, 0.05, INF, INF])
     # Figure 7: alpha on a 3x3 ball; Figure 8: beta over lambda x p.
     write_cell(root, "mnist/alpha", attack("projected_sinkhorn_box", kernel_size=3), [0.2, 0.5, 0.9, INF, INF, INF])
     for lam in (10.0, 1000.0):
@@ -83,12 +85,14 @@ def test_robust_accuracy_is_the_worst_case_over_attacks_and_unknown_beyond_the_s
     assert rows.loc["mnist/beta", "trained_for"] == "wasserstein_adversarial"
 
 
-def test_rank_uses_the_largest_radius_known_for_every_model_and_ties_share_a_rank(main_table):
-    assert main_table.rank_radius == 1.0
+def test_rank_is_by_median_radius_then_the_reference_radius_and_ties_share_a_rank(main_table):
+    assert main_table.reference_radius == 1.0
     assert main_table.attacks == {"projected_sinkhorn": [100.0], "projected_sinkhorn_box": [1000.0]}
     assert main_table.schedules == ["eps 0.3 x1.1 every 10 of 200 steps (largest 1.83)"]
-    assert list(main_table.rows["model"]) == ["mnist/beta", "mnist/delta", "mnist/gamma", "mnist/alpha"]
-    assert list(main_table.rows["rank"]) == [1, 2, 2, 4]
+    assert list(main_table.rows["model"]) == ["mnist/beta", "mnist/delta", "mnist/gamma", "mnist/alpha", "mnist/epsilon"]
+    assert list(main_table.rows["rank"]) == [1, 2, 2, 4, 5]
+    rows = main_table.rows.set_index("model")
+    assert rows.loc["mnist/epsilon", 1.0] > rows.loc["mnist/alpha", 1.0]
 
 
 def test_verification_counts_best_attack_and_flags(main_table):
@@ -96,8 +100,8 @@ def test_verification_counts_best_attack_and_flags(main_table):
     # alpha: box claims 4 (one OUTSIDE_BOX), free claims 3; clean misclassifications are not claims.
     assert (rows.loc["mnist/alpha", "claimed"], rows.loc["mnist/alpha", "verified"]) == (7, 6)
     assert rows.loc["mnist/alpha", "fraction_verified"] == pytest.approx(6 / 7)
-    # At eps 1: box alone leaves 3/6 robust, lambda 100 alone 2/6.
-    assert rows.loc["mnist/alpha", "best_attack"] == "projected_sinkhorn λ=100"
+    # Alone, box has median radius (0.3 + 1.2) / 2 = 0.75 and lambda 100 (0.8 + 0.9) / 2 = 0.85.
+    assert rows.loc["mnist/alpha", "best_attack"] == "projected_sinkhorn_box λ=1000"
     flags = {model: dict(rows.loc[model, "flags"]) for model in rows.index}
     assert flags["mnist/alpha"] == {"1 rejected": "1 claimed successes failed exact verification (OUTSIDE_BOX 1)"}
     assert set(flags["mnist/beta"]) == {"unconverged"} and "12 attack steps" in flags["mnist/beta"]["unconverged"]
@@ -124,7 +128,7 @@ def test_norm_ball_table_uses_l_inf_radii_and_names_pgd(store, examples):
 
 def test_solver_table_has_one_row_per_attack_on_a_model(store, examples, main_table):
     solvers = solver_table(examples, [main_table]).set_index(["model", "attack"])
-    assert len(solvers) == 5
+    assert len(solvers) == 6
     box = solvers.loc[("mnist/alpha", "projected_sinkhorn_box λ=1000")]
     assert box["robust_accuracy"] == pytest.approx(3 / 6) and (box["claimed"], box["verified"]) == (4, 3)
     assert box["iterations_per_step"] == pytest.approx(30.0) and box["seconds_per_example"] == pytest.approx(0.1)
@@ -170,8 +174,8 @@ def test_page_holds_the_tables_numbers_and_needs_no_network(store, tmp_path):
         "leaderboard-mnist-wasserstein-k5-p2", "leaderboard-mnist-wasserstein-k5-p3", "leaderboard-mnist-linf", "solvers-table",
     }
     rows = [row for row in parser.tables["leaderboard-mnist-wasserstein-k5-p1"] if row]
-    assert [row[1] for row in rows] == ["mnist/beta", "mnist/delta", "mnist/gamma", "mnist/alpha"]
-    assert [row[0] for row in rows] == ["1", "2", "2", "4"]
+    assert [row[1] for row in rows] == ["mnist/beta", "mnist/delta", "mnist/gamma", "mnist/alpha", "mnist/epsilon"]
+    assert [row[0] for row in rows] == ["1", "2", "2", "4", "5"]
     alpha = rows[3]
     assert [float(v) for v in alpha[5:9]] == pytest.approx([4 / 6, 3 / 6, 1 / 6, 0.0])
     assert rows[0][8] == "" and rows[0][9] == "Infinity"  # beta: unknown at 2.0, median unbounded
