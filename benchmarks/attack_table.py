@@ -16,7 +16,7 @@ import argparse
 import math
 import sys
 
-from harness.leaderboard import attack_label, robust_accuracy_at, with_final_eps, worst_case
+from harness.leaderboard import VerificationCounts, cell_label, robust_accuracy_at, with_final_eps, worst_case
 from harness.store import Table, read_table
 
 
@@ -34,21 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     header = ["model", "attack", *(f"eps {r:g}" for r in arguments.radii), "verified / claimed", "s / example"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for (model, cell_id), rows in sorted(examples.groupby(["model", "cell_id"]), key=lambda item: (item[0][0], _label(item[1]))):
+    for (model, cell_id), rows in sorted(examples.groupby(["model", "cell_id"]), key=lambda item: (item[0][0], cell_label(item[1]))):
         per_example = worst_case(rows)
         accuracies = [robust_accuracy_at(per_example, radius) for radius in arguments.radii]
-        claimed = rows["success"].astype(bool) & (rows["verification_status"] != "CLEAN_MISCLASSIFIED")
-        verified = int((rows["verification_status"] == "VERIFIED").sum())
+        counts = VerificationCounts.of(rows)
         seconds = float((rows["attack_seconds"] + rows["verify_seconds"]).mean())
-        cells = [model, _label(rows), *("–" if math.isnan(a) else f"{100 * a:.1f}%" for a in accuracies),
-                 f"{verified}/{int(claimed.sum())}", f"{seconds:.3f}"]
+        cells = [model, cell_label(rows), *("–" if math.isnan(a) else f"{100 * a:.1f}%" for a in accuracies),
+                 f"{counts.verified}/{counts.claimed}", f"{seconds:.3f}"]
         print("| " + " | ".join(cells) + " |")
     return 0
-
-
-def _label(rows) -> str:
-    first = rows.iloc[0]
-    return attack_label(first["solver"], first["clamp"], first["lam"], first["step_rule"])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from .leaderboard import LeaderboardTable, ThreatGroup, model_curves
+from .leaderboard import LeaderboardTable, ThreatGroup, attack_label, model_curves
 
 __all__ = [
     "accuracy_against_radius",
@@ -40,9 +40,11 @@ def model_palette(models) -> dict[str, tuple]:
     return dict(zip(names, colours))
 
 
-def _solver_name(examples: pd.DataFrame) -> pd.Series:
-    solver = examples["solver"].fillna(examples["step_rule"].map(lambda rule: f"PGD ({rule})"))
-    return solver + np.where(examples["clamp"].fillna(False).astype(bool), " +clamp", "")
+def _solver_name(examples: pd.DataFrame) -> list[str]:
+    """The attack of each row without its lambda: curves take the worst case over lambdas."""
+    columns = ["solver", "clamp", "step_rule"]
+    names = {key: attack_label(key[0], key[1], None, key[2]) for key in examples[columns].drop_duplicates().itertuples(index=False, name=None)}
+    return [names[key] for key in examples[columns].itertuples(index=False, name=None)]
 
 
 def accuracy_against_radius(examples: pd.DataFrame, groups: list[ThreatGroup], palette: dict) -> Figure | None:

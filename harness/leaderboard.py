@@ -22,7 +22,9 @@ import pandas as pd
 __all__ = [
     "STANDARD_RADII",
     "ThreatGroup",
+    "VerificationCounts",
     "attack_label",
+    "cell_label",
     "leaderboard",
     "model_curves",
     "robust_accuracy_at",
@@ -138,7 +140,8 @@ def attack_label(solver, clamp, lam, step_rule=None) -> str:
     return label
 
 
-def _cell_label(cell_examples: pd.DataFrame) -> str:
+def cell_label(cell_examples: pd.DataFrame) -> str:
+    """The :func:`attack_label` of the one cell these examples come from."""
     first = cell_examples.iloc[0]
     return attack_label(first["solver"], first["clamp"], first["lam"], first["step_rule"])
 
@@ -146,6 +149,22 @@ def _cell_label(cell_examples: pd.DataFrame) -> str:
 def _claimed(examples: pd.DataFrame) -> pd.Series:
     """Successes the attack claimed on examples the model classified correctly."""
     return examples["success"].fillna(False).astype(bool) & (examples["verification_status"] != _CLEAN_MISCLASSIFIED)
+
+
+@dataclass(frozen=True)
+class VerificationCounts:
+    """Claimed successes on correctly classified examples, and how many passed exact verification."""
+
+    claimed: int
+    verified: int
+
+    @classmethod
+    def of(cls, examples: pd.DataFrame) -> "VerificationCounts":
+        return cls(int(_claimed(examples).sum()), int((examples["verification_status"] == _VERIFIED).sum()))
+
+    @property
+    def fraction(self) -> float:
+        return self.verified / self.claimed if self.claimed else math.nan
 
 
 def _median(values: pd.Series) -> float:
@@ -238,9 +257,8 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     for model, model_examples in mine.groupby("model"):
         per_example = worst_case(model_examples)
         model_cells = my_cells[my_cells["model"] == model] if len(my_cells) else my_cells
-        claimed = _claimed(model_examples)
-        verified = int((model_examples["verification_status"] == _VERIFIED).sum())
-        attacks_of[model] = {_cell_label(attack_examples): worst_case(attack_examples) for _, attack_examples in model_examples.groupby("cell_id")}
+        counts = VerificationCounts.of(model_examples)
+        attacks_of[model] = {cell_label(attack_examples): worst_case(attack_examples) for _, attack_examples in model_examples.groupby("cell_id")}
         seconds = float((model_examples["attack_seconds"] + model_examples["verify_seconds"]).sum())
         metadata = {name: _first(model_cells[column]) if len(model_cells) else None for name, column in _MODEL_METADATA.items()}
         row = {
@@ -249,9 +267,9 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
             "median_radius": _median(per_example["verified_distance"]),
             "examples": len(per_example),
             "attacks": model_examples["cell_id"].nunique(),
-            "claimed": int(claimed.sum()),
-            "verified": verified,
-            "fraction_verified": verified / int(claimed.sum()) if claimed.any() else math.nan,
+            "claimed": counts.claimed,
+            "verified": counts.verified,
+            "fraction_verified": counts.fraction,
             "seconds": seconds,
             "seconds_per_example": seconds / len(model_examples),
             "flags": _flags(model_examples, model_cells),
@@ -313,19 +331,18 @@ def solver_table(examples: pd.DataFrame, tables: list[LeaderboardTable]) -> pd.D
         mine = examples[table.group.select(examples)]
         for cell_id, cell_examples in mine.groupby("cell_id"):
             per_example = worst_case(cell_examples)
-            claimed = _claimed(cell_examples)
-            verified = int((cell_examples["verification_status"] == _VERIFIED).sum())
+            counts = VerificationCounts.of(cell_examples)
             steps = int(cell_examples["steps"].sum())
             rows.append({
                 "threat": table.group.title,
-                "attack": _cell_label(cell_examples),
+                "attack": cell_label(cell_examples),
                 "model": cell_examples["model"].iloc[0],
                 "radius": table.reference_radius,
                 "robust_accuracy": robust_accuracy_at(per_example, table.reference_radius) if table.reference_radius is not None else math.nan,
                 "median_radius": _median(per_example["verified_distance"]),
-                "claimed": int(claimed.sum()),
-                "verified": verified,
-                "fraction_verified": verified / int(claimed.sum()) if claimed.any() else math.nan,
+                "claimed": counts.claimed,
+                "verified": counts.verified,
+                "fraction_verified": counts.fraction,
                 "seconds_per_example": float((cell_examples["attack_seconds"] + cell_examples["verify_seconds"]).mean()),
                 "iterations_per_step": float(cell_examples["solver_iterations"].sum()) / steps if steps else math.nan,
                 "unconverged_steps": int(cell_examples["unconverged_steps"].sum()),

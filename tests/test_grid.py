@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from harness.grid import Cell, GridError, ThreatModel, expand_blocks
+from harness.grid import GridError, ThreatModel, expand_blocks
 from harness.store import Table, read_table
 
 pytestmark = pytest.mark.usefixtures("single_thread")
