@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from harness.benchmark import run_benchmark
+from harness.run.benchmark import run_benchmark
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

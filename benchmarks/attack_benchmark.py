@@ -49,10 +49,10 @@ except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
-from harness.attack import PROTOCOLS, make_iterate  # noqa: E402
+from harness.attack.pgd import PROTOCOLS, make_iterate  # noqa: E402
 from harness.data import load_mnist  # noqa: E402
-from harness.evaluate import attack_and_verify, clean_accuracy  # noqa: E402
-from harness.verify import VerificationStatus, robust_accuracy  # noqa: E402
+from harness.attack.evaluate import attack_and_verify, clean_accuracy  # noqa: E402
+from harness.attack.verify import VerificationStatus, robust_accuracy  # noqa: E402
 
 PAPER_MODELS = ("mnist/standard", "mnist/binarized", "mnist/linf_certified", "mnist/wasserstein_adversarial")
 VARIANTS = ("projected_sinkhorn_box", "projected_sinkhorn+clamp")

@@ -16,8 +16,8 @@ import argparse
 import math
 import sys
 
-from harness.leaderboard import VerificationCounts, cell_label, robust_accuracy_at, with_final_eps, worst_case
-from harness.store import Table, read_table
+from harness.report.leaderboard import VerificationCounts, cell_label, robust_accuracy_at, with_final_eps, worst_case
+from harness.run.store import Table, read_table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .info import SolveStatus
-from .projectors import ConjugateSinkhorn, Projector, check_positive
+from .checks import check_positive
+from .projectors import ConjugateSinkhorn, Projector
 
 
 @dataclass

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from .geometry import LocalTransport, check_images, check_nonnegative_eps
 from .iterate import IterateState, StepReport, _zero_gradient
-from .projectors import check_iterations, check_positive
+from .checks import check_iterations, check_positive
 
 __all__ = [
     "FrankWolfeIterate",

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from harness.store import Table, write_shard
+from harness.run.store import Table, write_shard
 
 PAPER_SCHEDULE = {"eps_initial": 0.3, "eps_factor": 1.1, "eps_every": 10, "iterations": 200}
 """Largest radius 0.3 * 1.1**19 = 1.83."""

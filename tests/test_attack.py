@@ -18,8 +18,8 @@ from torch import nn
 
 import zoo
 from conftest import digit_batch, tensor
-from harness.attack import PROTOCOLS, EpsSchedule, Loss, PGDAttack, make_iterate
-from harness.verify import VerificationStatus, robust_accuracy, verify_norm, verify_wasserstein
+from harness.attack.pgd import PROTOCOLS, EpsSchedule, Loss, PGDAttack, make_iterate
+from harness.attack.verify import VerificationStatus, robust_accuracy, verify_norm, verify_wasserstein
 from solvers.exact import local_ot_distance
 from solvers.iterate import IterateState, Norm, NormBallIterate, StepReport, StepRule
 
@@ -371,7 +371,7 @@ def test_paper_model_attack_every_success_verified(name):
 
 
 def test_attack_and_verify_columns():
-    from harness.evaluate import attack_and_verify, clean_accuracy
+    from harness.attack.evaluate import attack_and_verify, clean_accuracy
 
     model, x, y = problem(batch=7)
     solver = zoo.solver("projected_sinkhorn_box", kernel_size=KERNEL, p=P)

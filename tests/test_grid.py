@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from harness.grid import GridError, ThreatModel, expand_blocks
-from harness.store import Table, read_table
+from harness.run.grid import GridError, ThreatModel, expand_blocks
+from harness.run.store import Table, read_table
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -98,7 +98,7 @@ def test_plan_space_cells_record_no_lambda_or_step_rule_and_refuse_the_clamp():
 
 
 def _real_context(tmp_path):
-    from harness.runner import RunContext
+    from harness.run.runner import RunContext
 
     missing = [var for var in ("DATA_ROOT", "WEIGHTS_DIR") if not os.environ.get(var)]
     if missing:
@@ -107,7 +107,7 @@ def _real_context(tmp_path):
 
 
 def test_runner_writes_shards_once_and_summarizes_cells_from_disk(tmp_path):
-    from harness.runner import ShardRunner
+    from harness.run.runner import ShardRunner
 
     context = _real_context(tmp_path)
     (wasserstein, linf) = expand_blocks([
@@ -138,7 +138,7 @@ def test_runner_writes_shards_once_and_summarizes_cells_from_disk(tmp_path):
 
 
 def test_plan_space_solvers_run_through_the_runner_and_every_success_verifies(tmp_path):
-    from harness.runner import ShardRunner
+    from harness.run.runner import ShardRunner
 
     runner = ShardRunner(_real_context(tmp_path))
     cells = expand_blocks([{

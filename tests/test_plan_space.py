@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from conftest import digit_batch, exact_check, tensor
-from harness.attack import EpsSchedule, PGDAttack, make_iterate
-from harness.verify import VerificationStatus, verify_wasserstein
+from harness.attack.pgd import EpsSchedule, PGDAttack, make_iterate
+from harness.attack.verify import VerificationStatus, verify_wasserstein
 from solvers.exact import linear_maximization_batch
 from solvers.geometry import LocalTransport
 from solvers.iterate import BallIterate, IterateState

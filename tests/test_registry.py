@@ -53,7 +53,7 @@ def test_builtins_registered_and_usable():
 
 @pytest.mark.parametrize("name", ["plan_pgd", "plan_pgd_box", "frank_wolfe", "frank_wolfe_box"])
 def test_plan_space_entries_build_ball_iterates_the_attack_uses_as_they_are(name):
-    from harness.attack import make_iterate
+    from harness.attack.pgd import make_iterate
     from solvers.iterate import BallIterate
 
     spec = zoo.solver_spec(name)

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from results_factory import attack, norm_attack, write_cell
 
-from harness.leaderboard import ThreatGroup, leaderboard, model_curves, solver_table, threat_groups, with_final_eps
+from harness.report.leaderboard import ThreatGroup, leaderboard, model_curves, solver_table, threat_groups, with_final_eps
 from harness.report import ReportError, build_report, main, write_report
-from harness.store import Table, read_table
+from harness.run.store import Table, read_table
 
 INF = math.inf
 BOX = attack("projected_sinkhorn_box")

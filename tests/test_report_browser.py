@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from results_factory import attack, write_cell
 
-from harness.browser import find_chromium, open_page
+from harness.report.browser import find_chromium, open_page
 from harness.report import write_report
 
 TABLE = "#leaderboard-mnist-wasserstein-k5-p1"

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.benchmark import run_benchmark
+from harness.run.benchmark import run_benchmark
 from harness import data as datasets
-from harness.grid import expand_blocks
-from harness.runner import RunContext
-from harness.scheduler import Executor, RayOptions, run_cells
-from harness.store import Table, read_table
+from harness.run.grid import expand_blocks
+from harness.run.runner import RunContext
+from harness.run.scheduler import Executor, RayOptions, run_cells
+from harness.run.store import Table, read_table
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness import store
-from harness.store import CELLS_SCHEMA, EXAMPLES_SCHEMA, Table, read_table, shard_exists, shard_path, write_shard
+from harness.run import store
+from harness.run.store import CELLS_SCHEMA, EXAMPLES_SCHEMA, Table, read_table, shard_exists, shard_path, write_shard
 
 
 def example_columns(shard_id: str, rows: int = 3, seed: int = 0) -> dict:

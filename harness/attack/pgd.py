@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from solvers.iterate import BallIterate, IterateState, ProjectedGradientIterate, StepRule
-from solvers.projectors import Projector, check_iterations, check_positive
+from solvers.checks import check_iterations, check_positive
+from solvers.projectors import Projector
 
 __all__ = [
     "AttackProtocol",

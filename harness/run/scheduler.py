@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_dataset
+from ..data import load_dataset
 from .grid import Cell, Shard
 from .runner import RunContext, ShardOutcome, ShardRunner
 
@@ -218,7 +218,7 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> Ru
     if started_here:
         init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
         # Workers import this checkout's code, whatever is installed on their node.
-        project_root = str(Path(__file__).resolve().parents[1])
+        project_root = str(Path(__file__).resolve().parents[2])
         runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))}}
         ray.init(**init, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, configure_logging=False)
     report = RunReport()

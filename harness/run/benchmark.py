@@ -20,15 +20,15 @@ from typing import Any, Mapping
 
 import zoo
 
-from .attack import EpsSchedule
-from .data import load_dataset
+from ..attack.pgd import EpsSchedule
+from ..data import load_dataset
 from .grid import Cell, GridError, expand_blocks
 from .runner import RunContext
 from .scheduler import Executor, RayOptions, RunReport, run_cells
 
 __all__ = ["BenchmarkError", "grid_blocks", "preflight", "run_benchmark"]
 
-GRID_DIR = Path(__file__).resolve().parents[1] / "conf" / "grid"
+GRID_DIR = Path(__file__).resolve().parents[2] / "conf" / "grid"
 
 
 class BenchmarkError(ValueError):
@@ -180,7 +180,7 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
     for what, error in report.failures.items():
         stream.write(f"{what} failed: {error}\n")
     if config.get("report", True):
-        from .report import ReportError, write_report
+        from ..report import ReportError, write_report
 
         try:
             page = write_report(context.results_dir)

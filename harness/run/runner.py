@@ -25,12 +25,12 @@ import torch
 import zoo
 from solvers.iterate import Norm, NormBallIterate
 
-from .attack import make_iterate
-from .data import load_dataset, test_subset
-from .evaluate import attack_and_verify, clean_accuracy
+from ..attack.pgd import make_iterate
+from ..data import load_dataset, test_subset
+from ..attack.evaluate import attack_and_verify, clean_accuracy
 from .grid import Cell, Shard, ThreatModel
 from .store import CELLS_SCHEMA, EXAMPLES_SCHEMA, Table, read_table, shard_exists, write_shard
-from .verify import VerificationStatus, robust_accuracy
+from ..attack.verify import VerificationStatus, robust_accuracy
 
 __all__ = ["RunContext", "ShardOutcome", "ShardRunner"]
 

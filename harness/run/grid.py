@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 import zoo
 from solvers.iterate import StepRule
 
-from .attack import PROTOCOLS, EpsSchedule, Loss
+from ..attack.pgd import PROTOCOLS, EpsSchedule, Loss
 
 __all__ = ["BLOCK_SETTINGS", "Cell", "GridError", "Shard", "ThreatModel", "expand_blocks"]
 

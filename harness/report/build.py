@@ -24,7 +24,7 @@ import pandas as pd
 from . import figures as plots
 from .leaderboard import LeaderboardTable, attack_label, leaderboard, solver_table, threat_groups, with_final_eps
 from .page import AttackNote, FigureEntry, figure_png, render_page
-from .store import SCHEMA_VERSION, Table, read_table
+from ..run.store import SCHEMA_VERSION, Table, read_table
 
 __all__ = ["Report", "ReportError", "build_report", "main", "write_report"]
 
@@ -172,6 +172,3 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -88,7 +88,7 @@ class ThreatGroup:
 
 def with_final_eps(examples: pd.DataFrame) -> pd.DataFrame:
     """``examples`` with ``final_eps``, the largest radius its attack searched (from the schedule columns)."""
-    from .attack import EpsSchedule
+    from ..attack.pgd import EpsSchedule
 
     schedules = examples[["eps_initial", "eps_factor", "eps_every", "iterations"]].drop_duplicates()
     largest = {

@@ -15,7 +15,7 @@ from torch import nn
 
 from solvers.iterate import BallIterate, Norm
 
-from .attack import EpsSchedule, Loss, PGDAttack
+from .pgd import EpsSchedule, Loss, PGDAttack
 from .verify import Verification, verify_norm, verify_wasserstein
 
 __all__ = ["attack_and_verify", "clean_accuracy"]
