@@ -49,7 +49,8 @@ except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
-from harness.attack.pgd import PROTOCOLS, make_iterate  # noqa: E402
+from harness.attack.ball import Ball  # noqa: E402
+from harness.attack.pgd import PROTOCOLS  # noqa: E402
 from harness.data import load_mnist  # noqa: E402
 from harness.attack.evaluate import attack_and_verify, clean_accuracy  # noqa: E402
 from harness.attack.verify import VerificationStatus, robust_accuracy  # noqa: E402
@@ -75,19 +76,17 @@ def run(args) -> list[dict]:
     images, labels = load_mnist(args.data_root, train=False, download=args.download)
     x, y = images[: args.n], labels[: args.n]
     rows = []
+    ball = Ball.wasserstein(protocol.kernel_size, protocol.p)
     for model_name, model in models.items():
         clean = clean_accuracy(model, images, labels)
         gradient = zoo.model_spec(model_name).gradient_mode.value
         print(f"{model_name}: clean accuracy {100 * clean:.2f}% on {images.shape[0]} test images (gradients: {gradient})", flush=True)
         for variant, solver_name, clamp in variants:
             spec = zoo.solver_spec(solver_name)
-            solver = spec.create(**protocol.solver_hyperparameters(spec.defaults))
-            iterate = make_iterate(solver, protocol.rule, protocol.step_size, clamp=clamp)
+            hyperparameters = {"lam": protocol.lam} if "lam" in spec.defaults else {}
+            iterate = ball.iterate(spec, hyperparameters, protocol.rule, protocol.step_size, clamp=clamp)
             started = time.perf_counter()
-            columns = attack_and_verify(
-                model, x, y, iterate, protocol.schedule, kernel_size=protocol.kernel_size, p=protocol.p,
-                batch_size=args.batch_size,
-            )
+            columns = attack_and_verify(model, x, y, ball, iterate, protocol.schedule, batch_size=args.batch_size)
             wall = time.perf_counter() - started
             rows.append(summarize(model_name, variant, clean, columns, args.eps, wall))
             print_row(rows[-1], args.eps)

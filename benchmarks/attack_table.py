@@ -16,7 +16,7 @@ import argparse
 import math
 import sys
 
-from harness.report.leaderboard import VerificationCounts, cell_label, robust_accuracy_at, with_final_eps, worst_case
+from harness.report.leaderboard import VerificationCounts, cell_label, robust_accuracy_at, worst_case
 from harness.run.store import Table, read_table
 
 
@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     if examples.empty:
         print(f"no {arguments.dataset} results in {arguments.results_dir}", file=sys.stderr)
         return 2
-    examples = with_final_eps(examples)
     header = ["model", "attack", *(f"eps {r:g}" for r in arguments.radii), "verified / claimed", "s / example"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -132,3 +132,20 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """The synthetic world of :mod:`synthetic`, its plugin imported once for the whole session.
+
+    Importing the plugin registers ``mnist/tiny_synthetic`` in the process's
+    model registry. A second world would write a second plugin file
+    registering the same name, which the registry refuses, so every test
+    that needs the model shares this one fixture.
+    """
+    import zoo
+    from synthetic import make_world  # not at the top: synthetic imports this module
+
+    synthetic_world = make_world(tmp_path_factory.mktemp("world"))
+    zoo.import_plugins([str(synthetic_world.plugin)])
+    return synthetic_world

@@ -3,38 +3,52 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import numpy as np
 
-from harness.run.store import Table, write_shard
+from harness.run.store import TYPED_HYPERPARAMETERS, Table, write_shard
+from harness.vocabulary import BallKind, CellStatus, VerificationStatus
 
 PAPER_SCHEDULE = {"eps_initial": 0.3, "eps_factor": 1.1, "eps_every": 10, "iterations": 200}
 """Largest radius 0.3 * 1.1**19 = 1.83."""
 
 
+def _final_eps(schedule: dict) -> float:
+    return schedule["eps_initial"] * schedule["eps_factor"] ** ((schedule["iterations"] - 1) // schedule["eps_every"])
+
+
+def _hyperparameters(**values) -> dict:
+    present = {name: value for name, value in values.items() if value is not None}
+    typed = {name: present.get(name) for name in TYPED_HYPERPARAMETERS}
+    return {**typed, "hyperparameters_json": json.dumps(present, sort_keys=True)}
+
+
 def attack(solver="projected_sinkhorn_box", lam=1000.0, clamp=False, kernel_size=5, p=1.0, **schedule) -> dict:
     """The configuration columns of a Wasserstein attack."""
+    schedule = schedule or PAPER_SCHEDULE
     return {
-        "threat_model": "wasserstein", "solver": solver, "kernel_size": kernel_size, "p": p, "lam": lam,
-        "step_rule": "linf_sign", "step_size": 0.1, "clamp": clamp, "loss": "cross_entropy", "restarts": 1, "seed": 0,
-        **(schedule or PAPER_SCHEDULE),
+        "threat_model": BallKind.WASSERSTEIN.value, "ball_title": f"W{kernel_size}p{p:g} ball", "solver": solver,
+        "kernel_size": kernel_size, "p": p, **_hyperparameters(lam=lam), "step_rule": "linf_sign", "step_size": 0.1,
+        "clamp": clamp, "loss": "cross_entropy", "restarts": 1, "seed": 0, **schedule, "final_eps": _final_eps(schedule),
     }
 
 
 def norm_attack(threat_model="linf", eps=0.4, iterations=40) -> dict:
     """The configuration columns of a fixed-radius l_p PGD attack (no solver, kernel or p)."""
+    schedule = {"eps_initial": eps, "eps_factor": 1.0, "eps_every": iterations, "iterations": iterations}
     return {
-        "threat_model": threat_model, "solver": None, "kernel_size": None, "p": None, "lam": None,
-        "step_rule": "linf_sign", "step_size": 0.01, "clamp": False, "loss": "cross_entropy", "restarts": 1, "seed": 0,
-        "eps_initial": eps, "eps_factor": 1.0, "eps_every": iterations, "iterations": iterations,
+        "threat_model": threat_model, "ball_title": f"{threat_model} ball", "solver": None, "kernel_size": None,
+        "p": None, **_hyperparameters(), "step_rule": "linf_sign", "step_size": 0.01, "clamp": False,
+        "loss": "cross_entropy", "restarts": 1, "seed": 0, **schedule, "final_eps": _final_eps(schedule),
     }
 
 
 def _status(distance: float) -> str:
     if distance == 0.0:
-        return "CLEAN_MISCLASSIFIED"
-    return "NOT_FOUND" if math.isinf(distance) else "VERIFIED"
+        return VerificationStatus.CLEAN_MISCLASSIFIED.name
+    return VerificationStatus.NOT_FOUND.name if math.isinf(distance) else VerificationStatus.VERIFIED.name
 
 
 def write_cell(
@@ -63,7 +77,7 @@ def write_cell(
     distances = np.asarray(distances, dtype=np.float64)
     n = len(distances)
     statuses = list(statuses) if statuses is not None else [_status(d) for d in distances]
-    success = [status not in ("NOT_FOUND",) for status in statuses]
+    success = [status != VerificationStatus.NOT_FOUND.name for status in statuses]
     cell_id = hashlib.sha256(repr((model, dataset, sorted(config.items()))).encode()).hexdigest()[:20]
     columns = {name: [value] * n for name, value in config.items()}
     columns.update(
@@ -80,12 +94,13 @@ def write_cell(
     write_shard(results_dir, Table.EXAMPLES, dataset, model, cell_id, columns)
     row = {name: [value] for name, value in config.items()}
     row.update(
-        cell_id=[cell_id], gradient_mode=[gradient_mode], status=["complete"], n_examples=[n], started_at=[None],
+        cell_id=[cell_id], gradient_mode=[gradient_mode], status=[CellStatus.COMPLETE.value], n_examples=[n], started_at=[None],
         finished_at=[None], seconds=[seconds_per_example * n], clean_accuracy=[clean_accuracy],
         robust_accuracy=[float(np.mean(distances > 1.83))], trained_for=[trained_for],
         model_training=[f"training recipe of {model}"], model_paper=[f"paper of {model}"],
         attack_summary=[f"summary of {config['solver'] or config['threat_model']}"],
-        box_handling=["clamped" if config["clamp"] else f"box of {config['solver']}"], config_json=["{}"], package_versions_json=['{"torch": "2.15.0"}'],
+        box_handling=["clamped" if config["clamp"] else f"box of {config['solver']}"],
+        ball_description=[f"description of the {config['ball_title']}"], config_json=["{}"], package_versions_json=['{"torch": "2.15.0"}'],
         git_commit=["0123456789abcdef"], device=["cpu"],
     )
     write_shard(results_dir, Table.CELLS, dataset, model, cell_id, row)

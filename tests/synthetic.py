@@ -80,6 +80,12 @@ def tiny_net() -> torch.nn.Module:
     return namespace["tiny_net"]()
 
 
+def plugin_source(name: str, checkpoint: Path) -> str:
+    """The text of a plugin file registering the tiny network under ``name``, its weights in ``checkpoint``."""
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    return ARCHITECTURE_SOURCE + PLUGIN_TEMPLATE.format(name=name, filename=checkpoint.name, sha256=sha256)
+
+
 def _write_idx(path: Path, array: np.ndarray) -> None:
     magic = 0x0800 | array.ndim
     header = magic.to_bytes(4, "big") + b"".join(int(size).to_bytes(4, "big") for size in array.shape)
@@ -101,10 +107,7 @@ def make_world(folder: Path, test_examples: int = 48, seed: int = 0) -> World:
     weights_dir.mkdir()
     checkpoint = weights_dir / "tiny_synthetic.pt"
     torch.save({"net": {f"module.{key}": value for key, value in net.state_dict().items()}, "epoch": 3}, checkpoint)
-    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     plugin = folder / "plugins" / "tiny_synthetic_plugin.py"
     plugin.parent.mkdir()
-    plugin.write_text(
-        ARCHITECTURE_SOURCE + PLUGIN_TEMPLATE.format(name=TINY_MODEL, filename=checkpoint.name, sha256=sha256)
-    )
+    plugin.write_text(plugin_source(TINY_MODEL, checkpoint))
     return World(folder / "data", weights_dir, plugin, TINY_MODEL, test_examples)

@@ -23,7 +23,7 @@ from solvers.exact import exact_projection
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 BUILTINS = ("exact_projection", "projected_sinkhorn", "projected_sinkhorn_box")
-SINKHORN_TUNABLE = {"kernel_size", "p", "lam", "tol", "max_iter", "relaxation"}
+SINKHORN_TUNABLE = {"lam", "tol", "max_iter", "relaxation"}
 
 
 def _problem(dtype=torch.float64, batch=2, shape=(1, 6, 6)):
@@ -49,6 +49,33 @@ def test_builtins_registered_and_usable():
         z, info = solver.project(x, w, 0.3)
         assert isinstance(info, SolveInfo) and z.shape == x.shape and z.dtype == x.dtype
         exact_check_batch(x, z, 0.3, 3, 2.0, box=name.endswith("box"))
+
+
+def test_pinned_variants_and_declarations_are_checked_at_registration():
+    registry = zoo.SolverRegistry()
+
+    class Boxable:
+        def __init__(self, kernel_size=5, p=2.0, box=False, rounds=2):
+            self.box, self.rounds = box, rounds
+
+        def project(self, x, w, eps): ...
+
+    rounds = zoo.Hyperparameter("rounds", int, 2, "inner rounds", low=1)
+    for name, box in (("boxable", False), ("boxable_box", True)):
+        zoo.register_solver(name, registry=registry, hyperparameters=(rounds,), fixed={"box": box},
+                            box=zoo.BoxHandling.INSIDE if box else zoo.BoxHandling.NONE)(Boxable)
+    assert registry.spec("boxable_box").create(rounds=4).box is True
+    assert registry.spec("boxable").create().box is False
+    with pytest.raises(ValueError, match="has no hyperparameter 'box'"):
+        registry.spec("boxable").create(box=True)
+    with pytest.raises(ValueError, match=r"'depth' not arguments of the factory"):
+        zoo.register_solver("deep", registry=registry, hyperparameters=(zoo.Hyperparameter("depth", int, 2, "d"),))(Boxable)
+    with pytest.raises(ValueError, match=r"'rounds' both pinned and tunable"):
+        zoo.register_solver("both", registry=registry, hyperparameters=(rounds,), fixed={"rounds": 3})(Boxable)
+    with pytest.raises(ValueError, match=r"default of hyperparameter 'rounds' is not allowed: rounds=0 is invalid"):
+        zoo.Hyperparameter("rounds", int, 0, "inner rounds", low=1)
+    with pytest.raises(ValueError, match=r"'kernel_size' is invalid: it must be a Python identifier other than kernel_size, p"):
+        zoo.Hyperparameter("kernel_size", int, 5, "the ball's")
 
 
 @pytest.mark.parametrize("name", ["plan_pgd", "plan_pgd_box", "frank_wolfe", "frank_wolfe_box"])
@@ -78,8 +105,9 @@ def test_unknown_hyperparameter_lists_allowed_ones(name):
         zoo.solver(name, lamda=10.0)
     message = str(error.value)
     spec = next(s for s in zoo.solver_specs() if s.name == name)
-    for allowed in spec.defaults:
-        assert allowed in message, f"{allowed!r} missing from: {message}"
+    assert spec.hyperparameters or "hyperparameters: none" in message
+    for declared in spec.hyperparameters:
+        assert declared.describe() in message, f"{declared.name!r} missing from: {message}"
 
 
 @pytest.mark.parametrize("name", ["projected_sinkhorn", "projected_sinkhorn_box"])
@@ -95,9 +123,11 @@ def test_defaults_list_tunable_and_exclude_pinned():
         defaults = specs[name].defaults
         assert set(defaults) == SINKHORN_TUNABLE
         assert "box" not in defaults
-        assert defaults["lam"] == 1000.0 and defaults["kernel_size"] == 5
+        assert defaults["lam"] == 1000.0
     assert specs["projected_sinkhorn_box"].fixed == {"box": True}
-    assert set(specs["exact_projection"].defaults) == {"kernel_size", "p", "box"}
+    assert specs["projected_sinkhorn_box"].box is zoo.BoxHandling.INSIDE
+    assert specs["projected_sinkhorn"].box is zoo.BoxHandling.NONE
+    assert specs["exact_projection"].defaults == {}
 
 
 def test_hyperparameters_reach_the_solver():
@@ -129,7 +159,7 @@ def test_box_entry_enforces_box():
     z_box, info = zoo.solver("projected_sinkhorn_box", kernel_size=3).project(xt, wt, 1.0)
     assert float(z_box.max()) <= 1.0 + 1e-6
     exact_check_batch(xt, z_box, 1.0, 3, 2.0, box=True)
-    z_exact, _ = zoo.solver("exact_projection", kernel_size=3, box=True).project(xt, wt, 1.0)
+    z_exact, _ = zoo.solver("exact_projection_box", kernel_size=3).project(xt, wt, 1.0)
     np.testing.assert_allclose(z_exact.numpy()[0], exact_projection(x[0], w[0], 1.0, 3, 2.0, box=True), atol=1e-12)
     assert float(z_exact.max()) <= 1.0 + 1e-9
 
@@ -241,7 +271,10 @@ def test_box_entry_rejects_centre_above_one():
 
 
 def _make_custom(registry):
-    @zoo.register_solver("stay_put", registry=registry, reference="a test")
+    @zoo.register_solver(
+        "stay_put", registry=registry, reference="a test",
+        hyperparameters=(zoo.Hyperparameter("patience", int, 3, "iterations it pretends to spend", low=1),),
+    )
     class StayPut:
         """Returns the centre: trivially inside every ball."""
 
@@ -278,14 +311,16 @@ def test_custom_solver_in_isolated_registry():
     spec = registry.spec("stay_put")
     assert spec.summary == "Returns the centre: trivially inside every ball."
     assert spec.reference == "a test" and spec.kind is zoo.SolverKind.IMAGE_SPACE
-    assert spec.defaults == {"kernel_size": 5, "p": 2.0, "patience": 3}
-    solver = spec.create(patience=7, kernel_size=3)
+    assert spec.defaults == {"patience": 3}
+    solver = spec.create(kernel_size=3, patience=7)
     assert isinstance(solver, Projector)
     x, w = _problem()
     z, info = solver.project(x, w, 0.2)
     assert torch.equal(z, x) and info.iterations.tolist() == [7, 7]
-    with pytest.raises(ValueError, match=r"patients.*patience=3"):
+    with pytest.raises(ValueError, match=r"patients.*patience \(an integer >= 1; default 3\)"):
         spec.create(patients=4)
+    with pytest.raises(ValueError, match=r"patience=0 is invalid: it must be an integer >= 1"):
+        spec.create(patience=0)
     with pytest.raises(ValueError, match=r"unknown solver 'nope'; registered solvers: stay_put"):
         registry.spec("nope")
 
@@ -298,7 +333,7 @@ def test_duplicate_registration_raises():
     assert registry.names() == ["stay_put"]
     # The built-in names are taken in the global catalogue as well.
     with pytest.raises(ValueError, match="'projected_sinkhorn' is already registered"):
-        zoo.register_solver("projected_sinkhorn", summary="impostor")(lambda kernel_size=5: None)
+        zoo.register_solver("projected_sinkhorn", summary="impostor")(lambda kernel_size=5, p=2.0: None)
     assert len([s for s in zoo.solver_specs() if s.name == "projected_sinkhorn"]) == 1
     # A registry seeded with the built-ins is independent of the global one.
     seeded = zoo.SolverRegistry(zoo.BUILTIN_SOLVERS)

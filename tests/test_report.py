@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from results_factory import attack, norm_attack, write_cell
 
-from harness.report.leaderboard import ThreatGroup, leaderboard, model_curves, solver_table, threat_groups, with_final_eps
+from harness.report.leaderboard import ThreatGroup, leaderboard, model_curves, solver_table, threat_groups
 from harness.report import ReportError, build_report, main, write_report
 from harness.run.store import Table, read_table
 
@@ -54,7 +54,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def examples(store):
-    return with_final_eps(read_table(store, Table.EXAMPLES))
+    return read_table(store, Table.EXAMPLES)
 
 
 @pytest.fixture(scope="module")

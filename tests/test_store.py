@@ -135,3 +135,37 @@ def test_schemas_carry_a_version_and_share_the_cell_configuration():
     assert {"cell_id", "solver", "kernel_size", "p", "lam", "seed", "gradient_mode"} <= set(config)
     assert not set(store.PARTITION_SCHEMA.names) & set(EXAMPLES_SCHEMA.names)
     assert EXAMPLES_SCHEMA.field("verified_distance").type == pa.float64()
+
+
+V3_COLUMNS = {"final_eps", "ball_title", "ball_description", "hyperparameters_json", *store.TYPED_HYPERPARAMETERS} - {"lam"}
+
+
+def _write_as_version_2(results_dir, table: Table, schema: pa.Schema, shard_id: str, rows: dict) -> None:
+    """A shard as version 2 wrote it: without the version-3 columns, stamped version 2."""
+    older = pa.schema([field for field in schema if field.name not in V3_COLUMNS])
+    columns = {name: rows[name] for name in older.names if name != "schema_version"}
+    length = len(next(iter(columns.values())))
+    arrow = pa.table({"schema_version": pa.array([2] * length, pa.int16()), **columns}, schema=older)
+    path = shard_path(results_dir, table, "mnist", "mnist/standard", shard_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(arrow, path)
+
+
+def test_version_2_stores_read_with_the_derivable_columns_filled(tmp_path):
+    rows = example_columns("old", rows=3)
+    rows.update(eps_initial=[0.3] * 3, eps_factor=[1.1] * 3, eps_every=[10] * 3, iterations=[200] * 3, lam=[1000.0] * 3)
+    _write_as_version_2(tmp_path, Table.EXAMPLES, EXAMPLES_SCHEMA, "old", rows)
+    linf = example_columns("old-linf", rows=2)
+    linf.update(threat_model=["linf"] * 2, solver=[None] * 2, kernel_size=[None] * 2, p=[None] * 2, eps_initial=[0.1] * 2,
+                eps_factor=[1.0] * 2, eps_every=[40] * 2, iterations=[40] * 2)
+    _write_as_version_2(tmp_path, Table.EXAMPLES, EXAMPLES_SCHEMA, "old-linf", linf)
+    cell = {name: [None] for name in CELLS_SCHEMA.names}
+    cell.update({name: [values[0]] for name, values in rows.items() if name in CELLS_SCHEMA.names}, status=["complete"])
+    _write_as_version_2(tmp_path, Table.CELLS, CELLS_SCHEMA, "cell-a", cell)
+    frame = read_table(tmp_path).sort_values(["threat_model", "example_index"])
+    assert frame["final_eps"].tolist() == pytest.approx([0.1, 0.1] + [0.3 * 1.1**19] * 3)
+    assert frame["ball_title"].tolist() == ["linf ball"] * 2 + ["wasserstein ball, 5x5 local transport, p = 1"] * 3
+    assert frame["lam"].tolist()[2:] == [1000.0] * 3 and frame["max_iter"].isna().all() and frame["hyperparameters_json"].isna().all()
+    cells = read_table(tmp_path, Table.CELLS)
+    assert cells["ball_description"].tolist() == ["not recorded (store version 2)"]
+    assert read_table(tmp_path, columns=["final_eps"]).shape == (5, 1)

@@ -1,4 +1,4 @@
-"""The catalogue: registered solvers and models, looked up by name."""
+"""The catalogue: registered solvers and models, looked up by name, and the plugins that add to it."""
 
 from .architectures import Binarize, ClassifierWithPreprocessing, Normalize
 from .model_registry import (
@@ -17,8 +17,12 @@ from .model_registry import (
     resolve_weights_dir,
     weights_path,
 )
+from .plugins import PluginError, import_plugins
 from .solvers import (
     BUILTIN_SOLVERS,
+    GEOMETRY,
+    BoxHandling,
+    Hyperparameter,
     SolverKind,
     SolverRegistry,
     SolverSpec,
@@ -31,6 +35,9 @@ from .solvers import (
 __all__ = [
     "BUILTIN_MODELS",
     "BUILTIN_SOLVERS",
+    "GEOMETRY",
+    "BoxHandling",
+    "Hyperparameter",
     "WEIGHTS_ENV_VAR",
     "Binarize",
     "ClassifierWithPreprocessing",
@@ -39,11 +46,13 @@ __all__ = [
     "ModelRegistry",
     "ModelSpec",
     "Normalize",
+    "PluginError",
     "SolverKind",
     "SolverRegistry",
     "SolverSpec",
     "TrainedFor",
     "WeightsFile",
+    "import_plugins",
     "model",
     "model_spec",
     "models",

@@ -12,8 +12,9 @@ Weights files are looked up in one folder, the first of:
    ``~/.cache/wasserstein-robustness-bench/weights``.
 
 A missing file is downloaded from its public URL only when asked
-(``download=True``). Third parties add models with the :func:`register_model`
-decorator, exactly like the built-ins.
+(``download=True``); a local checkpoint without one (``url=None``) must be
+in the folder already. Third parties add models with the :func:`register_model`
+decorator, exactly like the built-ins, usually in a plugin (:mod:`zoo.plugins`).
 """
 
 from __future__ import annotations
@@ -87,34 +88,60 @@ class WeightsFile:
         Name of the file inside the weights folder.
     sha256 : str
         Expected SHA-256 of the file, 64 lowercase hexadecimal digits.
-    url : str
-        Where it can be downloaded from.
+    url : str or None
+        Where it can be downloaded from; None for a local checkpoint with no
+        public source (it must already be in the weights folder).
     """
 
     filename: str
     sha256: str
-    url: str
+    url: str | None
 
     def __post_init__(self):
         if not self.filename or Path(self.filename).name != self.filename:
             raise ValueError(f"filename={self.filename!r} is invalid: it must be a bare file name, without folders")
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError(f"sha256={self.sha256!r} is invalid: it must be 64 lowercase hexadecimal digits")
+        if self.url is not None and not self.url:
+            raise ValueError("url='' is invalid: give the public URL of the file, or None if it has none")
 
 
-def plain_state_dict(checkpoint: Any) -> Mapping[str, torch.Tensor]:
-    """The checkpoint is the state dict itself."""
-    return checkpoint
+_KEYS_SHOWN = 20
+"""At most this many keys of a checkpoint level are quoted in an error message."""
 
 
-def first_state_dict_in_list(checkpoint: Any) -> Mapping[str, torch.Tensor]:
-    """``checkpoint["state_dict"][0]``: how convex_adversarial's training scripts save models."""
-    return checkpoint["state_dict"][0]
+def _described_keys(level: Mapping) -> str:
+    keys = [repr(key) for key in level]
+    shown = ", ".join(keys[:_KEYS_SHOWN])
+    if len(keys) > _KEYS_SHOWN:
+        shown += f", ... ({len(keys) - _KEYS_SHOWN} more)"
+    return f"[{shown}]"
 
 
-def data_parallel_state_dict_under_net(checkpoint: Any) -> Mapping[str, torch.Tensor]:
-    """``checkpoint["net"]`` saved from an ``nn.DataParallel``, without its ``module.`` key prefix."""
-    return {key.removeprefix("module."): value for key, value in checkpoint["net"].items()}
+def _object_at_key_path(checkpoint: Any, state_dict_key: str, path: Path) -> Any:
+    """Descend ``state_dict_key`` into ``checkpoint``: dots descend, an integer component indexes a list."""
+    node = checkpoint
+    walked = "the checkpoint"
+    for component in state_dict_key.split("."):
+        where = f"{path}: state_dict_key={state_dict_key!r} does not fit the checkpoint: {walked}"
+        if isinstance(node, Mapping):
+            if component not in node:
+                raise ValueError(f"{where} has no key {component!r}; its keys are {_described_keys(node)}")
+            node = node[component]
+        elif isinstance(node, (list, tuple)):
+            if not component.isdigit() or int(component) >= len(node):
+                raise ValueError(
+                    f"{where} is a {type(node).__name__} of {len(node)} items, so {component!r} must be an "
+                    f"index from 0 to {len(node) - 1}"
+                )
+            node = node[int(component)]
+        else:
+            raise ValueError(
+                f"{where} is of type {type(node).__name__}, which has no key {component!r} "
+                "(only dicts and lists are descended)"
+            )
+        walked += f"[{component!r}]"
+    return node
 
 
 @dataclass(frozen=True)
@@ -145,8 +172,15 @@ class ModelSpec:
         weights come from a training step.
     gradient_mode : GradientMode
         Whether input gradients are exact or a BPDA approximation.
-    checkpoint_to_state_dict : callable
-        Turns the object stored in the weights file into the state dict of ``.net``.
+    state_dict_key : str or None
+        Where the state dict of ``.net`` lies inside the object stored in the
+        weights file: a path of keys, where dots descend and an integer
+        component indexes a list, e.g. ``"state_dict.0"`` for
+        ``checkpoint["state_dict"][0]``; None when the file holds the state
+        dict itself.
+    strip_prefix : str or None
+        Removed from every key of the state dict that starts with it, e.g.
+        ``"module."`` for a network saved from ``nn.DataParallel``.
     """
 
     name: str
@@ -159,11 +193,19 @@ class ModelSpec:
     clean_accuracy: float | None = None
     weights: WeightsFile | None = None
     gradient_mode: GradientMode = GradientMode.EXACT
-    checkpoint_to_state_dict: Callable[[Any], Mapping[str, torch.Tensor]] = plain_state_dict
+    state_dict_key: str | None = None
+    strip_prefix: str | None = None
 
     def __post_init__(self):
         if self.clean_accuracy is not None and not 0.0 <= self.clean_accuracy <= 100.0:
             raise ValueError(f"clean_accuracy={self.clean_accuracy!r} is invalid: it is a percentage in [0, 100]")
+        if self.state_dict_key is not None and not all(self.state_dict_key.split(".")):
+            raise ValueError(
+                f"state_dict_key={self.state_dict_key!r} is invalid: it is a dot-separated path of non-empty keys "
+                "(e.g. 'net' or 'state_dict.0'), or None for a file holding the state dict itself"
+            )
+        if self.strip_prefix == "":
+            raise ValueError("strip_prefix='' is invalid: give the prefix to remove (e.g. 'module.'), or None")
 
     def build(self) -> ClassifierWithPreprocessing:
         """A fresh, randomly initialized model (training mode), e.g. to train it."""
@@ -187,14 +229,38 @@ class ModelSpec:
         # All published checkpoints of the catalogue hold only tensors and
         # plain containers, so the safe loader suffices.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = self._state_dict_in(checkpoint, path)
         module = self.build()
         try:
-            module.net.load_state_dict(self.checkpoint_to_state_dict(checkpoint))
-        except (KeyError, IndexError, TypeError, AttributeError, RuntimeError) as error:
+            module.net.load_state_dict(state_dict)
+        except RuntimeError as error:
             raise ValueError(
                 f"{path}: the checkpoint does not fit model {self.name!r} (architecture {self.architecture}): {error}"
             ) from error
         return module.to(device).eval()
+
+    def _state_dict_in(self, checkpoint: Any, path: Path) -> Mapping[str, torch.Tensor]:
+        """The state dict of ``.net`` inside ``checkpoint``, the object loaded from the weights file ``path``.
+
+        Raises
+        ------
+        ValueError
+            ``state_dict_key`` does not lead to a dict in the checkpoint; the
+            message names the key path, the keys present where it failed and
+            the file.
+        """
+        state_dict = checkpoint
+        if self.state_dict_key is not None:
+            state_dict = _object_at_key_path(checkpoint, self.state_dict_key, path)
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(
+                f"{path}: the state dict of model {self.name!r} must be a dict, but "
+                f"{'the checkpoint' if self.state_dict_key is None else f'state_dict_key={self.state_dict_key!r}'} "
+                f"holds an object of type {type(state_dict).__name__}"
+            )
+        if self.strip_prefix is not None:
+            state_dict = {key.removeprefix(self.strip_prefix): value for key, value in state_dict.items()}
+        return state_dict
 
 
 class ModelRegistry(Registry[ModelSpec]):
@@ -243,7 +309,7 @@ BUILTIN_MODELS = (
             "f95e9ca5f79c6f05c4373f9fa18fb89e1606f939a538390822bce391e7c7e60d",
             _WONG_2019_CHECKPOINTS + "mnist_vanilla.pth",
         ),
-        checkpoint_to_state_dict=first_state_dict_in_list,
+        state_dict_key="state_dict.0",
     ),
     ModelSpec(
         name="mnist/binarized",
@@ -261,7 +327,7 @@ BUILTIN_MODELS = (
             _WONG_2019_CHECKPOINTS + "mnist_binarize.pth",
         ),
         gradient_mode=GradientMode.BPDA_STRAIGHT_THROUGH,
-        checkpoint_to_state_dict=first_state_dict_in_list,
+        state_dict_key="state_dict.0",
     ),
     ModelSpec(
         name="mnist/linf_certified",
@@ -295,7 +361,8 @@ BUILTIN_MODELS = (
             "cb1b02fecc0fa07a0b86a22ef87187c1e849ebaa24cd8f8004f039a0f9871f32",
             _WONG_2019_CHECKPOINTS + "mnist_adv_training.pth",
         ),
-        checkpoint_to_state_dict=data_parallel_state_dict_under_net,
+        state_dict_key="net",
+        strip_prefix="module.",
     ),
     ModelSpec(
         name="cifar10/resnet18",
@@ -333,7 +400,8 @@ def register_model(
     clean_accuracy: float | None = None,
     weights: WeightsFile | None = None,
     gradient_mode: GradientMode = GradientMode.EXACT,
-    checkpoint_to_state_dict: Callable[[Any], Mapping[str, torch.Tensor]] = plain_state_dict,
+    state_dict_key: str | None = None,
+    strip_prefix: str | None = None,
     architecture: str | None = None,
     registry: ModelRegistry | None = None,
 ):
@@ -344,11 +412,18 @@ def register_model(
     arguments are the :class:`ModelSpec` fields. ``architecture`` defaults to
     the builder's name. The builder is returned unchanged.
 
+    Put the call in a plugin (see :mod:`zoo.plugins`) to make the model
+    usable in a grid without editing the project.
+
     Example
     -------
+    A checkpoint saved as ``{"net": model.state_dict(), "epoch": 30}`` from an
+    ``nn.DataParallel``, with no public copy:
+
     >>> @register_model(                                              # doctest: +SKIP
     ...     "mnist/my_net", dataset=Dataset.MNIST, trained_for=TrainedFor.NONE,
-    ...     weights=WeightsFile("my_net.pt", "<sha256>", "https://example.org/my_net.pt"))
+    ...     weights=WeightsFile("my_net.pt", "<sha256>", url=None),
+    ...     state_dict_key="net", strip_prefix="module.")
     ... def my_net():
     ...     return ClassifierWithPreprocessing(nn.Identity(), mnist_small_convnet())
     """
@@ -366,7 +441,8 @@ def register_model(
                 clean_accuracy=clean_accuracy,
                 weights=weights,
                 gradient_mode=gradient_mode,
-                checkpoint_to_state_dict=checkpoint_to_state_dict,
+                state_dict_key=state_dict_key,
+                strip_prefix=strip_prefix,
             )
         )
         return builder
@@ -393,7 +469,8 @@ def model(
     device : str or torch.device, default "cpu"
     download : bool, default False
         Fetch a missing weights file from its public URL into the weights
-        folder instead of raising.
+        folder instead of raising (impossible for a local checkpoint,
+        ``url=None``).
 
     Returns
     -------
@@ -408,11 +485,14 @@ def model(
     ValueError
         Unknown name (the message lists the registered ones); an entry
         without published weights; a weights file whose sha256 differs from
-        the catalogue's; a checkpoint that does not fit the architecture.
+        the catalogue's; a ``state_dict_key`` that does not fit the checkpoint
+        (the message names the key path, the keys present and the file); a
+        checkpoint that does not fit the architecture.
     FileNotFoundError
-        The weights file is missing and ``download`` is False; the message
-        names the file, the folder searched, the URL, the sha256 and the
-        settings that change the folder.
+        The weights file is missing and ``download`` is False, or it has no
+        public URL; the message names the file, the folder searched, the URL
+        (or that there is none), the sha256 and the settings that change the
+        folder.
     OSError
         The download failed; the message says how to fetch the file by hand.
     """
@@ -485,14 +565,23 @@ def _sha256_of_file(path: Path) -> str:
 
 
 def _how_to_fix(weights: WeightsFile, folder: Path, *, offer_download: bool) -> str:
-    options = [
-        f"download it by hand (e.g. curl -L -o {folder / weights.filename} {weights.url})",
+    if weights.url is None:
+        options = [f"copy the file into {folder}"]
+    else:
+        options = [f"download it by hand (e.g. curl -L -o {folder / weights.filename} {weights.url})"]
+    options += [
         "pass weights_dir=... (the folder that holds it)",
         f"set the {WEIGHTS_ENV_VAR} environment variable to that folder",
     ]
-    if offer_download:
+    if offer_download and weights.url is not None:
         options.append("pass download=True to fetch it automatically")
     return "To fix it: " + ", or ".join(options) + "."
+
+
+def _source_line(weights: WeightsFile) -> str:
+    if weights.url is None:
+        return "It has no public URL: it is a local checkpoint that only its owner can provide."
+    return f"Public URL: {weights.url}"
 
 
 def _verified_weights_file(spec: ModelSpec, weights_dir: str | os.PathLike | None, download: bool) -> Path:
@@ -500,25 +589,31 @@ def _verified_weights_file(spec: ModelSpec, weights_dir: str | os.PathLike | Non
     folder, origin = _weights_dir_and_origin(weights_dir)
     path = folder / weights.filename
     if not path.is_file():
-        if not download:
+        if not download or weights.url is None:
+            cannot_download = " download=True cannot fetch it: there is no public URL." if download else ""
             raise FileNotFoundError(
                 f"weights file {weights.filename!r} of model {spec.name!r} not found in {folder} "
-                f"(the folder given by {origin}).\n"
-                f"Public URL: {weights.url}\n"
+                f"(the folder given by {origin}).{cannot_download}\n"
+                f"{_source_line(weights)}\n"
                 f"Expected sha256: {weights.sha256}\n" + _how_to_fix(weights, folder, offer_download=True)
             )
         _download(weights, folder)
     actual = _sha256_of_file(path)
     if actual != weights.sha256:
+        replacement = (
+            "replace it with the checkpoint registered for this model"
+            if weights.url is None
+            else f"delete it and load again with download=True, or fetch it from {weights.url}"
+        )
         raise ValueError(
             f"{path}: sha256 mismatch, expected {weights.sha256} but the file has {actual}. It is corrupt or not "
-            f"the published file; delete it and load again with download=True, or fetch it from {weights.url}."
+            f"the registered file; {replacement}."
         )
     return path
 
 
 def _download(weights: WeightsFile, folder: Path) -> None:
-    """Fetch ``weights`` into ``folder``; the file takes its final name only once its sha256 is right."""
+    """Fetch ``weights`` (which has a URL) into ``folder``; the file takes its final name only once its sha256 is right."""
     partial = folder / f".{weights.filename}.{uuid.uuid4().hex}.partial"
     try:
         try:

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from solvers.iterate import BallIterate, Norm
+from solvers.iterate import BallIterate
 
+from .ball import Ball
 from .pgd import EpsSchedule, Loss, PGDAttack
-from .verify import Verification, verify_norm, verify_wasserstein
 
 __all__ = ["attack_and_verify", "clean_accuracy"]
 
@@ -35,12 +35,10 @@ def attack_and_verify(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    ball: Ball,
     iterate: BallIterate,
     schedule: EpsSchedule,
     *,
-    kernel_size: int | None = None,
-    p: float | None = None,
-    norm: Norm | None = None,
     batch_size: int = 100,
     loss: Loss = Loss.CROSS_ENTROPY,
     restarts: int = 1,
@@ -48,8 +46,8 @@ def attack_and_verify(
 ) -> dict[str, np.ndarray]:
     """Attack ``images`` batch by batch and verify each claimed success.
 
-    Give ``kernel_size`` and ``p`` for a Wasserstein ball, or ``norm`` for an
-    l_p ball: they select the exact check.
+    ``iterate`` moves the attack inside ``ball`` (see :meth:`Ball.iterate`);
+    the ball checks every claim exactly (:meth:`Ball.verify`).
 
     Returns
     -------
@@ -64,8 +62,8 @@ def attack_and_verify(
         ``verify_seconds`` (the batch's wall time shared equally by its
         examples). ``adversarial`` holds the stored images.
     """
-    if (norm is None) == (kernel_size is None or p is None):
-        raise ValueError("give kernel_size and p (Wasserstein ball) or norm (l_p ball), not both or neither")
+    if not isinstance(ball, Ball):
+        raise ValueError(f"ball={ball!r} is invalid: pass a harness.attack.ball.Ball")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: it must be an integer >= 1")
     attack = PGDAttack(model, iterate, schedule, loss=loss, restarts=restarts, seed=seed)
@@ -74,12 +72,7 @@ def attack_and_verify(
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
         result = attack.run(x, y)
         started = time.perf_counter()
-        if norm is None:
-            verdict: Verification = verify_wasserstein(
-                model, x, y, result.adversarial, result.success, result.eps_found, kernel_size, p
-            )
-        else:
-            verdict = verify_norm(model, x, y, result.adversarial, result.success, result.eps_found, norm)
+        verdict = ball.verify(model, x, y, result)
         verify_seconds = time.perf_counter() - started
         batch = {"label": y.cpu().numpy()}
         batch.update({name: value.cpu().numpy() for name, value in result.per_example().items()})

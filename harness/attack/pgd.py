@@ -111,11 +111,6 @@ class AttackProtocol:
     lam: float
     clamp: bool
 
-    def solver_hyperparameters(self, accepted: dict) -> dict:
-        """The protocol's ``kernel_size``, ``p`` and ``lam``, for those the solver accepts."""
-        wanted = {"kernel_size": self.kernel_size, "p": self.p, "lam": self.lam}
-        return {name: value for name, value in wanted.items() if name in accepted}
-
 
 PROTOCOLS: dict[str, AttackProtocol] = {
     protocol.name: protocol

@@ -14,7 +14,6 @@ failed check as its reason.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, fields
 
@@ -25,32 +24,9 @@ from torch import nn
 from solvers.exact import local_ot_distance
 from solvers.iterate import Norm
 
+from ..vocabulary import VerificationStatus
+
 __all__ = ["Tolerances", "Verification", "VerificationStatus", "robust_accuracy", "verify_norm", "verify_wasserstein"]
-
-
-class VerificationStatus(enum.IntEnum):
-    """Outcome of verifying one example, in the order the checks run."""
-
-    VERIFIED = 0
-    """A success that passed every check."""
-    CLEAN_MISCLASSIFIED = 1
-    """The clean image is already misclassified: verified radius 0."""
-    NOT_FOUND = 2
-    """The attack claimed no success."""
-    PREDICTION_UNCHANGED = 3
-    """The model classifies the stored image correctly after all."""
-    OUTSIDE_BOX = 4
-    """A pixel lies outside [0, 1]."""
-    MASS_NOT_CONSERVED = 5
-    """The total mass differs from the clean image's."""
-    UNREACHABLE_MASS = 6
-    """Some mass cannot be transported within the windows (moved too far, or created)."""
-    RADIUS_EXCEEDED = 7
-    """The exact transport cost exceeds the radius the attack claims."""
-
-    @property
-    def counts_as_success(self) -> bool:
-        return self in (VerificationStatus.VERIFIED, VerificationStatus.CLEAN_MISCLASSIFIED)
 
 
 @dataclass(frozen=True)

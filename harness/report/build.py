@@ -22,11 +22,11 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures as plots
-from .leaderboard import LeaderboardTable, attack_label, leaderboard, solver_table, threat_groups, with_final_eps
+from .leaderboard import LeaderboardTable, attack_label, leaderboard, solver_table, threat_groups
 from .page import AttackNote, FigureEntry, figure_png, render_page
 from ..run.store import SCHEMA_VERSION, Table, read_table
 
-__all__ = ["Report", "ReportError", "build_report", "main", "write_report"]
+__all__ = ["Report", "ReportError", "Scores", "build_report", "main", "score", "write_report"]
 
 
 _GALLERY_MODELS = 8
@@ -112,17 +112,40 @@ def _figures(examples, images, tables, solvers, palette) -> list[FigureEntry]:
     return entries
 
 
-def build_report(results_dir: str | os.PathLike) -> Report:
-    """Read the store under ``results_dir`` and compute every table and figure."""
+@dataclass
+class Scores:
+    """The store's examples and cells, and the leaderboard and solver tables computed from them."""
+
+    examples: pd.DataFrame
+    cells: pd.DataFrame
+    tables: list[LeaderboardTable]
+    solvers: pd.DataFrame
+
+
+def score(results_dir: str | os.PathLike) -> Scores:
+    """Read the store under ``results_dir`` and compute every leaderboard table.
+
+    Raises
+    ------
+    ReportError
+        The folder holds no examples.
+    """
     results_dir = Path(results_dir)
     examples = read_table(results_dir, Table.EXAMPLES)
     if examples.empty:
         raise ReportError(f"{results_dir} holds no results (no {Table.EXAMPLES.value}/ table): run the benchmark first")
-    examples = with_final_eps(examples.drop_duplicates(["cell_id", "example_index"]))
+    examples = examples.drop_duplicates(["cell_id", "example_index"])
     cells = read_table(results_dir, Table.CELLS)
+    tables = [leaderboard(examples, cells, group) for group in threat_groups(examples, cells)]
+    return Scores(examples, cells, tables, solver_table(examples, tables))
+
+
+def build_report(results_dir: str | os.PathLike) -> Report:
+    """Read the store under ``results_dir`` and compute every table and figure."""
+    results_dir = Path(results_dir)
+    scores = score(results_dir)
+    examples, cells, tables, solvers = scores.examples, scores.cells, scores.tables, scores.solvers
     images = read_table(results_dir, Table.IMAGES)
-    tables = [leaderboard(examples, cells, group) for group in threat_groups(examples)]
-    solvers = solver_table(examples, tables)
     palette = plots.model_palette(examples["model"])
     return Report(
         tables=tables,

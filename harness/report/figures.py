@@ -17,7 +17,10 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from ..vocabulary import VerificationStatus
 from .leaderboard import LeaderboardTable, ThreatGroup, attack_label, model_curves
+
+_VERIFIED = VerificationStatus.VERIFIED.name
 
 __all__ = [
     "accuracy_against_radius",
@@ -90,9 +93,9 @@ def _legend_outside(axis) -> None:
 
 def kernel_sizes(examples: pd.DataFrame, palette: dict) -> Figure | None:
     """Robust accuracy against radius for several kernel sizes (paper Figure 7): one facet per model and p."""
-    wasserstein = examples[examples["threat_model"] == "wasserstein"]
+    with_geometry = examples[examples["kernel_size"].notna()]
     panels = [
-        (key, rows) for key, rows in wasserstein.groupby(["dataset", "model", "p"])
+        (key, rows) for key, rows in with_geometry.groupby(["dataset", "model", "p"])
         if rows["kernel_size"].nunique() >= 2
     ]
     if not panels:
@@ -114,9 +117,9 @@ def kernel_sizes(examples: pd.DataFrame, palette: dict) -> Figure | None:
 
 
 def _lambda_p_panels(examples: pd.DataFrame):
-    wasserstein = examples[examples["threat_model"] == "wasserstein"]
+    with_geometry = examples[examples["kernel_size"].notna()]
     return [
-        (key, rows) for key, rows in wasserstein.groupby(["dataset", "model", "kernel_size", "solver"])
+        (key, rows) for key, rows in with_geometry.groupby(["dataset", "model", "kernel_size", "solver"])
         if rows["lam"].nunique() >= 2 and rows["p"].nunique() >= 2
     ]
 
@@ -129,7 +132,7 @@ def lambda_p(examples: pd.DataFrame, palette: dict) -> Figure | None:
     figure = Figure(figsize=(_PANEL * 1.5 * len(panels), _PANEL * 1.2), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for axis, ((dataset, model, kernel_size, solver), rows) in zip(axes, panels):
-        verified = rows["verification_status"] == "VERIFIED"
+        verified = rows["verification_status"] == _VERIFIED
         radius = rows[verified].groupby(["p", "lam"])["verified_distance"].median().unstack("lam")
         rate = verified.groupby([rows["p"], rows["lam"]]).mean().unstack("lam")
         radius = radius.reindex(index=rate.index, columns=rate.columns)
@@ -200,7 +203,7 @@ def gallery(
     joined = _joined(images, mine) if len(images) else images
     if joined.empty:
         return None
-    verified = joined[joined["verification_status"] == "VERIFIED"]
+    verified = joined[joined["verification_status"] == _VERIFIED]
     models = [model for model in models if model in set(joined["model"])][:max_models]
     if not models:
         return None
@@ -242,7 +245,7 @@ def lambda_p_gallery(images: pd.DataFrame, examples: pd.DataFrame) -> Figure | N
     joined = _joined(images, rows)
     if joined.empty:
         return None
-    verified_count = joined[joined["verification_status"] == "VERIFIED"].groupby("example_index").size()
+    verified_count = joined[joined["verification_status"] == _VERIFIED].groupby("example_index").size()
     if verified_count.empty:
         return None
     index = int(verified_count.idxmax())
@@ -259,7 +262,7 @@ def lambda_p_gallery(images: pd.DataFrame, examples: pd.DataFrame) -> Figure | N
                 continue
             item = match.iloc[0]
             shape = (int(item["channels"]), int(item["height"]), int(item["width"]))
-            if item["verification_status"] == "VERIFIED":
+            if item["verification_status"] == _VERIFIED:
                 title = f"{item['verified_distance']:.2f}: →{item['adversarial_prediction']}"
             else:
                 title = item["verification_status"].lower().replace("_", " ")

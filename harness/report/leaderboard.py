@@ -6,7 +6,7 @@ l_p ball), and every attack run against it (solvers, lambdas, schedules).
 A model's robustness is the worst case over those attacks, example by
 example: example ``i`` is robust at radius ``r`` when no attack found a
 *verified* adversarial example within ``r`` (the exact distance of
-:mod:`harness.verify`), and at least one attack searched up to ``r``. Where
+:mod:`harness.attack.verify`), and at least one attack searched up to ``r``. Where
 some unbroken example was never searched up to ``r``, the robust accuracy
 at ``r`` is unknown (NaN), never guessed.
 """
@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+import zoo
+
+from ..vocabulary import BallKind, CellStatus, VerificationStatus
+
 __all__ = [
     "STANDARD_RADII",
     "ThreatGroup",
@@ -30,33 +34,39 @@ __all__ = [
     "robust_accuracy_at",
     "solver_table",
     "threat_groups",
-    "with_final_eps",
     "worst_case",
 ]
 
 STANDARD_RADII = {
-    ("mnist", "wasserstein"): (0.1, 0.5, 1.0, 2.0),
-    ("cifar10", "wasserstein"): (0.01, 0.05, 0.1),
-    ("mnist", "linf"): (0.1, 0.2, 0.3, 0.4),
-    ("cifar10", "linf"): (2 / 255, 4 / 255, 8 / 255),
-    ("mnist", "l2"): (1.0, 2.0, 3.0),
-    ("cifar10", "l2"): (0.25, 0.5, 1.0),
+    ("mnist", BallKind.WASSERSTEIN.value): (0.1, 0.5, 1.0, 2.0),
+    ("cifar10", BallKind.WASSERSTEIN.value): (0.01, 0.05, 0.1),
+    ("mnist", BallKind.LINF.value): (0.1, 0.2, 0.3, 0.4),
+    ("cifar10", BallKind.LINF.value): (2 / 255, 4 / 255, 8 / 255),
+    ("mnist", BallKind.L2.value): (1.0, 2.0, 3.0),
+    ("cifar10", BallKind.L2.value): (0.25, 0.5, 1.0),
 }
 """The radii every leaderboard of a (data set, threat model) reports."""
 
-_VERIFIED = "VERIFIED"
-_CLEAN_MISCLASSIFIED = "CLEAN_MISCLASSIFIED"
-_BPDA = "bpda_straight_through"
+_VERIFIED = VerificationStatus.VERIFIED.name
+_CLEAN_MISCLASSIFIED = VerificationStatus.CLEAN_MISCLASSIFIED.name
+_BPDA = zoo.GradientMode.BPDA_STRAIGHT_THROUGH.value
 
 
 @dataclass(frozen=True)
 class ThreatGroup:
-    """A data set and a ball: the rows of one leaderboard table."""
+    """A data set and a ball: the rows of one leaderboard table.
+
+    ``ball_title`` and ``ball_description`` are the words the store keeps
+    for the ball (written by the attack's threat-model object); they do not
+    take part in comparisons.
+    """
 
     dataset: str
     threat_model: str
     kernel_size: int | None = None
     p: float | None = None
+    ball_title: str = field(default="", compare=False)
+    ball_description: str = field(default="", compare=False)
 
     @property
     def slug(self) -> str:
@@ -67,16 +77,14 @@ class ThreatGroup:
 
     @property
     def title(self) -> str:
-        if self.threat_model == "wasserstein":
-            return f"{self.dataset}: Wasserstein ball, {self.kernel_size}x{self.kernel_size} local transport, p = {self.p:g}"
-        return f"{self.dataset}: {self.threat_model} ball"
+        return f"{self.dataset}: {self.ball_title or self.threat_model}"
 
     def select(self, frame: pd.DataFrame) -> pd.Series:
         """Rows of ``frame`` (examples or cells) that belong to this group."""
         mask = (frame["dataset"] == self.dataset) & (frame["threat_model"] == self.threat_model)
-        if self.kernel_size is not None:
-            mask &= (frame["kernel_size"] == self.kernel_size) & (frame["p"] == self.p)
-        return mask
+        if self.kernel_size is None:
+            return mask & frame["kernel_size"].isna()
+        return mask & (frame["kernel_size"] == self.kernel_size) & (frame["p"] == self.p)
 
     def radii(self, largest_attacked: float) -> tuple[float, ...]:
         """The standard radii, or fractions of the largest radius attacked for an unlisted pair."""
@@ -86,29 +94,23 @@ class ThreatGroup:
         return tuple(float(f"{largest_attacked * fraction:.2g}") for fraction in (0.25, 0.5, 1.0))
 
 
-def with_final_eps(examples: pd.DataFrame) -> pd.DataFrame:
-    """``examples`` with ``final_eps``, the largest radius its attack searched (from the schedule columns)."""
-    from ..attack.pgd import EpsSchedule
+def threat_groups(examples: pd.DataFrame, cells: pd.DataFrame | None = None) -> list[ThreatGroup]:
+    """Every group in ``examples``, the one with most examples of each data set first.
 
-    schedules = examples[["eps_initial", "eps_factor", "eps_every", "iterations"]].drop_duplicates()
-    largest = {
-        tuple(row): EpsSchedule(float(row[0]), float(row[1]), int(row[2]), int(row[3])).final_eps
-        for row in schedules.itertuples(index=False)
-    }
-    keys = zip(examples["eps_initial"], examples["eps_factor"], examples["eps_every"], examples["iterations"])
-    return examples.assign(final_eps=[largest[key] for key in keys])
-
-
-def threat_groups(examples: pd.DataFrame) -> list[ThreatGroup]:
-    """Every group in ``examples``, the one with most examples of each data set first."""
+    Titles come from the examples' ``ball_title``, descriptions from the
+    cells' ``ball_description`` where the cells table has them.
+    """
     counts: dict[ThreatGroup, int] = {}
     columns = ["dataset", "threat_model", "kernel_size", "p"]
-    for (dataset, threat, kernel_size, p), rows in examples.groupby(columns, dropna=False).size().items():
-        wasserstein = threat == "wasserstein"
+    for (dataset, threat, kernel_size, p), rows in examples.groupby(columns, dropna=False):
+        geometry = {} if pd.isna(kernel_size) else {"kernel_size": int(kernel_size), "p": float(p)}
+        bare = ThreatGroup(dataset, threat, **geometry)
+        descriptions = cells.loc[bare.select(cells), "ball_description"].dropna() if cells is not None and len(cells) else ()
         group = ThreatGroup(
-            dataset, threat, int(kernel_size) if wasserstein else None, float(p) if wasserstein else None
+            dataset, threat, **geometry, ball_title=str(rows["ball_title"].dropna().iloc[0]) if rows["ball_title"].notna().any() else "",
+            ball_description=str(descriptions.iloc[0]) if len(descriptions) else "",
         )
-        counts[group] = counts.get(group, 0) + int(rows)
+        counts[group] = counts.get(group, 0) + len(rows)
     return sorted(counts, key=lambda g: (g.dataset, -counts[g], g.threat_model, g.kernel_size or 0, g.p or 0))
 
 
@@ -204,8 +206,8 @@ def _flags(examples: pd.DataFrame, cells: pd.DataFrame) -> list[tuple[str, str]]
         flags.append((f"{len(rejected)} rejected", f"{len(rejected)} claimed successes failed exact verification ({reasons})"))
     if (examples["gradient_mode"] == _BPDA).any():
         flags.append(("BPDA", "input gradients approximated (straight-through BPDA): an upper bound on robustness"))
-    if len(cells) and (cells["status"] != "complete").any():
-        flags.append(("incomplete", "some of this model's cells did not finish; rerun the grid to complete them"))
+    if len(cells) and (cells["status"] != CellStatus.COMPLETE.value).any():
+        flags.append((CellStatus.INCOMPLETE.value, "some of this model's cells did not finish; rerun the grid to complete them"))
     return flags
 
 
@@ -234,7 +236,7 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     Parameters
     ----------
     examples : DataFrame
-        The ``examples`` table with ``final_eps`` (:func:`with_final_eps`).
+        The ``examples`` table.
     cells : DataFrame
         The ``cells`` table (clean accuracy, model metadata, status).
     group : ThreatGroup

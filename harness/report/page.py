@@ -228,13 +228,7 @@ def _radius(value: float) -> str:
 
 
 def _ball(table: LeaderboardTable) -> str:
-    group = table.group
-    if group.threat_model == "wasserstein":
-        return (
-            f"Wasserstein distance with cost |i - j|_2^{group.p:g} between pixel positions, transport limited to "
-            f"{group.kernel_size}x{group.kernel_size} windows; distances verified by an exact LP"
-        )
-    return f"{group.threat_model} ball around the clean image, pixels in [0, 1]"
+    return table.group.ball_description or f"{table.group.ball_title or table.group.threat_model} (not described in the store)"
 
 
 def _short(paper: str | None) -> str:

@@ -4,8 +4,14 @@ A grid file (``conf/grid/<name>.yaml``) holds ``blocks``; each block maps
 setting names to a value or to a list of values (an axis). A block expands
 into the product of its axes; a grid is the union of its blocks and of the
 blocks of the grids it ``include``s. A ``protocol`` (see
-:data:`harness.attack.PROTOCOLS`) supplies the schedule, step and geometry
-that a block does not set itself.
+:data:`harness.attack.pgd.PROTOCOLS`) supplies the schedule, step and
+geometry that a block does not set itself.
+
+A block may set the general settings of :data:`BLOCK_SETTINGS` and every
+hyperparameter its solvers declare (``lam``, ``tol``, ``max_iter``, ...; see
+:class:`zoo.Hyperparameter`). A name that no cell of the block uses (a
+hyperparameter none of its solvers declares, a kernel size for an l_p ball)
+is refused with the allowed list rather than dropped.
 
 Everything is validated before any work is scheduled: every problem in the
 grid is collected and reported in one :class:`GridError` that lists the
@@ -14,7 +20,6 @@ allowed values.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import itertools
 import json
@@ -24,19 +29,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import zoo
-from solvers.iterate import StepRule
+from solvers.iterate import BallIterate, StepRule
 
+from ..attack.ball import Ball
 from ..attack.pgd import PROTOCOLS, EpsSchedule, Loss
+from ..vocabulary import BallKind
 
-__all__ = ["BLOCK_SETTINGS", "Cell", "GridError", "Shard", "ThreatModel", "expand_blocks"]
-
-
-class ThreatModel(enum.Enum):
-    """The ball an attack stays in."""
-
-    WASSERSTEIN = "wasserstein"
-    LINF = "linf"
-    L2 = "l2"
+__all__ = ["BLOCK_SETTINGS", "Cell", "GridError", "Shard", "expand_blocks"]
 
 
 class GridError(ValueError):
@@ -44,50 +43,67 @@ class GridError(ValueError):
 
 
 BLOCK_SETTINGS = (
-    "dataset", "model", "threat_model", "solver", "protocol", "kernel_size", "p", "lam",
+    "dataset", "model", "threat_model", "solver", "protocol", "kernel_size", "p",
     "eps_initial", "eps_factor", "eps_every", "iterations", "step_rule", "step_size", "clamp",
     "loss", "restarts", "seed", "n_examples",
 )
-"""The names a block may set (each to a value or a list of values)."""
+"""The general names a block may set (each to a value or a list of values); solver
+hyperparameters come on top."""
 
-_DEFAULTS = {"threat_model": "wasserstein", "clamp": False, "loss": "cross_entropy", "restarts": 1, "seed": 0}
+_DEFAULTS = {
+    "threat_model": BallKind.WASSERSTEIN.value, "clamp": False, "loss": Loss.CROSS_ENTROPY.value, "restarts": 1, "seed": 0,
+}
+_PROTOCOL_HYPERPARAMETERS = ("lam", "step_size")
+"""Protocol values that also preset a solver's hyperparameters of the same name."""
 
 
 @dataclass(frozen=True)
 class Cell:
     """One point of a grid: everything that determines its numbers.
 
-    Norm-ball cells have no solver, kernel size, p or lambda (None); cells of
-    a solver without regularization have no lambda, and plan-space solvers,
-    which step by their own rule, no step rule.
+    Attributes
+    ----------
+    ball : Ball
+        The threat model.
+    solver : str or None
+        The registered solver (None for l_p balls).
+    hyperparameters : tuple of (name, value)
+        Every hyperparameter the solver declares, sorted by name: exactly
+        what it runs with, so exactly what the cell records and hashes.
+    step_rule, step_size
+        The attack's ascent step; None when the solver steps by its own rule.
     """
 
     dataset: str
     model: str
-    threat_model: ThreatModel
+    ball: Ball
     solver: str | None
-    kernel_size: int | None
-    p: float | None
-    lam: float | None
+    hyperparameters: tuple[tuple[str, Any], ...]
     schedule: EpsSchedule
     step_rule: StepRule | None
-    step_size: float
+    step_size: float | None
     clamp: bool
     loss: Loss
     restarts: int
     seed: int
     n_examples: int
 
+    @property
+    def solver_spec(self) -> zoo.SolverSpec | None:
+        return zoo.solver_spec(self.solver) if self.solver is not None else None
+
+    def iterate(self) -> BallIterate:
+        """The attack's driver for this cell (built fresh: iterates keep per-run state)."""
+        return self.ball.iterate(self.solver_spec, dict(self.hyperparameters), self.step_rule, self.step_size, self.clamp)
+
     def config(self) -> dict[str, Any]:
         """The cell as plain JSON values (enums by value, the schedule flattened)."""
         return {
             "dataset": self.dataset,
             "model": self.model,
-            "threat_model": self.threat_model.value,
+            **self.ball.config(),
             "solver": self.solver,
-            "kernel_size": self.kernel_size,
-            "p": self.p,
-            "lam": self.lam,
+            "hyperparameters": dict(self.hyperparameters),
             "eps_initial": self.schedule.initial,
             "eps_factor": self.schedule.factor,
             "eps_every": self.schedule.every,
@@ -163,27 +179,64 @@ def _number(name, value, problems, where, *, integer=False, low=None, low_open=F
     return int(value) if integer else float(value)
 
 
-def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> Cell | None:
-    """Turn one expanded point into a :class:`Cell`, appending every problem found."""
+def _protocol_presets(settings: Mapping[str, Any], problems: list[str], where: str) -> dict[str, Any]:
+    if "protocol" not in settings:
+        return {}
+    protocol = PROTOCOLS.get(settings["protocol"])
+    if protocol is None:
+        problems.append(f"{where}: protocol={settings['protocol']!r} is unknown; allowed: {', '.join(sorted(PROTOCOLS))}")
+        return {}
+    return {
+        "eps_initial": protocol.schedule.initial, "eps_factor": protocol.schedule.factor,
+        "eps_every": protocol.schedule.every, "iterations": protocol.schedule.iterations,
+        "step_rule": protocol.rule.value, "step_size": protocol.step_size,
+        "kernel_size": protocol.kernel_size, "p": protocol.p, "lam": protocol.lam,
+    }
+
+
+def _ball(settings, presets, problems, where) -> Ball | None:
+    kind = _enum_value(BallKind, "threat_model", settings["threat_model"], problems, where)
+    if kind is None:
+        return None
+    if not Ball.has_geometry(kind):
+        return Ball(kind)
+    geometry = {**presets, **settings}
+    kernel_size = _number("kernel_size", geometry.get("kernel_size"), problems, where, integer=True, low=3, odd=True)
+    p = _number("p", geometry.get("p"), problems, where, low=0, low_open=True)
+    if kernel_size is None or p is None:
+        return None
+    return Ball.of(kind.value, kernel_size, p)
+
+
+def _solver(ball: Ball, settings, problems, where) -> zoo.SolverSpec | None:
+    name = settings.get("solver")
+    if not ball.takes_solver:
+        if name is not None:
+            problems.append(f"{where}: the {ball.kind.value} ball takes no solver (got solver={name!r})")
+        return None
+    registered = [spec.name for spec in zoo.solver_specs()]
+    if name is None:
+        problems.append(f"{where}: a {ball.kind.value} cell needs a solver; registered: {', '.join(registered)}")
+        return None
+    if name not in registered:
+        problems.append(f"{where}: solver={name!r} is not registered; registered: {', '.join(registered)}")
+        return None
+    return zoo.solver_spec(name)
+
+
+def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> tuple[Cell | None, set[str]]:
+    """Turn one expanded point into a :class:`Cell`, appending every problem found.
+
+    Returns the cell (None if it has a problem) and the names of ``point``
+    it used beyond the general settings.
+    """
     before = len(problems)
     settings = {**_DEFAULTS, **{k: v for k, v in point.items() if v is not None}}
+    used: set[str] = set()
     for required in ("dataset", "model", "n_examples"):
         if required not in settings:
             problems.append(f"{where}: {required} is not set")
-    threat = _enum_value(ThreatModel, "threat_model", settings["threat_model"], problems, where)
-    protocol = None
-    if "protocol" in settings:
-        protocol = PROTOCOLS.get(settings["protocol"])
-        if protocol is None:
-            problems.append(f"{where}: protocol={settings['protocol']!r} is unknown; allowed: {', '.join(sorted(PROTOCOLS))}")
-    if protocol is not None:
-        preset = {
-            "eps_initial": protocol.schedule.initial, "eps_factor": protocol.schedule.factor,
-            "eps_every": protocol.schedule.every, "iterations": protocol.schedule.iterations,
-            "step_rule": protocol.rule.value, "step_size": protocol.step_size,
-            "kernel_size": protocol.kernel_size, "p": protocol.p, "lam": protocol.lam,
-        }
-        settings = {**preset, **settings}
+    presets = _protocol_presets(settings, problems, where)
     model_names = [spec.name for spec in zoo.models()]
     model_spec = zoo.model_spec(settings["model"]) if settings.get("model") in model_names else None
     if "model" in settings and model_spec is None:
@@ -192,53 +245,71 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> Cell | N
         problems.append(
             f"{where}: model {model_spec.name!r} classifies {model_spec.dataset.value}, not dataset={settings['dataset']!r}"
         )
-    for name in ("eps_initial", "step_size"):
-        if name not in settings:
-            problems.append(f"{where}: {name} is not set (set it, or a protocol: {', '.join(sorted(PROTOCOLS))})")
-    solver = kernel_size = p = lam = None
-    plan_space = False
-    if threat is ThreatModel.WASSERSTEIN:
-        solver_names = [spec.name for spec in zoo.solver_specs()]
-        solver = settings.get("solver")
-        if solver is None:
-            problems.append(f"{where}: a Wasserstein cell needs a solver; registered: {', '.join(solver_names)}")
-        elif solver not in solver_names:
-            problems.append(f"{where}: solver={solver!r} is not registered; registered: {', '.join(solver_names)}")
-        kernel_size = _number("kernel_size", settings.get("kernel_size"), problems, where, integer=True, low=3, odd=True)
-        p = _number("p", settings.get("p"), problems, where, low=0, low_open=True)
-        lam = _number("lam", settings.get("lam", 1000.0), problems, where, low=0, low_open=True)
-        if solver in solver_names and "lam" not in zoo.solver_spec(solver).defaults:
-            lam = None  # the solver has no regularization: record none rather than an unused value
-        plan_space = solver in solver_names and zoo.solver_spec(solver).kind is zoo.SolverKind.PLAN_SPACE
-        if plan_space and settings["clamp"] is True:
-            problems.append(f"{where}: clamp=true is not allowed with the plan-space solver {solver!r}: its iterates are feasible")
-    elif threat is not None and settings.get("solver") is not None:
-        problems.append(f"{where}: the {threat.value} ball takes no solver (got solver={settings['solver']!r})")
-    step_rule = _enum_value(StepRule, "step_rule", settings.get("step_rule", "linf_sign"), problems, where)
-    if threat is ThreatModel.WASSERSTEIN and plan_space:
-        step_rule = None  # a plan-space solver steps by its own rule
+    ball = _ball(settings, presets, problems, where)
+    spec = None
+    if ball is not None:
+        spec = _solver(ball, settings, problems, where)
+        if ball.takes_solver:
+            used |= {"kernel_size", "p"}
+    hyperparameters: dict[str, Any] = {}
+    if spec is not None:
+        for declared in spec.hyperparameters:
+            if declared.name in point:
+                used.add(declared.name)
+            value = settings.get(declared.name, presets.get(declared.name) if declared.name in _PROTOCOL_HYPERPARAMETERS else None)
+            try:
+                hyperparameters[declared.name] = declared.check(declared.default if value is None else value)
+            except ValueError as error:
+                problems.append(f"{where}: {error}")
+    attack_steps = spec is None or spec.kind.attack_steps
+    step_rule = step_size = None
+    if attack_steps:
+        used |= {"step_rule", "step_size"}
+        step_rule = _enum_value(StepRule, "step_rule", settings.get("step_rule", presets.get("step_rule", StepRule.LINF_SIGN.value)), problems, where)
+        step_size = _number("step_size", settings.get("step_size", presets.get("step_size")), problems, where, low=0, low_open=True)
+    clamp = settings["clamp"]
+    if not isinstance(clamp, bool):
+        problems.append(f"{where}: clamp={clamp!r} is invalid: it must be true or false")
+    elif clamp and not (spec is not None and attack_steps):
+        what = f"the plan-space solver {spec.name!r}: its iterates are feasible" if spec is not None else "an l_p ball: it clips already"
+        problems.append(f"{where}: clamp=true is not allowed with {what}")
     loss = _enum_value(Loss, "loss", settings["loss"], problems, where)
-    step_size = _number("step_size", settings.get("step_size", 1.0), problems, where, low=0, low_open=True)
     restarts = _number("restarts", settings["restarts"], problems, where, integer=True, low=1)
     seed = _number("seed", settings["seed"], problems, where, integer=True, low=0)
     n_examples = _number("n_examples", settings.get("n_examples", 1), problems, where, integer=True, low=1)
-    if not isinstance(settings["clamp"], bool):
-        problems.append(f"{where}: clamp={settings['clamp']!r} is invalid: it must be true or false")
+    schedule_settings = {**presets, **settings}
+    if "eps_initial" not in schedule_settings:
+        problems.append(f"{where}: eps_initial is not set (set it, or a protocol: {', '.join(sorted(PROTOCOLS))})")
     schedule = None
     try:
         schedule = EpsSchedule(
-            settings.get("eps_initial", 1.0), settings.get("eps_factor", 1.0),
-            settings.get("eps_every", 1), settings.get("iterations", 1),
+            schedule_settings.get("eps_initial", 1.0), schedule_settings.get("eps_factor", 1.0),
+            schedule_settings.get("eps_every", 1), schedule_settings.get("iterations", 1),
         )
     except ValueError as error:
         problems.append(f"{where}: {error}")
     if len(problems) > before:
-        return None
-    return Cell(
-        dataset=settings["dataset"], model=settings["model"], threat_model=threat, solver=solver,
-        kernel_size=kernel_size, p=p, lam=lam, schedule=schedule, step_rule=step_rule, step_size=step_size,
-        clamp=settings["clamp"], loss=loss, restarts=restarts, seed=seed, n_examples=n_examples,
+        return None, used
+    cell = Cell(
+        dataset=settings["dataset"], model=settings["model"], ball=ball, solver=spec.name if spec else None,
+        hyperparameters=tuple(sorted(hyperparameters.items())), schedule=schedule, step_rule=step_rule,
+        step_size=step_size, clamp=clamp, loss=loss, restarts=restarts, seed=seed, n_examples=n_examples,
     )
+    return cell, used
+
+
+def _hyperparameter_names() -> set[str]:
+    return {h.name for spec in zoo.solver_specs() for h in spec.hyperparameters}
+
+
+def _allowed_in(block: Mapping[str, Any]) -> str:
+    registered = {spec.name for spec in zoo.solver_specs()}
+    solvers = [name for name in _as_axis(block.get("solver")) if isinstance(name, str) and name in registered]
+    text = ", ".join(BLOCK_SETTINGS)
+    for name in solvers:
+        declared = [h.name for h in zoo.solver_spec(name).hyperparameters]
+        text += f"; hyperparameters of {name}: {', '.join(declared) or 'none'}"
+    return text
 
 
 def expand_blocks(blocks: Iterable[Mapping[str, Any]], overrides: Mapping[str, Any] | None = None) -> list[Cell]:
@@ -247,7 +318,8 @@ def expand_blocks(blocks: Iterable[Mapping[str, Any]], overrides: Mapping[str, A
     Parameters
     ----------
     blocks : iterable of mappings
-        Setting name to a value or a list of values (see :data:`BLOCK_SETTINGS`).
+        Setting name to a value or a list of values (see :data:`BLOCK_SETTINGS`
+        and the hyperparameters the block's solvers declare).
     overrides : mapping, optional
         Settings that replace the blocks' own everywhere (e.g. ``n_examples``
         or ``seed`` typed on the command line); None values are ignored.
@@ -255,17 +327,19 @@ def expand_blocks(blocks: Iterable[Mapping[str, Any]], overrides: Mapping[str, A
     Raises
     ------
     GridError
-        Listing every problem of every block: unknown settings, empty axes,
-        unknown model, solver or protocol names, impossible values.
+        Listing every problem of every block: unknown settings (or settings
+        no cell of the block uses), empty axes, unknown model, solver or
+        protocol names, impossible values.
     """
     problems: list[str] = []
     cells: dict[str, Cell] = {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    known = set(BLOCK_SETTINGS) | _hyperparameter_names()
     for number, block in enumerate(blocks, start=1):
         where = f"block {number}"
-        unknown = sorted(set(block) - set(BLOCK_SETTINGS))
+        unknown = sorted(set(block) - known)
         if unknown:
-            problems.append(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(BLOCK_SETTINGS)}")
+            problems.append(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))}; allowed: {_allowed_in(block)}")
             continue
         axes = {name: _as_axis(value) for name, value in {**block, **overrides}.items()}
         empty = [name for name, values in axes.items() if not values]
@@ -273,11 +347,20 @@ def expand_blocks(blocks: Iterable[Mapping[str, Any]], overrides: Mapping[str, A
             problems.append(f"{where}: empty axis {', '.join(map(repr, empty))}: give at least one value")
             continue
         names = list(axes)
+        used: set[str] = set()
+        problems_before = len(problems)
         for values in itertools.product(*(axes[name] for name in names)):
             point = dict(zip(names, values))
-            cell = _cell(point, problems, where)
+            cell, used_here = _cell(point, problems, where)
+            used |= used_here
             if cell is not None:
                 cells.setdefault(cell.cell_id, cell)
+        conditional = (set(block) - set(BLOCK_SETTINGS)) | ({"kernel_size", "p", "step_rule", "step_size"} & set(block))
+        unused = sorted(conditional - used)
+        if unused and len(problems) == problems_before:
+            problems.append(
+                f"{where}: {', '.join(map(repr, unused))} is used by none of the block's cells; allowed: {_allowed_in(block)}"
+            )
     if problems:
         unique = list(dict.fromkeys(problems))
         raise GridError(f"the grid cannot run; {len(unique)} problem(s):\n  " + "\n  ".join(unique))

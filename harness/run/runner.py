@@ -23,16 +23,15 @@ import numpy as np
 import torch
 
 import zoo
-from solvers.iterate import Norm, NormBallIterate
 
-from ..attack.pgd import make_iterate
-from ..data import load_dataset, test_subset
 from ..attack.evaluate import attack_and_verify, clean_accuracy
-from .grid import Cell, Shard, ThreatModel
-from .store import CELLS_SCHEMA, EXAMPLES_SCHEMA, Table, read_table, shard_exists, write_shard
 from ..attack.verify import VerificationStatus, robust_accuracy
+from ..data import load_dataset, test_subset
+from ..vocabulary import CellStatus
+from .grid import Cell, Shard
+from .store import EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, shard_exists, write_shard
 
-__all__ = ["RunContext", "ShardOutcome", "ShardRunner"]
+__all__ = ["RunContext", "ShardOutcome", "ShardRunner", "cell_columns"]
 
 _PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pyarrow", "pandas", "ray", "hydra-core")
 
@@ -86,25 +85,24 @@ def git_commit() -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
-def _attack_summary(cell: Cell) -> str:
-    if cell.threat_model is not ThreatModel.WASSERSTEIN:
-        return f"PGD in the {cell.threat_model.value} ball, step rule {cell.step_rule.value}"
-    return zoo.solver_spec(cell.solver).summary
+def cell_columns(cell: Cell) -> dict:
+    """The cell's configuration as the store's columns (:data:`~harness.run.store.EXAMPLES_SCHEMA`).
 
-
-def _box_handling(cell: Cell) -> str:
-    """How the attack keeps pixels in [0, 1], in words for the report."""
-    if cell.threat_model is not ThreatModel.WASSERSTEIN:
-        return "clipped to [0, 1] after each step"
-    if cell.clamp:
-        return "clamped to [0, 1] after each step, which does not conserve mass"
-    spec = zoo.solver_spec(cell.solver)
-    box = {**spec.defaults, **spec.fixed}.get("box")
-    if box is True:
-        return "kept in [0, 1] by the solver"
-    if box is False:
-        return "none: images may leave [0, 1], and such claims fail verification"
-    return "not declared by the solver"
+    ``step_rule`` and ``step_size`` are the attack's step, or for a solver
+    that steps by its own rule, that rule's hyperparameters of the same names.
+    """
+    config = cell.config()
+    hyperparameters = config.pop("hyperparameters")
+    columns = {name: value for name, value in config.items() if name in EXAMPLES_SCHEMA.names}
+    columns.update({name: hyperparameters.get(name) for name in TYPED_HYPERPARAMETERS})
+    if cell.step_rule is None:
+        columns.update(step_rule=hyperparameters.get("step_rule"), step_size=hyperparameters.get("step_size"))
+    columns.update(
+        ball_title=cell.ball.title,
+        final_eps=cell.schedule.final_eps,
+        hyperparameters_json=json.dumps(hyperparameters, sort_keys=True),
+    )
+    return columns
 
 
 class ShardRunner:
@@ -143,14 +141,6 @@ class ShardRunner:
             self._clean_accuracy[cell.model] = clean_accuracy(self.model(cell.model), images.to(self.device), labels.to(self.device))
         return self._clean_accuracy[cell.model]
 
-    def _iterate(self, cell: Cell):
-        if cell.threat_model is not ThreatModel.WASSERSTEIN:
-            return NormBallIterate(Norm(cell.threat_model.value), cell.step_size)
-        spec = zoo.solver_spec(cell.solver)
-        wanted = {"kernel_size": cell.kernel_size, "p": cell.p, "lam": cell.lam, "step_size": cell.step_size}
-        solver = spec.create(**{name: value for name, value in wanted.items() if name in spec.defaults and value is not None})
-        return make_iterate(solver, cell.step_rule, cell.step_size, clamp=cell.clamp)
-
     def run_shard(self, shard: Shard) -> ShardOutcome:
         """Attack, verify and store one shard (skipped when its file exists)."""
         cell, context = shard.cell, self.context
@@ -160,17 +150,12 @@ class ShardRunner:
         images, labels = self._examples(shard)
         model = self.model(cell.model)
         torch.manual_seed(cell.seed)
-        wasserstein = cell.threat_model is ThreatModel.WASSERSTEIN
         columns = attack_and_verify(
-            model, images.to(self.device), labels.to(self.device), self._iterate(cell), cell.schedule,
-            kernel_size=cell.kernel_size if wasserstein else None,
-            p=cell.p if wasserstein else None,
-            norm=None if wasserstein else Norm(cell.threat_model.value),
+            model, images.to(self.device), labels.to(self.device), cell.ball, cell.iterate(), cell.schedule,
             batch_size=shard.stop - shard.start, loss=cell.loss, restarts=cell.restarts, seed=cell.seed,
         )
         rows = shard.stop - shard.start
-        config = cell.config()
-        record = {name: [config[name]] * rows for name in EXAMPLES_SCHEMA.names if name in config}
+        record = {name: [value] * rows for name, value in cell_columns(cell).items()}
         record.update(
             cell_id=[cell.cell_id] * rows,
             gradient_mode=[zoo.model_spec(cell.model).gradient_mode.value] * rows,
@@ -213,14 +198,13 @@ class ShardRunner:
         context = self.context
         examples = read_table(context.results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)])
         examples = examples.drop_duplicates("example_index")
-        config = cell.config()
         spec = zoo.model_spec(cell.model)
-        row = {name: [config[name]] for name in CELLS_SCHEMA.names if name in config}
+        row = {name: [value] for name, value in cell_columns(cell).items()}
         complete = len(examples) == cell.n_examples
         row.update(
             cell_id=[cell.cell_id],
             gradient_mode=[spec.gradient_mode.value],
-            status=["complete" if complete else "incomplete"],
+            status=[(CellStatus.COMPLETE if complete else CellStatus.INCOMPLETE).value],
             n_examples=[len(examples)],
             started_at=[started_at],
             finished_at=[datetime.datetime.now(datetime.timezone.utc)],
@@ -230,9 +214,10 @@ class ShardRunner:
             trained_for=[spec.trained_for.value],
             model_training=[spec.training],
             model_paper=[spec.paper],
-            attack_summary=[_attack_summary(cell)],
-            box_handling=[_box_handling(cell)],
-            config_json=[json.dumps(config, sort_keys=True)],
+            attack_summary=[cell.ball.attack_summary(cell.solver_spec, cell.step_rule)],
+            box_handling=[cell.ball.box_handling(cell.solver_spec, cell.clamp)],
+            ball_description=[cell.ball.description],
+            config_json=[json.dumps(cell.config(), sort_keys=True)],
             package_versions_json=[json.dumps(package_versions(), sort_keys=True)],
             git_commit=[git_commit()],
             device=[str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)],

@@ -11,6 +11,12 @@ and a shard already on disk is skipped, so no result is lost or duplicated.
 Ctrl-C stops the actors and leaves every finished shard on disk; a rerun
 resumes from there.
 
+Plugins (:func:`zoo.import_plugins`) are imported in this process and, for
+Ray, by every actor before its first shard, so a model or solver a plugin
+registers can be run anywhere. Ray workers get this checkout's code and the
+driver's working directory on their ``PYTHONPATH``, so a plugin module
+importable where the user runs is importable on the workers too.
+
 Ray is imported only by the Ray executor, so the rest of the harness works
 where Ray is not installed.
 """
@@ -25,8 +31,12 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
+
+import zoo
+from zoo.plugins import with_absolute_paths
 
 from ..data import load_dataset
 from .grid import Cell, Shard
@@ -132,8 +142,25 @@ def run_cells(
     executor: Executor = Executor.LOCAL,
     ray_options: RayOptions = RayOptions(),
     progress: bool = True,
+    plugins: Sequence[str] = (),
 ) -> RunReport:
     """Run every shard of ``cells`` and write each finished cell's row.
+
+    Parameters
+    ----------
+    cells : list of Cell
+    context : RunContext
+    shard_size : int
+        Examples per shard.
+    executor : Executor
+    ray_options : RayOptions
+        Used by the Ray executor only.
+    progress : bool
+        Print a status line on standard error.
+    plugins : sequence of str
+        Plugin modules or files (see :func:`zoo.import_plugins`) that register
+        the models and solvers of ``cells``; imported here and, with file
+        paths made absolute, by every Ray actor before its first shard.
 
     Returns
     -------
@@ -143,13 +170,15 @@ def run_cells(
     """
     if not isinstance(executor, Executor):
         raise ValueError(f"executor={executor!r} is invalid: allowed {[e.value for e in Executor]}")
+    plugins = with_absolute_paths(plugins)
+    zoo.import_plugins(plugins)
     shards, per_cell = _plan(cells, shard_size)
     meter = _Progress(len(shards), sum(s.stop - s.start for s in shards)) if progress else None
     started = time.perf_counter()
     if executor is Executor.LOCAL:
         report = _run_local(cells, shards, per_cell, context, meter)
     else:
-        report = _run_ray(cells, shards, per_cell, context, ray_options, meter)
+        report = _run_ray(cells, shards, per_cell, context, ray_options, plugins, meter)
     if meter is not None:
         meter.close()
     report.seconds = time.perf_counter() - started
@@ -188,9 +217,10 @@ def _actor_class(ray):
     """The Ray actor wrapping a :class:`ShardRunner` (built when Ray is first used)."""
 
     class ShardActor:
-        def __init__(self, context: RunContext, threads: int | None):
+        def __init__(self, context: RunContext, threads: int | None, plugins: Sequence[str]):
             if threads:
                 torch.set_num_threads(threads)
+            zoo.import_plugins(plugins)
             self.runner = ShardRunner(context)
 
         def provide_test_set(self, dataset, data):
@@ -210,16 +240,18 @@ def _actor_class(ray):
     return ray.remote(ShardActor)
 
 
-def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> RunReport:
+def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: list[str], meter) -> RunReport:
     import ray
     from ray.exceptions import RayActorError
 
     started_here = not ray.is_initialized()
     if started_here:
         init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
-        # Workers import this checkout's code, whatever is installed on their node.
+        # Workers import this checkout's code, whatever is installed on their node, and
+        # the plugin modules the driver can import from its working directory.
         project_root = str(Path(__file__).resolve().parents[2])
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))}}
+        search_path = [project_root, os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(filter(None, search_path)))}}
         ray.init(**init, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, configure_logging=False)
     report = RunReport()
     actors = []
@@ -246,7 +278,7 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, meter) -> Ru
             test_sets[dataset] = ray.put((images[:n].clone(), labels[:n].clone()))
 
         def new_actor():
-            actor = actor_class.options(**actor_options).remote(run_context, threads)
+            actor = actor_class.options(**actor_options).remote(run_context, threads, plugins)
             for dataset, ref in test_sets.items():
                 actor.provide_test_set.remote(dataset, ref)
             return actor

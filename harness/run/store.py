@@ -46,13 +46,29 @@ __all__ = [
     "write_shard",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped whenever a table or column is added, removed or changes meaning.
 
 Version 2 added the ``images`` table, and to ``cells`` the model's
 ``trained_for``, ``model_training`` and ``model_paper`` and the attack's
-``attack_summary`` and ``box_handling``; version-1 files read
-with those columns empty."""
+``attack_summary`` and ``box_handling``. Version 3 added, to ``examples``
+and ``cells``, ``final_eps`` (the largest radius the schedule searched),
+``ball_title``, the typed solver hyperparameters of
+:data:`TYPED_HYPERPARAMETERS` and ``hyperparameters_json`` (the full set),
+and to ``cells`` ``ball_description``. Older files read with the new
+columns filled where they can be derived (``final_eps``, ``ball_title``)
+and empty otherwise."""
+
+TYPED_HYPERPARAMETERS = {
+    "lam": pa.float64(),
+    "tol": pa.float64(),
+    "max_iter": pa.int32(),
+    "relaxation": pa.float64(),
+    "box_tol": pa.float64(),
+    "box_max_iter": pa.int32(),
+}
+"""Solver hyperparameters with a column of their own (null where a cell's solver does not
+declare them); every hyperparameter, these included, is in ``hyperparameters_json``."""
 
 
 class Table(enum.Enum):
@@ -73,10 +89,12 @@ PARTITION_SCHEMA = pa.schema([pa.field("dataset", pa.string()), pa.field("model"
 _CELL_CONFIG = [
     pa.field("cell_id", pa.string(), nullable=False),
     pa.field("threat_model", pa.string(), nullable=False),
+    pa.field("ball_title", pa.string()),
     pa.field("solver", pa.string()),
     pa.field("kernel_size", pa.int32()),
     pa.field("p", pa.float64()),
-    pa.field("lam", pa.float64()),
+    *(pa.field(name, kind) for name, kind in TYPED_HYPERPARAMETERS.items()),
+    pa.field("hyperparameters_json", pa.string()),
     pa.field("step_rule", pa.string()),
     pa.field("step_size", pa.float64()),
     pa.field("clamp", pa.bool_()),
@@ -84,6 +102,7 @@ _CELL_CONFIG = [
     pa.field("eps_factor", pa.float64()),
     pa.field("eps_every", pa.int32()),
     pa.field("iterations", pa.int32()),
+    pa.field("final_eps", pa.float64()),
     pa.field("loss", pa.string()),
     pa.field("restarts", pa.int32()),
     pa.field("seed", pa.int64()),
@@ -135,6 +154,7 @@ CELLS_SCHEMA = pa.schema(
         pa.field("model_paper", pa.string()),
         pa.field("attack_summary", pa.string()),
         pa.field("box_handling", pa.string()),
+        pa.field("ball_description", pa.string()),
         pa.field("config_json", pa.string()),
         pa.field("package_versions_json", pa.string()),
         pa.field("git_commit", pa.string()),
@@ -288,4 +308,25 @@ def read_table(
         return frame if columns is None else frame[columns]
     dataset = pads.dataset(str(root), format="parquet", partitioning=_PARTITIONING, schema=full, ignore_prefixes=[".", "_"])
     expression = pq.filters_to_expression(filters) if filters else None
-    return dataset.to_table(columns=columns, filter=expression).to_pandas()
+    frame = dataset.to_table(filter=expression).to_pandas()
+    frame = _upgrade(frame) if table is not Table.IMAGES else frame
+    return frame if columns is None else frame[columns]
+
+
+def _upgrade(frame: pd.DataFrame) -> pd.DataFrame:
+    """Fill the version-3 columns of rows written by older versions, where they can be derived."""
+    old = frame["schema_version"] < 3
+    if not old.any():
+        return frame
+    frame = frame.copy()
+    schedule = frame.loc[old, ["eps_initial", "eps_factor", "eps_every", "iterations"]]
+    # The largest radius of a schedule eps_initial * eps_factor ** (t // eps_every), t < iterations.
+    frame.loc[old, "final_eps"] = schedule["eps_initial"] * schedule["eps_factor"] ** ((schedule["iterations"] - 1) // schedule["eps_every"])
+    geometry = frame.loc[old, ["threat_model", "kernel_size", "p"]]
+    frame.loc[old, "ball_title"] = [
+        f"{kind} ball" if pd.isna(k) else f"{kind} ball, {int(k)}x{int(k)} local transport, p = {p:g}"
+        for kind, k, p in geometry.itertuples(index=False)
+    ]
+    if "ball_description" in frame:
+        frame.loc[old, "ball_description"] = [f"not recorded (store version {int(v)})" for v in frame.loc[old, "schema_version"]]
+    return frame

@@ -1,0 +1,83 @@
+"""Compare the example rows of two results folders: did a code change move any number?
+
+Usage::
+
+    python benchmarks/compare_runs.py BEFORE_DIR AFTER_DIR
+
+Rows are matched on what an example *is* (data set, model, ball, solver,
+lambda, clamp, schedule, seed, example index), not on cell or shard ids,
+which hash the whole configuration and change whenever the configuration
+gains a field. Every column both stores wrote is compared (columns a newer
+schema added, which the store fills in when it reads an older folder, are
+not), except ids, timings and the schema version; floats must agree
+exactly (NaN equals NaN).
+Prints one line per differing column and exits 1 if any differ, 2 if the
+rows do not match up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from harness.run.store import Table, read_table
+
+KEY = ["dataset", "model", "threat_model", "kernel_size", "p", "solver", "lam", "clamp",
+       "eps_initial", "eps_factor", "eps_every", "iterations", "seed", "example_index"]
+IGNORED = {"schema_version", "cell_id", "shard_id", "attack_seconds", "verify_seconds"}
+
+
+def _same(left: pd.Series, right: pd.Series) -> np.ndarray:
+    if pd.api.types.is_float_dtype(left) and pd.api.types.is_float_dtype(right):
+        a, b = left.to_numpy(dtype=float), right.to_numpy(dtype=float)
+        return (a == b) | (np.isnan(a) & np.isnan(b))
+    return (left.astype(object).fillna("<null>") == right.astype(object).fillna("<null>")).to_numpy()
+
+
+def _written_columns(results_dir: str) -> set[str]:
+    """The columns the files of a store hold (not those the reader adds for older versions)."""
+    first = next(path for path in sorted((Path(results_dir) / Table.EXAMPLES.value).rglob("*.parquet")) if not path.name.startswith("."))
+    return set(pq.read_schema(first).names)
+
+
+def compare(before_dir: str, after_dir: str, stream=sys.stdout) -> int:
+    before = read_table(before_dir, Table.EXAMPLES)
+    after = read_table(after_dir, Table.EXAMPLES)
+    if before.empty or after.empty:
+        stream.write(f"nothing to compare: {len(before)} rows before, {len(after)} after\n")
+        return 2
+    written = _written_columns(before_dir) & _written_columns(after_dir)
+    shared = [c for c in before.columns if c in written and c not in IGNORED and c not in KEY]
+    left = before.astype({"model": str, "dataset": str}).set_index(KEY).sort_index()
+    right = after.astype({"model": str, "dataset": str}).set_index(KEY).sort_index()
+    if not left.index.equals(right.index):
+        stream.write(f"the rows do not match up: {len(left)} before, {len(right)} after, "
+                     f"{len(left.index.difference(right.index))} only before, {len(right.index.difference(left.index))} only after\n")
+        return 2
+    differing = 0
+    for column in shared:
+        same = _same(left[column], right[column])
+        if not same.all():
+            differing += 1
+            stream.write(f"{column}: {int((~same).sum())} of {len(same)} rows differ\n")
+    stream.write(f"{len(left)} rows, {len(shared)} columns compared ({', '.join(shared)}): "
+                 f"{'identical' if not differing else f'{differing} columns differ'}\n")
+    return 1 if differing else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    arguments = parser.parse_args(argv)
+    return compare(arguments.before, arguments.after)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Everything a benchmark checks before it starts: one call, every problem.
+
+:func:`preflight` takes the composed configuration (the keys of
+``conf/config.yaml``, the grid under ``grid``) and checks, in order: the
+plugins (imported first, since they register the models and solvers a grid
+names), the settings (executor, batch size, device, ``ray.*`` options), the
+grid (its includes, blocks and cells), the models' weights and the data sets
+(each cell's ``n_examples`` against its test split), that the results folder
+can be created and written, and, for the Ray executor with an address, that
+a cluster answers there. Each check is cheap or bounded by a short timeout,
+so a bad configuration is refused in seconds instead of failing after the
+attacks have run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import torch
+
+import zoo
+
+from ..data import load_dataset
+from .grid import Cell, GridError, expand_blocks
+from .scheduler import Executor, RayOptions
+
+__all__ = ["GRID_DIR", "BenchmarkError", "Preflight", "cannot_start_message", "grid_blocks", "preflight"]
+
+GRID_DIR = Path(__file__).resolve().parents[2] / "conf" / "grid"
+
+CLUSTER_PROBE_SECONDS = 3.0
+"""How long the probe of a Ray address waits for a TCP connection."""
+
+_RAY_CLIENT_PORT = 10001  # Ray's default for ray://host without a port
+_RAY_OPTIONS = tuple(field.name for field in dataclasses.fields(RayOptions))
+_NO_CLUSTER_ADVICE = "start one with `ray start --head` (then ray.address=auto), or leave ray.address null for an embedded Ray"
+
+
+class BenchmarkError(ValueError):
+    """The run cannot start; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What :func:`preflight` found.
+
+    Attributes
+    ----------
+    cells : list of Cell
+        The grid's cells (empty when the grid itself has problems).
+    plugins : list of str
+        The plugins in effect, as :func:`zoo.import_plugins` names them.
+    ray_options : RayOptions or None
+        The ``ray.*`` settings (None when one of them is invalid).
+    problems : list of str
+        Every reason the run cannot start; empty when it can.
+    """
+
+    cells: list[Cell]
+    plugins: list[str]
+    ray_options: RayOptions | None
+    problems: list[str]
+
+
+def cannot_start_message(problems: Sequence[str]) -> str:
+    """The text printed when a run is refused: a heading, then one problem a line."""
+    return "The benchmark cannot start:\n  " + "\n  ".join(problems) + "\n"
+
+
+def grid_blocks(grid: Mapping[str, Any], grid_dir: Path = GRID_DIR, _seen: tuple[str, ...] = ()) -> list[dict]:
+    """The blocks of a grid, those of the grids it includes first (each grid once)."""
+    unknown = sorted(set(grid) - {"name", "description", "blocks", "include"})
+    if unknown:
+        raise BenchmarkError(f"grid {grid.get('name')!r}: unknown key(s) {unknown}; allowed: name, description, blocks, include")
+    blocks: list[dict] = []
+    for name in grid.get("include") or []:
+        if name in _seen:
+            continue
+        path = grid_dir / f"{name}.yaml"
+        if not path.is_file():
+            available = sorted(p.stem for p in grid_dir.glob("*.yaml"))
+            raise BenchmarkError(f"grid {grid.get('name')!r} includes {name!r}, which does not exist; grids: {', '.join(available)}")
+        from omegaconf import OmegaConf
+
+        included = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        blocks += grid_blocks(included, grid_dir, _seen + (name,))
+        _seen += (name,)
+    blocks += [dict(block) for block in grid.get("blocks") or []]
+    if not blocks:
+        raise BenchmarkError(f"grid {grid.get('name')!r} has no blocks and includes none")
+    return blocks
+
+
+def preflight(config: Mapping[str, Any]) -> Preflight:
+    """Check a benchmark configuration; return its cells and every problem found.
+
+    Parameters
+    ----------
+    config : mapping
+        The keys of ``conf/config.yaml``, with the grid (``name``,
+        ``blocks``, ``include``) under ``grid``.
+
+    Returns
+    -------
+    Preflight
+        The cells, the plugins in effect, the Ray options, and the problems:
+        a run may start only when there are none. Nothing is attacked and no
+        file is left behind (the results folder is created to probe it, then
+        removed again if it was not there).
+    """
+    problems: list[str] = []
+    plugins: list[str] = []
+    try:
+        plugins = zoo.import_plugins(config.get("plugins") or [])
+    except zoo.PluginError as error:
+        problems.append(str(error))
+    ray_settings = config.get("ray")
+    ray_options, ray_problems = _ray_options(ray_settings)
+    problems += _settings_problems(config)
+    problems += ray_problems
+    address = ray_settings.get("address") if isinstance(ray_settings, Mapping) else None
+    joins_cluster = config.get("executor") == Executor.RAY.value and isinstance(address, str) and bool(address)
+    if not joins_cluster:
+        # A cluster's GPUs are not this machine's: only shards run here need CUDA here.
+        problems += _device_problems(config.get("device"))
+    cells: list[Cell] = []
+    grid = config.get("grid")
+    if not isinstance(grid, Mapping):
+        available = sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
+        problems.append(f"no grid is given: choose one with grid=NAME; grids: {', '.join(available)}")
+    else:
+        try:
+            cells = expand_blocks(grid_blocks(grid), {"n_examples": config.get("n_examples"), "seed": config.get("seed")})
+        except (BenchmarkError, GridError) as error:
+            problems.append(str(error))
+    if cells:
+        problems += _weights_and_data_problems(cells, config.get("data_root"), config.get("weights_dir"), bool(config.get("download")))
+    if config.get("results_dir"):
+        problems += _results_dir_problems(str(config["results_dir"]))
+    if joins_cluster:
+        problems += _cluster_problems(address)
+    return Preflight(cells, plugins, ray_options, problems)
+
+
+def _settings_problems(config: Mapping[str, Any]) -> list[str]:
+    problems = []
+    executors = [e.value for e in Executor]
+    if config.get("executor") not in executors:
+        problems.append(f"executor={config.get('executor')!r} is invalid; allowed: {', '.join(executors)}")
+    batch = config.get("batch_size")
+    if not _is_integer(batch, 1):
+        problems.append(f"batch_size={batch!r} is invalid: it must be an integer >= 1")
+    gallery = config.get("gallery_examples", 8)
+    if not _is_integer(gallery, 0):
+        problems.append(f"gallery_examples={gallery!r} is invalid: it must be an integer >= 0")
+    if not config.get("results_dir"):
+        problems.append("results_dir is empty: give the folder the results go to")
+    if not config.get("data_root"):
+        problems.append("data_root is empty: give the folder that holds the data sets (or set DATA_ROOT)")
+    return problems
+
+
+def _is_integer(value: Any, low: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= low
+
+
+def _device_problems(device: Any) -> list[str]:
+    name = str(device)
+    if name in ("auto", "cpu"):
+        return []
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        return [f"device={device!r} is invalid; allowed: auto, cpu, cuda, cuda:N"]
+    if not torch.cuda.is_available():
+        return [f"device={device!r} is not available: this machine has no CUDA device; allowed here: auto, cpu"]
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        return [
+            f"device={device!r} does not exist: this machine has {count} CUDA device(s); "
+            f"allowed: auto, cpu, cuda, cuda:N for N from 0 to {count - 1}"
+        ]
+    return []
+
+
+def _ray_options(settings: Any) -> tuple[RayOptions | None, list[str]]:
+    """The ``ray.*`` settings as :class:`RayOptions`, and the problems of each (all of them)."""
+    if settings is None:
+        return RayOptions(), []
+    if not isinstance(settings, Mapping):
+        return None, [f"ray={settings!r} is invalid: it must be a mapping of options ({', '.join(_RAY_OPTIONS)})"]
+    problems = []
+    unknown = sorted(set(settings) - set(_RAY_OPTIONS))
+    if unknown:
+        problems.append(
+            f"unknown Ray option(s) {', '.join(f'ray.{name}' for name in unknown)}; "
+            f"allowed: {', '.join(f'ray.{name}' for name in _RAY_OPTIONS)}"
+        )
+    default = RayOptions()
+    address = settings.get("address", default.address)
+    if address is not None and not (isinstance(address, str) and address):
+        problems.append(f"ray.address={address!r} is invalid; allowed: null (an embedded Ray), auto, host:port, ray://host:port")
+    gpus = settings.get("gpus_per_actor", default.gpus_per_actor)
+    gpus_valid = not isinstance(gpus, bool) and isinstance(gpus, numbers.Real) and math.isfinite(gpus) and gpus > 0
+    if not gpus_valid or (gpus > 1 and not float(gpus).is_integer()):
+        # Ray takes a fraction of one GPU, or whole GPUs: 1.5 is refused when the actors start.
+        problems.append(f"ray.gpus_per_actor={gpus!r} is invalid: it must be a number > 0 (a fraction up to 1, or a whole number)")
+    cpus = settings.get("cpus_per_actor", default.cpus_per_actor)
+    if not _is_integer(cpus, 1):
+        problems.append(f"ray.cpus_per_actor={cpus!r} is invalid: it must be an integer >= 1")
+    retries = settings.get("max_retries", default.max_retries)
+    if not _is_integer(retries, 0):
+        problems.append(f"ray.max_retries={retries!r} is invalid: it must be an integer >= 0")
+    num_cpus = settings.get("num_cpus", default.num_cpus)
+    if num_cpus is not None and not _is_integer(num_cpus, 1):
+        problems.append(f"ray.num_cpus={num_cpus!r} is invalid: it must be null (all CPUs) or an integer >= 1")
+    if problems:
+        return None, problems
+    return RayOptions(address=address, gpus_per_actor=gpus, cpus_per_actor=cpus, max_retries=retries, num_cpus=num_cpus), []
+
+
+def _weights_and_data_problems(cells: list[Cell], data_root: str | None, weights_dir: str | None, download: bool) -> list[str]:
+    """Problems that would stop the run midway: missing weights, missing data, too few test images."""
+    problems = []
+    for name in sorted({cell.model for cell in cells}):
+        spec = zoo.model_spec(name)
+        if spec.weights is None:
+            problems.append(f"model {name!r} has no published weights in the zoo ({spec.training}); drop it from the grid")
+            continue
+        path = zoo.weights_path(spec, weights_dir)
+        if path.is_file():
+            continue
+        if spec.weights.url is None:
+            problems.append(
+                f"model {name!r}: weights file {path} is missing and has no public URL; copy it into that folder, "
+                "pass weights_dir=FOLDER, or set WASSERSTEIN_BENCH_WEIGHTS"
+            )
+            continue
+        if not download:
+            problems.append(
+                f"model {name!r}: weights file {path} is missing (public URL {spec.weights.url}); "
+                "pass weights_dir=FOLDER, set WASSERSTEIN_BENCH_WEIGHTS, or download=true"
+            )
+            continue
+        try:  # fetched (and hash-checked) once here, not by every worker at once
+            zoo.model(name, weights_dir=weights_dir, download=True)
+        except (OSError, ValueError) as error:
+            problems.append(f"model {name!r}: {error}")
+    if not data_root:
+        return problems
+    for dataset in sorted({cell.dataset for cell in cells}):
+        try:
+            _, labels = load_dataset(dataset, data_root, download=download)
+        except (FileNotFoundError, ValueError) as error:
+            problems.append(f"data set {dataset!r}: {error}")
+            continue
+        size = len(labels)
+        too_many = sorted({cell.n_examples for cell in cells if cell.dataset == dataset and cell.n_examples > size})
+        if too_many:
+            problems.append(
+                f"data set {dataset!r}: its test split (in {data_root}) has {size} images, fewer than "
+                f"n_examples={', '.join(map(str, too_many))}; allowed: n_examples from 1 to {size}"
+            )
+    return problems
+
+
+def _results_dir_problems(results_dir: str) -> list[str]:
+    """Create the results folder and write a hidden file in it, so that a run cannot fail at its first write."""
+    folder = Path(results_dir)
+    created = []  # deepest first
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            break
+        created.append(candidate)
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return [f"results_dir={results_dir!r} cannot be created and written: {error}; give a folder you can write to"]
+    finally:
+        # A refused run leaves nothing behind; the run itself creates the folder at its first write.
+        for folder_made_here in created:
+            try:
+                folder_made_here.rmdir()
+            except OSError:
+                break
+    return []
+
+
+def _cluster_problems(address: str) -> list[str]:
+    """Problems of a Ray address: malformed, or nothing answers there within :data:`CLUSTER_PROBE_SECONDS`.
+
+    ``ray.init`` against an address where nothing listens retries for
+    minutes, printing connection warnings; a TCP connect tells in seconds.
+    """
+    target = address
+    if address == "auto":
+        target = _current_cluster_address()
+        if target is None:
+            return [
+                "ray.address='auto' found no running cluster: RAY_ADDRESS is not set and no cluster was "
+                f"started on this machine; {_NO_CLUSTER_ADVICE}"
+            ]
+    shown = repr(address) if target == address else f"'auto' (resolved to {target!r})"
+    host_port = _host_and_port(target)
+    if host_port is None:
+        return [f"ray.address={shown} is invalid; allowed: null (an embedded Ray), auto, host:port, ray://host:port"]
+    host, port = host_port
+    try:
+        with socket.create_connection((host, port), timeout=CLUSTER_PROBE_SECONDS):
+            return []
+    except OSError as error:
+        reason = "timed out" if isinstance(error, TimeoutError) else str(error)
+        return [f"ray.address={shown}: nothing answers at {host}:{port} ({reason}); {_NO_CLUSTER_ADVICE}"]
+
+
+def _current_cluster_address() -> str | None:
+    """The address ``ray.init(address="auto")`` would join: ``RAY_ADDRESS``, else the last ``ray start``'s."""
+    from_environment = os.environ.get("RAY_ADDRESS")
+    if from_environment and from_environment != "auto":
+        return from_environment
+    from ray._private.services import find_bootstrap_address
+
+    return find_bootstrap_address(None)
+
+
+def _host_and_port(address: str) -> tuple[str, int] | None:
+    """``host:port`` or ``ray://host[:port]`` split into its host and port (None when malformed)."""
+    scheme, _, rest = address.rpartition("://")
+    if scheme not in ("", "ray"):
+        return None
+    try:
+        parts = urlsplit(f"//{rest}")
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.hostname is None or parts.path or parts.query or parts.fragment:
+        return None
+    if port is None:
+        if scheme != "ray":
+            return None
+        port = _RAY_CLIENT_PORT
+    return parts.hostname, port

@@ -1,0 +1,55 @@
+"""The words the store holds, each defined once, by its enum.
+
+Attack, run and report all read and write these values; none of them spells
+a status or a ball as a string literal. The module imports nothing from the
+rest of the harness, so every room may use it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["BallKind", "CellStatus", "VerificationStatus"]
+
+
+class BallKind(enum.Enum):
+    """The family of balls an attack stays in; stored by value."""
+
+    WASSERSTEIN = "wasserstein"
+    """Local-transport Wasserstein ball (the benchmark's threat model)."""
+    LINF = "linf"
+    """l_inf ball intersected with the pixel box (baseline)."""
+    L2 = "l2"
+    """l_2 ball intersected with the pixel box (baseline)."""
+
+
+class CellStatus(enum.Enum):
+    """Whether every example of a cell landed on disk; stored by value."""
+
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
+
+
+class VerificationStatus(enum.IntEnum):
+    """Outcome of verifying one example, in the order the checks run; stored by name."""
+
+    VERIFIED = 0
+    """A success that passed every check."""
+    CLEAN_MISCLASSIFIED = 1
+    """The clean image is already misclassified: verified radius 0."""
+    NOT_FOUND = 2
+    """The attack claimed no success."""
+    PREDICTION_UNCHANGED = 3
+    """The model classifies the stored image correctly after all."""
+    OUTSIDE_BOX = 4
+    """A pixel lies outside [0, 1]."""
+    MASS_NOT_CONSERVED = 5
+    """The total mass differs from the clean image's."""
+    UNREACHABLE_MASS = 6
+    """Some mass cannot be transported within the windows (moved too far, or created)."""
+    RADIUS_EXCEEDED = 7
+    """The exact transport cost exceeds the radius the attack claims."""
+
+    @property
+    def counts_as_success(self) -> bool:
+        return self in (VerificationStatus.VERIFIED, VerificationStatus.CLEAN_MISCLASSIFIED)
