@@ -25,14 +25,14 @@ __all__ = ["BenchmarkError", "grid_blocks", "run_benchmark"]
 
 
 def _summary(report: RunReport) -> str:
-    lines = [f"{'model':<30} {'ball':<32} {'solver':<24} {'lambda':>6} {'n':>5} {'clean':>7} {'robust':>7} {'at eps':>7}"]
+    lines = [f"{'model':<30} {'ball':<46} {'solver':<24} {'lambda':>6} {'n':>5} {'clean':>7} {'robust':>7} {'at eps':>7}"]
     for row in sorted(report.cells, key=lambda r: r["config_json"]):
         model = json.loads(row["config_json"])["model"]
         robust = row["robust_accuracy"]
         solver = str(row["solver"] or "-") + (" +clamp" if row["clamp"] else "")
         lam = row["lam"]
         lines.append(
-            f"{model:<30} {row['ball_title']:<32} {solver:<24} {'-' if lam is None else f'{lam:g}':>6} {row['n_examples']:>5} "
+            f"{model:<30} {row['ball_title']:<46} {solver:<24} {'-' if lam is None else f'{lam:g}':>6} {row['n_examples']:>5} "
             f"{100 * row['clean_accuracy']:>6.2f}% {'-' if robust is None or math.isnan(robust) else f'{100 * robust:.1f}%':>7} "
             f"{row['final_eps']:>7.3g}"
         )
