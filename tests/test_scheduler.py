@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 import zoo
-from harness.report import write_report
 from harness.run.benchmark import run_benchmark
 from harness.run.grid import expand_blocks
 from harness.run.runner import RunContext
 from harness.run.scheduler import Executor, RayOptions, run_cells
 from harness.run.store import Table, read_table
+from run_benchmark import run_and_report
 from synthetic import plugin_source
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -169,11 +169,11 @@ def test_hydra_entry_point_with_a_plugin_model(world, tmp_path):
 
 def test_a_plugin_model_appears_in_the_leaderboard_of_a_ray_run(world, tmp_path):
     """A third-party checkpoint (state dict under a key, DataParallel prefix) in a plugin file, no project edit."""
-    config = _config(world, tmp_path, executor="ray", plugins=[str(world.plugin)])
+    config = _config(world, tmp_path, executor="ray", plugins=[str(world.plugin)], report=True)
     config["grid"]["blocks"] = [_block(world.model, n_examples=4)]
-    assert run_benchmark(config) == 0
+    assert run_and_report(config) == 0  # the main job: the run, then the report
     page = _TableRows()
-    page.feed(write_report(config["results_dir"]).read_text())
+    page.feed((Path(config["results_dir"]) / "leaderboard.html").read_text())
     assert [row for row in page.rows if world.model in row.split("|")], f"no table row names {world.model}: {page.rows}"
     examples = _rows(config["results_dir"])
     assert len(examples) == 4 and set(examples["model"]) == {world.model}
