@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.report import ReportError, score
+from harness.report.leaderboard import radius_label
 
 __all__ = ["main", "render_page"]
 
@@ -108,13 +109,6 @@ def _stamp(command: str, examples: pd.DataFrame, cells: pd.DataFrame) -> list[st
     ]
 
 
-def _radius(value: float) -> str:
-    in_255ths = value * 255
-    if value < 0.1 and abs(in_255ths - round(in_255ths)) < 1e-9:
-        return f"{round(in_255ths)}/255"
-    return f"{value:g}"
-
-
 def _leaderboard_lines(table) -> list[str]:
     lines = [f"## {table.group.title}", ""]
     description = table.group.ball_description
@@ -128,14 +122,14 @@ def _leaderboard_lines(table) -> list[str]:
     lines.append(f"Schedules: {'; '.join(table.schedules)}.")
     lines.append("")
     ranked = (
-        f"median verified radius, then robust accuracy at eps {_radius(table.reference_radius)}"
+        f"median verified radius, then robust accuracy at eps {radius_label(table.reference_radius)}"
         if table.reference_radius is not None else "median verified radius"
     )
     lines.append(f"Ranked by {ranked}. Robust accuracy is the worst case over the attacks, from verified distances.")
     for note in table.notes:
         lines.append(f"Note: {note}.")
     lines.append("")
-    header = ["rank", "model", "clean", *(f"eps {_radius(r)}" for r in table.radii), "median radius",
+    header = ["rank", "model", "clean", *(f"eps {radius_label(r)}" for r in table.radii), "median radius",
               "examples", "verified / claimed", "best attack", "s / example", "flags"]
     rows = []
     for row in table.rows.to_dict("records"):
@@ -162,7 +156,7 @@ def _attack_lines(table, solvers: pd.DataFrame) -> list[str]:
     mine = solvers[solvers["threat"] == table.group.title] if len(solvers) else solvers
     if mine.empty:
         return []
-    at = f"eps {_radius(table.reference_radius)}" if table.reference_radius is not None else "reference radius"
+    at = f"eps {radius_label(table.reference_radius)}" if table.reference_radius is not None else "reference radius"
     lines = [f"### Each attack alone ({table.group.title})", ""]
     header = ["model", "attack", f"robust @ {at}", "median radius", "verified / claimed", "s / example",
               "iterations / step", "unconverged steps", "examples"]

@@ -14,7 +14,7 @@ at ``r`` is unknown (NaN), never guessed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,7 @@ __all__ = [
     "cell_label",
     "leaderboard",
     "model_curves",
+    "radius_label",
     "robust_accuracy_at",
     "solver_table",
     "threat_groups",
@@ -104,14 +105,19 @@ def threat_groups(examples: pd.DataFrame, cells: pd.DataFrame | None = None) -> 
     columns = ["dataset", "threat_model", "kernel_size", "p"]
     for (dataset, threat, kernel_size, p), rows in examples.groupby(columns, dropna=False):
         geometry = {} if pd.isna(kernel_size) else {"kernel_size": int(kernel_size), "p": float(p)}
-        bare = ThreatGroup(dataset, threat, **geometry)
-        descriptions = cells.loc[bare.select(cells), "ball_description"].dropna() if cells is not None and len(cells) else ()
-        group = ThreatGroup(
-            dataset, threat, **geometry, ball_title=str(rows["ball_title"].dropna().iloc[0]) if rows["ball_title"].notna().any() else "",
-            ball_description=str(descriptions.iloc[0]) if len(descriptions) else "",
-        )
-        counts[group] = counts.get(group, 0) + len(rows)
+        group = ThreatGroup(dataset, threat, **geometry)
+        description = _first(cells.loc[group.select(cells), "ball_description"]) if cells is not None and len(cells) else None
+        group = replace(group, ball_title=_first(rows["ball_title"]) or "", ball_description=description or "")
+        counts[group] = len(rows)
     return sorted(counts, key=lambda g: (g.dataset, -counts[g], g.threat_model, g.kernel_size or 0, g.p or 0))
+
+
+def radius_label(value: float) -> str:
+    """How a radius is written in tables: ``k/255`` for the small l_inf radii that are such, else ``%g``."""
+    in_255ths = value * 255
+    if value < 0.1 and abs(in_255ths - round(in_255ths)) < 1e-9:
+        return f"{round(in_255ths)}/255"
+    return f"{value:g}"
 
 
 def worst_case(examples: pd.DataFrame) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .leaderboard import LeaderboardTable
+from .leaderboard import LeaderboardTable, radius_label
 
 __all__ = ["AttackNote", "FigureEntry", "figure_png", "render_page"]
 
@@ -220,11 +220,8 @@ def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) 
 
 
 def _radius(value: float) -> str:
-    in_255ths = value * 255
-    if abs(in_255ths - round(in_255ths)) < 1e-9 and value < 0.1:
-        return f"{round(in_255ths)}/255"
-    text = f"{value:g}"
-    return text if "." in text or "e" in text else text + ".0"
+    text = radius_label(value)
+    return text if any(mark in text for mark in "./e") else text + ".0"
 
 
 def _ball(table: LeaderboardTable) -> str:

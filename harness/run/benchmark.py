@@ -17,11 +17,11 @@ import sys
 from collections import defaultdict
 from typing import Any, Mapping
 
-from .preflight import BenchmarkError, cannot_start_message, grid_blocks, preflight
+from .preflight import cannot_start_message, preflight
 from .runner import RunContext
 from .scheduler import Executor, RunReport, run_cells
 
-__all__ = ["BenchmarkError", "grid_blocks", "run_benchmark"]
+__all__ = ["run_benchmark"]
 
 
 def _summary(report: RunReport) -> str:

@@ -253,12 +253,12 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> tuple[Ce
             used |= {"kernel_size", "p"}
     hyperparameters: dict[str, Any] = {}
     if spec is not None:
+        preset = {name: presets[name] for name in _PROTOCOL_HYPERPARAMETERS if name in presets}
         for declared in spec.hyperparameters:
             if declared.name in point:
                 used.add(declared.name)
-            value = settings.get(declared.name, presets.get(declared.name) if declared.name in _PROTOCOL_HYPERPARAMETERS else None)
             try:
-                hyperparameters[declared.name] = declared.check(declared.default if value is None else value)
+                hyperparameters[declared.name] = declared.check(settings.get(declared.name, preset.get(declared.name, declared.default)))
             except ValueError as error:
                 problems.append(f"{where}: {error}")
     attack_steps = spec is None or spec.kind.attack_steps

@@ -45,6 +45,10 @@ _RAY_OPTIONS = tuple(field.name for field in dataclasses.fields(RayOptions))
 _NO_CLUSTER_ADVICE = "start one with `ray start --head` (then ray.address=auto), or leave ray.address null for an embedded Ray"
 
 
+def _grid_names(grid_dir: Path = GRID_DIR) -> str:
+    return ", ".join(sorted(path.stem for path in grid_dir.glob("*.yaml")))
+
+
 class BenchmarkError(ValueError):
     """The run cannot start; the message lists every problem."""
 
@@ -87,8 +91,7 @@ def grid_blocks(grid: Mapping[str, Any], grid_dir: Path = GRID_DIR, _seen: tuple
             continue
         path = grid_dir / f"{name}.yaml"
         if not path.is_file():
-            available = sorted(p.stem for p in grid_dir.glob("*.yaml"))
-            raise BenchmarkError(f"grid {grid.get('name')!r} includes {name!r}, which does not exist; grids: {', '.join(available)}")
+            raise BenchmarkError(f"grid {grid.get('name')!r} includes {name!r}, which does not exist; grids: {_grid_names(grid_dir)}")
         from omegaconf import OmegaConf
 
         included = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -135,8 +138,7 @@ def preflight(config: Mapping[str, Any]) -> Preflight:
     cells: list[Cell] = []
     grid = config.get("grid")
     if not isinstance(grid, Mapping):
-        available = sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
-        problems.append(f"no grid is given: choose one with grid=NAME; grids: {', '.join(available)}")
+        problems.append(f"no grid is given: choose one with grid=NAME; grids: {_grid_names()}")
     else:
         try:
             cells = expand_blocks(grid_blocks(grid), {"n_examples": config.get("n_examples"), "seed": config.get("seed")})

@@ -308,9 +308,15 @@ def read_table(
         return frame if columns is None else frame[columns]
     dataset = pads.dataset(str(root), format="parquet", partitioning=_PARTITIONING, schema=full, ignore_prefixes=[".", "_"])
     expression = pq.filters_to_expression(filters) if filters else None
-    frame = dataset.to_table(filter=expression).to_pandas()
-    frame = _upgrade(frame) if table is not Table.IMAGES else frame
+    upgraded = table is not Table.IMAGES
+    read = None if columns is None else list(dict.fromkeys([*columns, *(_UPGRADE_INPUTS if upgraded else ())]))
+    frame = dataset.to_table(columns=read, filter=expression).to_pandas()
+    frame = _upgrade(frame) if upgraded else frame
     return frame if columns is None else frame[columns]
+
+
+_UPGRADE_INPUTS = ("schema_version", "eps_initial", "eps_factor", "eps_every", "iterations", "threat_model", "kernel_size", "p")
+"""The columns older rows' ``final_eps`` and ``ball_title`` are derived from."""
 
 
 def _upgrade(frame: pd.DataFrame) -> pd.DataFrame:
@@ -327,6 +333,6 @@ def _upgrade(frame: pd.DataFrame) -> pd.DataFrame:
         f"{kind} ball" if pd.isna(k) else f"{kind} ball, {int(k)}x{int(k)} local transport, p = {p:g}"
         for kind, k, p in geometry.itertuples(index=False)
     ]
-    if "ball_description" in frame:
-        frame.loc[old, "ball_description"] = [f"not recorded (store version {int(v)})" for v in frame.loc[old, "schema_version"]]
+    if "ball_description" in frame:  # a column of the cells table only
+        frame.loc[old, "ball_description"] = "not recorded (store version " + frame.loc[old, "schema_version"].astype(str) + ")"
     return frame
