@@ -335,28 +335,33 @@ def _fit_budget(rows: torch.Tensor, data: _Rows, cost: torch.Tensor, budget: tor
 
 @dataclass
 class PlanProjection:
-    """Result of :func:`project_plans`; every field has the batch first.
+    r"""Result of :func:`project_plans`; every field has the batch first.
 
     Attributes
     ----------
     plan : Tensor (B, C, N, K)
         The projection, always feasible.
     multiplier : Tensor (B,)
-        The budget multiplier :math:`\\mu \\ge 0` found (0 when the budget is
+        The budget multiplier :math:`\mu \ge 0` found (0 when the budget is
         slack); pass it back as ``multiplier`` to warm-start the next call.
     iterations : Tensor (B,), int64
         Multiplier evaluations (each one a row-wise simplex projection); with
-        ``box=True``, Dykstra iterations.
+        ``box=True``, Newton iterations on the dual.
     converged : Tensor (B,), bool
         The tolerance was met (or the multiplier was resolved to the working
-        precision); with ``box=True``, Dykstra met its tolerance and the
-        repair did not have to fall back on the identity plan.
+        precision); with ``box=True``, the KKT residual met ``box_tol`` and
+        ``tol`` and the repair did not have to fall back on the identity plan.
+    capacity_multiplier : Tensor (B, C, H, W) or None
+        With ``box=True``, the multipliers :math:`\nu \ge 0` of the pixel
+        capacities (0 where a pixel is below 1); pass them back as
+        ``capacity_multiplier`` to warm-start the next call.
     """
 
     plan: torch.Tensor
     multiplier: torch.Tensor
     iterations: torch.Tensor
     converged: torch.Tensor
+    capacity_multiplier: torch.Tensor | None = None
 
 
 def _project_ball(
@@ -459,32 +464,254 @@ def _project_ball(
 
 
 # --------------------------------------------------------------------------
-# The box: Dykstra's alternating projections and a feasibility repair
+# The box: a semismooth Newton method on the dual of the capacities
 # --------------------------------------------------------------------------
 
 
-def _project_onto_capacity(values: torch.Tensor, valid: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
-    r"""Project plans onto :math:`\{P \ge 0,\ P = 0 \text{ off valid},\ P^\top \mathbf 1 \le 1\}`.
+def _sync_interval(device: torch.device) -> int:
+    """Iterations between stopping tests that read a value on the host.
 
-    Separable per destination ``j``: the entries arriving at ``j`` are
-    clipped at 0, and if they still sum to more than 1 they are projected
-    onto the simplex :math:`\{v \ge 0, \sum v = 1\}` instead.
+    On the CPU a test is free; on a GPU each one stalls the queue of
+    kernels, so loops run a few masked iterations between tests instead.
     """
-    batch, channels, pixels, k2 = values.shape
-    clipped = values.clamp_min(0).masked_fill(~valid, 0.0)
-    flat = torch.cat([clipped.reshape(batch * channels, pixels * k2), clipped.new_zeros(batch * channels, 1)], 1)
-    arriving = flat[:, incoming.flatten()].view(batch * channels, pixels, k2)
-    over = torch.nonzero(arriving.sum(-1) > 1)
-    if over.numel() == 0:
-        return clipped
-    channel_row, destination = over[:, 0], over[:, 1]
-    slots = incoming[destination]
-    arrived_valid = slots < pixels * k2
-    capped = _project_rows_onto_simplex(
-        arriving[channel_row, destination], torch.ones_like(destination, dtype=values.dtype), arrived_valid
+    return 1 if torch.device(device).type == "cpu" else 4
+
+
+@dataclass
+class _CapacityDual:
+    r"""The projection onto the boxed ball of plans, as a function of its multipliers.
+
+    For multipliers :math:`\nu \ge 0` of the column capacities and
+    :math:`\mu \ge 0` of the budget, the Lagrangian is minimized by the
+    row-wise simplex projection :math:`P = \Pi_\Delta(W)` of
+    :math:`W = T - \mu c - \nu_{\text{dest}}`; the dual function is
+
+    .. math::
+
+        D(\nu, \mu) = \tfrac12 \|P - W\|^2 + \langle s, T\rangle - \tfrac12 \|s\|^2
+            - \mu b - \textstyle\sum_j \nu_j, \qquad s = T - W,
+
+    concave and once differentiable with gradient
+    :math:`(P^\top \mathbf 1 - 1,\ \langle c, P\rangle - b)` and
+    generalized Hessian :math:`-A J A^\top`, where :math:`A^\top` spreads
+    :math:`(\nu, \mu)` over the entries and :math:`J` is the Jacobian of the
+    row-wise projection (on the support :math:`S_i` of row ``i``,
+    :math:`I - \mathbf 1 \mathbf 1^\top / |S_i|`).
+
+    Everything is float64 on the massive rows (:class:`_Rows`); columns are
+    the ``B C N`` pixels, flat, plus one sink slot (index ``B C N``) for the
+    offsets that leave the image.
+    """
+
+    data: _Rows
+    targets: torch.Tensor  # (R, K) float64
+    cost: torch.Tensor  # (K,) float64
+    budget: torch.Tensor  # (B,) float64
+    destination: torch.Tensor  # (R, K) flat column of each entry, sink when invalid
+    batch: int
+    columns_per_image: int
+
+    @classmethod
+    def of(cls, target, x, cost, valid, budget) -> _CapacityDual:
+        batch, channels, height, width = x.shape
+        pixels = height * width
+        data = _Rows.of(x, valid)
+        k = math.isqrt(target.shape[-1])
+        dr, ds = _offsets(k, x.device)
+        pixel = data.index % pixels
+        row, col = pixel // width, pixel % width
+        flat = (data.index - pixel)[:, None] + (row[:, None] + dr) * width + (col[:, None] + ds)
+        sink = batch * channels * pixels
+        destination = torch.where(data.valid, flat, sink)
+        targets = target.reshape(-1, target.shape[-1])[data.index].double()
+        return cls(data, targets, cost.double(), budget.double(), destination, batch, channels * pixels)
+
+    def spread(self, nu: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        r""":math:`A^\top(\nu, \mu)`: each entry's multiplier, shape ``(R, K)`` (0 on invalid entries)."""
+        padded = torch.cat([nu.reshape(-1), nu.new_zeros(1)])
+        shift = padded[self.destination] + mu[self.data.image, None] * self.cost
+        return shift * self.data.valid
+
+    def collect(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:math:`A`: column sums ``(B, C N)`` and costs ``(B,)`` of per-entry values."""
+        sums = entries.new_zeros(self.batch * self.columns_per_image + 1)
+        sums.index_add_(0, self.destination.flatten(), entries.flatten())
+        return sums[:-1].view(self.batch, -1), _image_sums(entries @ self.cost, self.data.image, self.batch)
+
+    def evaluate(self, nu: torch.Tensor, mu: torch.Tensor):
+        """Plan rows, support, dual gradient (columns, budget) and dual value at ``(nu, mu)``."""
+        shift = self.spread(nu, mu)
+        shifted = self.targets - shift
+        rows = _project_rows_onto_simplex(shifted, self.data.mass.double(), self.data.valid)
+        support = rows > 0
+        filled, spent = self.collect(rows)
+        per_entry = 0.5 * (rows - shifted).square() + shift * self.targets - 0.5 * shift.square()
+        value = _image_sums(per_entry.masked_fill(~self.data.valid, 0.0).sum(-1), self.data.image, self.batch)
+        value = value - mu * self.budget - nu.sum(1)
+        return rows, support, filled - 1, spent - self.budget, value
+
+    def curvature(self, support: torch.Tensor):
+        r"""Diagonal of :math:`A J A^\top` (columns, budget) and the support sizes, for preconditioning."""
+        count = support.sum(-1, keepdim=True).clamp_min(1).double()
+        weight = support.double() * (1 - 1 / count)
+        diagonal_nu, _ = self.collect(weight)
+        chosen = support.double()
+        first, second = chosen @ self.cost, chosen @ (self.cost * self.cost)
+        diagonal_mu = _image_sums(second - first * first / count[:, 0], self.data.image, self.batch)
+        return diagonal_nu, diagonal_mu, count
+
+    def hessian_product(self, v_nu, v_mu, support, count):
+        r""":math:`A J A^\top (v_\nu, v_\mu)`."""
+        spread = self.spread(v_nu, v_mu) * support
+        centred = (spread - spread.sum(-1, keepdim=True) / count) * support
+        return self.collect(centred)
+
+
+def _natural_residual(nu, mu, grad_nu, grad_mu, dual: _CapacityDual):
+    r"""Per example: max column residual :math:`|\nu - (\nu + g)_+|` and the budget's, relative to the budget."""
+    column = (nu - (nu + grad_nu).clamp_min(0)).abs().amax(1)
+    budget = (mu - (mu + grad_mu).clamp_min(0)).abs() / dual.budget.clamp_min(torch.finfo(torch.float64).tiny)
+    return column, budget
+
+
+def _newton_direction(dual, grad_nu, grad_mu, free_nu, free_mu, support, damping, forcing, iterations, interval):
+    r"""Preconditioned conjugate gradients for :math:`(A J A^\top + \delta I) d = g` on the free multipliers.
+
+    Batched over examples with per-example step lengths; an example stops
+    once its preconditioned residual has shrunk by ``forcing`` (an inexact
+    Newton step), the loop once every example has stopped (read every
+    ``interval`` iterations) or after ``iterations``.
+    """
+    tiny = torch.finfo(torch.float64).tiny
+    diagonal_nu, diagonal_mu, count = dual.curvature(support)
+    inverse_nu = torch.where(free_nu, 1 / (diagonal_nu + damping[:, None]), 0.0)
+    inverse_mu = torch.where(free_mu, 1 / (diagonal_mu + damping), 0.0)
+
+    def apply(v_nu, v_mu):
+        out_nu, out_mu = dual.hessian_product(v_nu, v_mu, support, count)
+        return (
+            torch.where(free_nu, out_nu + damping[:, None] * v_nu, 0.0),
+            torch.where(free_mu, out_mu + damping * v_mu, 0.0),
+        )
+
+    d_nu, d_mu = torch.zeros_like(grad_nu), torch.zeros_like(grad_mu)
+    r_nu, r_mu = torch.where(free_nu, grad_nu, 0.0), torch.where(free_mu, grad_mu, 0.0)
+    z_nu, z_mu = inverse_nu * r_nu, inverse_mu * r_mu
+    p_nu, p_mu = z_nu, z_mu
+    rz = (r_nu * z_nu).sum(1) + r_mu * z_mu
+    target = rz * forcing.square()
+    for step in range(iterations):
+        moving = rz > target
+        if step % interval == 0 and not bool(moving.any()):
+            break
+        q_nu, q_mu = apply(p_nu, p_mu)
+        curvature = (p_nu * q_nu).sum(1) + p_mu * q_mu
+        moving &= curvature > 0
+        alpha = torch.where(moving, rz / curvature.clamp_min(tiny), 0.0)
+        d_nu, d_mu = d_nu + alpha[:, None] * p_nu, d_mu + alpha * p_mu
+        r_nu, r_mu = r_nu - alpha[:, None] * q_nu, r_mu - alpha * q_mu
+        z_nu, z_mu = inverse_nu * r_nu, inverse_mu * r_mu
+        rz_next = (r_nu * z_nu).sum(1) + r_mu * z_mu
+        beta = torch.where(moving, rz_next / rz.clamp_min(tiny), 0.0)
+        p_nu, p_mu = z_nu + beta[:, None] * p_nu, z_mu + beta * p_mu
+        rz = torch.where(moving, rz_next, rz)
+    return d_nu, d_mu
+
+
+def _project_with_box(
+    target: torch.Tensor,
+    x: torch.Tensor,
+    cost: torch.Tensor,
+    valid: torch.Tensor,
+    budget: torch.Tensor,
+    multiplier: torch.Tensor,
+    capacity_multiplier: torch.Tensor,
+    tol: float,
+    box_tol: float,
+    box_max_iter: int,
+    cg_iterations: int = 50,
+    line_search_steps: int = 30,
+) -> PlanProjection:
+    r"""Projection onto the ball of plans intersected with the box, by a semismooth Newton method on the dual.
+
+    Maximizes the dual :math:`D(\nu, \mu)` of :class:`_CapacityDual` over
+    :math:`\nu, \mu \ge 0` by projected Newton steps (Bertsekas 1982):
+    multipliers at 0 whose gradient points below 0 are held there, the
+    others move along the solution of
+    :math:`(A J A^\top + \delta I) d = \nabla D` (conjugate gradients,
+    Jacobi-preconditioned; :math:`\delta` is the example's KKT residual, a
+    Levenberg-Marquardt damping that vanishes at the solution and keeps the
+    step finite where the curvature is 0), and a backtracking line search on
+    the projected path makes every accepted step increase :math:`D`
+    (Armijo). The dual is piecewise quadratic, so once the support and the
+    active capacities are identified the Newton step is exact. Warm-started
+    from the previous call's multipliers, an attack step typically takes a
+    few Newton iterations.
+
+    An example stops when its plan overflows no pixel by more than
+    ``box_tol``, every held capacity is slack (complementary slackness to
+    ``box_tol``), and the budget's residual is at most ``tol`` relative to
+    the budget. The plan is then made exactly feasible by
+    :func:`_fit_budget` and :func:`_repair_capacity`.
+    """
+    batch = x.shape[0]
+    dual = _CapacityDual.of(target, x, cost, valid, budget)
+    nu = capacity_multiplier.reshape(batch, -1).double().clamp_min(0)
+    mu = multiplier.double().clamp_min(0)
+    rows, support, grad_nu, grad_mu, value = dual.evaluate(nu, mu)
+    iterations = torch.zeros(batch, dtype=torch.int64, device=x.device)
+    active = torch.ones(batch, dtype=torch.bool, device=x.device)
+    interval = _sync_interval(x.device)
+    for step in range(box_max_iter + 1):
+        column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual)
+        active &= (column_residual > box_tol) | (budget_residual > tol)
+        if step == box_max_iter or (step % interval == 0 and not bool(active.any())):
+            break
+        free_nu = ((nu > 0) | (grad_nu > 0)) & active[:, None]
+        free_mu = ((mu > 0) | (grad_mu > 0)) & active
+        residual = torch.maximum(column_residual, budget_residual)
+        damping = residual.clamp(1e-12, 1.0)
+        forcing = residual.sqrt().clamp(1e-6, 0.1)
+        d_nu, d_mu = _newton_direction(
+            dual, grad_nu, grad_mu, free_nu, free_mu, support, damping, forcing, cg_iterations, interval
+        )
+        iterations += active.long()
+        # Backtracking along the projected path, every example with its own step length.
+        length = torch.ones(batch, dtype=torch.float64, device=x.device)
+        searching = active.clone()
+        for trial_step in range(line_search_steps):
+            trial_nu = (nu + length[:, None] * d_nu).clamp_min(0)
+            trial_mu = (mu + length * d_mu).clamp_min(0)
+            trial = dual.evaluate(trial_nu, trial_mu)
+            ascent = (grad_nu * (trial_nu - nu)).sum(1) + grad_mu * (trial_mu - mu)
+            # Near the solution the gain in D is below its rounding: a step that halves the KKT residual is taken then.
+            trial_residual = torch.maximum(*_natural_residual(trial_nu, trial_mu, trial[2], trial[3], dual))
+            accepted = searching & ((trial[4] >= value + 1e-4 * ascent) | (trial_residual <= 0.5 * residual))
+            nu, mu = torch.where(accepted[:, None], trial_nu, nu), torch.where(accepted, trial_mu, mu)
+            on_rows = accepted[dual.data.image, None]
+            rows, support = torch.where(on_rows, trial[0], rows), torch.where(on_rows, trial[1], support)
+            grad_nu, grad_mu = torch.where(accepted[:, None], trial[2], grad_nu), torch.where(accepted, trial[3], grad_mu)
+            value = torch.where(accepted, trial[4], value)
+            searching &= ~accepted
+            length = torch.where(searching, 0.5 * length, length)
+            if trial_step % interval == 0 and not bool(searching.any()):
+                break
+        # No ascent left in the working precision: the example is as solved as it gets.
+        active &= ~searching
+    column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual)
+    converged = (column_residual <= box_tol) & (budget_residual <= tol)
+    settled = budget <= 0
+    center = target.shape[-1] // 2
+    rows = rows.to(target.dtype)
+    still = settled[dual.data.image]
+    rows[still] = 0
+    rows[still, center] = dual.data.mass[still]
+    rows = _fit_budget(rows, dual.data, cost, budget)
+    plan, fallback = _repair_capacity(dual.data.scatter(rows, target.shape), x, valid)
+    capacities = torch.where(settled[:, None], 0.0, nu).to(target.dtype).view(x.shape)
+    return PlanProjection(
+        plan, torch.where(settled, 0.0, mu).to(target.dtype), iterations, (converged | settled) & ~fallback, capacities
     )
-    flat[channel_row[:, None], slots] = capped
-    return flat[:, :-1].view(values.shape)
 
 
 def _repair_capacity(
@@ -543,77 +770,6 @@ def _repair_capacity(
     return plan.masked_fill(~valid, 0.0), fallback
 
 
-def _project_with_box(
-    target: torch.Tensor,
-    x: torch.Tensor,
-    cost: torch.Tensor,
-    valid: torch.Tensor,
-    budget: torch.Tensor,
-    multiplier: torch.Tensor,
-    tol: float,
-    max_iter: int,
-    box_tol: float,
-    box_max_iter: int,
-) -> PlanProjection:
-    r"""Projection onto the ball of plans intersected with the box, by Dykstra's algorithm.
-
-    With :math:`\Pi_A` the exact projection onto the ball of plans and
-    :math:`\Pi_B` the one onto the capacity set, Dykstra's iteration
-
-    .. math::
-
-        a_t = \Pi_A(y_{t-1} + p_{t-1}),\quad p_t = y_{t-1} + p_{t-1} - a_t,\quad
-        y_t = \Pi_B(a_t + q_{t-1}),\quad q_t = a_t + q_{t-1} - y_t
-
-    converges to the projection onto the intersection (Boyle and Dykstra
-    1986). An example stops when :math:`a_t` overflows the box by at most
-    ``box_tol`` and moved by at most ``box_tol`` (max-abs), or at once if
-    :math:`a_1 = \Pi_A(\text{target})` is already in the box (then it is
-    the exact answer). The last :math:`a_t` is feasible for the ball; the
-    repair of :func:`_repair_capacity` then removes its remaining overflow.
-    """
-    batch, k2 = target.shape[0], target.shape[-1]
-    height, width = x.shape[-2:]
-    incoming = _incoming_index(math.isqrt(k2), height, width, target.device)
-    result = torch.empty_like(target)
-    mu = multiplier.clone()
-    iterations = torch.zeros(batch, dtype=torch.int64, device=target.device)
-    converged = torch.zeros(batch, dtype=torch.bool, device=target.device)
-    active = torch.arange(batch, device=target.device)
-    centres, budgets = x, budget
-    box_side, ball_correction, box_correction = target, torch.zeros_like(target), torch.zeros_like(target)
-    previous = None
-    for step in range(box_max_iter):
-        ball = _project_ball(box_side + ball_correction, centres, cost, valid, budgets, mu[active], tol, max_iter)
-        ball_side = ball.plan
-        mu[active] = ball.multiplier
-        iterations[active] += 1
-        ball_correction = box_side + ball_correction - ball_side
-        overflow = (plan_image(ball_side, height, width) - 1).clamp_min(0).flatten(1).amax(1)
-        if previous is None:
-            done = overflow == 0
-        else:
-            moved = (ball_side - previous).abs().flatten(1).amax(1)
-            done = (overflow <= box_tol) & (moved <= box_tol)
-        result[active[done]] = ball_side[done]
-        converged[active[done]] = True
-        keep = ~done
-        if not bool(keep.any()):
-            break
-        if step == box_max_iter - 1:
-            result[active[keep]] = ball_side[keep]
-            break
-        box_side = _project_onto_capacity(ball_side + box_correction, valid, incoming)
-        box_correction = ball_side + box_correction - box_side
-        if not bool(keep.all()):
-            active, centres, budgets = active[keep], centres[keep], budgets[keep]
-            box_side, ball_correction, box_correction = box_side[keep], ball_correction[keep], box_correction[keep]
-            ball_side = ball_side[keep]
-        previous = ball_side
-    plan, fallback = _repair_capacity(result, x, valid)
-    return PlanProjection(plan, mu, iterations, converged & ~fallback)
-
-
 @torch.no_grad()
 def project_plans(
     target: torch.Tensor,
@@ -623,11 +779,12 @@ def project_plans(
     eps,
     *,
     multiplier: torch.Tensor | None = None,
+    capacity_multiplier: torch.Tensor | None = None,
     box: bool = False,
     tol: float = 1e-6,
     max_iter: int = 100,
     box_tol: float = 1e-6,
-    box_max_iter: int = 1000,
+    box_max_iter: int = 100,
 ) -> PlanProjection:
     r"""Euclidean projection of plans onto the ball of plans (optionally with the box).
 
@@ -662,14 +819,20 @@ def project_plans(
     is mixed with the identity plan (zero cost) by the smallest amount that
     restores the budget, so the result always satisfies it.
 
-    **With the box (exact in the limit).** Dykstra's alternating projections
-    between the ball of plans (above, warm-started) and the capacity set
-    :math:`\{P \ge 0, P^\top \mathbf 1 \le 1\}` (separable per destination,
-    projected by sorting), stopped at ``box_tol``; the last ball-side
-    iterate is then made to satisfy the box by moving the overflow back to
-    the sources (a plan-level repair that keeps rows and budget), falling
-    back on a mix with the identity plan only if that fails (reported as
-    not converged). Feasibility is exact up to float rounding.
+    **With the box (exact).** The capacities :math:`P^\top \mathbf 1 \le 1`
+    get multipliers :math:`\nu \ge 0` beside :math:`\mu`; for fixed
+    multipliers the plan is again a row-wise simplex projection, of
+    :math:`T - \mu c - \nu_{\text{dest}}`, and the multipliers maximize the
+    concave, piecewise quadratic dual, found by a projected semismooth Newton
+    method (conjugate-gradient inner solves, Armijo line search; see
+    :func:`_project_with_box`) warm-started from ``multiplier`` and
+    ``capacity_multiplier``. It stops at a KKT residual of ``box_tol``
+    (capacities, mass units) and ``tol`` (budget, relative); the plan is
+    then made exactly feasible by moving the remaining overflow back to the
+    sources (a plan-level repair that keeps rows and budget), falling back on
+    a mix with the identity plan only if that fails (reported as not
+    converged). Computed in float64 whatever the input's dtype, so the
+    residuals can reach ``1e-6`` and below on float32 problems.
 
     Parameters
     ----------
@@ -685,6 +848,9 @@ def project_plans(
         Radii, ``>= 0``, in normalized units.
     multiplier : Tensor (B,), optional
         Initial budget multipliers (e.g. from the previous attack step).
+    capacity_multiplier : Tensor (B, C, H, W), optional
+        With ``box``: initial capacity multipliers (e.g. from the previous
+        attack step); default 0.
     box : bool, default False
         Also require :math:`P^\top \mathbf 1 \le 1`.
     tol : float, default 1e-6
@@ -692,10 +858,11 @@ def project_plans(
     max_iter : int, default 100
         Multiplier evaluations per example (per projection onto the ball).
     box_tol : float, default 1e-6
-        Dykstra's stopping tolerance (box overflow and change of the
-        iterate, max-abs, mass units).
-    box_max_iter : int, default 1000
-        Dykstra iterations per example.
+        With ``box``: KKT residual of the capacities at which the Newton
+        method stops (max-abs pixel overflow and complementary slackness,
+        mass units).
+    box_max_iter : int, default 100
+        With ``box``: Newton iterations per example.
 
     Returns
     -------
@@ -727,7 +894,21 @@ def project_plans(
     cost, valid = cost.to(dtype=x.dtype, device=x.device), valid.to(x.device)
     if box:
         _check_box_centres(x)
-        return _project_with_box(target, x, cost, valid, budget, multiplier, tol, max_iter, box_tol, box_max_iter)
+        if capacity_multiplier is None:
+            capacity_multiplier = torch.zeros_like(x)
+        elif (
+            not isinstance(capacity_multiplier, torch.Tensor)
+            or capacity_multiplier.shape != x.shape
+            or not bool(torch.isfinite(capacity_multiplier).all())
+        ):
+            described = (
+                tuple(capacity_multiplier.shape)
+                if isinstance(capacity_multiplier, torch.Tensor)
+                else type(capacity_multiplier).__name__
+            )
+            raise ValueError(f"capacity_multiplier must be a finite tensor of the images' shape {tuple(x.shape)}, got {described}")
+        capacity_multiplier = capacity_multiplier.to(dtype=x.dtype, device=x.device)
+        return _project_with_box(target, x, cost, valid, budget, multiplier, capacity_multiplier, tol, box_tol, box_max_iter)
     return _project_ball(target, x, cost, valid, budget, multiplier, tol, max_iter)
 
 
@@ -738,7 +919,7 @@ def project_plans(
 
 @dataclass
 class PlanMaximization:
-    """Result of :func:`plan_linear_maximization`; every field has the batch first.
+    r"""Result of :func:`plan_linear_maximization`; every field has the batch first.
 
     Attributes
     ----------
@@ -1026,7 +1207,7 @@ class PlanPGDIterate:
         tol: float = 1e-6,
         max_iter: int = 100,
         box_tol: float = 1e-6,
-        box_max_iter: int = 1000,
+        box_max_iter: int = 100,
     ):
         self.geometry = _PlanGeometry(kernel_size, p)
         self.transport = self.geometry.transport
@@ -1049,19 +1230,29 @@ class PlanPGDIterate:
             f"step_rule={self.step_rule!r}, box={self.box})"
         )
 
-    def _project(self, target, x, eps, multiplier) -> PlanProjection:
+    def _project(self, target, x, eps, extra) -> PlanProjection:
         cost, valid = self.geometry.layout(x)
         return project_plans(
-            target, x, cost, valid, eps, multiplier=multiplier, box=self.box, tol=self.tol,
+            target, x, cost, valid, eps, multiplier=extra["multiplier"],
+            capacity_multiplier=extra.get("capacity_multiplier"), box=self.box, tol=self.tol,
             max_iter=self.max_iter, box_tol=self.box_tol, box_max_iter=self.box_max_iter,
         )
+
+    def _carried(self, projection: PlanProjection) -> dict[str, torch.Tensor]:
+        """The multipliers that warm-start the next step's projection."""
+        carried = {"multiplier": projection.multiplier}
+        if self.box:
+            carried["capacity_multiplier"] = projection.capacity_multiplier
+        return carried
 
     def start(self, x, eps, generator=None):
         _check_centres(x)
         if self.box:
             _check_box_centres(x)
         k = self.transport.kernel_size
-        multiplier = x.new_zeros(x.shape[0])
+        carried = {"multiplier": x.new_zeros(x.shape[0])}
+        if self.box:
+            carried["capacity_multiplier"] = torch.zeros_like(x)
         if generator is None:
             plan = identity_plan(x, k)
         else:
@@ -1069,9 +1260,9 @@ class PlanPGDIterate:
             budget = check_nonnegative_eps(eps, x.shape[0], x) * x.flatten(1).sum(1)
             plan = _random_plan(x, valid, cost, budget, generator)
             if self.box:
-                projection = self._project(plan, x, eps, multiplier)
-                plan, multiplier = projection.plan, projection.multiplier
-        return IterateState(x, self.geometry.image(plan, x), {"plan": plan, "multiplier": multiplier})
+                projection = self._project(plan, x, eps, carried)
+                plan, carried = projection.plan, self._carried(projection)
+        return IterateState(x, self.geometry.image(plan, x), {"plan": plan, **carried})
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
         if self.step_rule == "sign":
@@ -1085,7 +1276,7 @@ class PlanPGDIterate:
         x = state.center
         direction = plan_gradient(self._direction(grad), self.transport.kernel_size)
         target = state.extra["plan"] + self.step_size * direction
-        projection = self._project(target, x, eps, state.extra["multiplier"])
+        projection = self._project(target, x, eps, state.extra)
         plan = torch.where(failed.view(-1, 1, 1, 1), identity_plan(x, self.transport.kernel_size), projection.plan)
         report = StepReport(
             converged=projection.converged & ~failed,
@@ -1093,7 +1284,7 @@ class PlanPGDIterate:
             zero_gradient=_zero_gradient(grad) & ~failed,
             failed=failed,
         )
-        extra = dict(state.extra, plan=plan, multiplier=projection.multiplier)
+        extra = dict(state.extra, plan=plan, **self._carried(projection))
         return IterateState(x, self.geometry.image(plan, x), extra), report
 
 
@@ -1142,7 +1333,7 @@ class FrankWolfeIterate:
         tol: float | None = None,
         max_iter: int = 100,
         box_tol: float = 1e-6,
-        box_max_iter: int = 1000,
+        box_max_iter: int = 100,
     ):
         self.geometry = _PlanGeometry(kernel_size, p)
         self.transport = self.geometry.transport

@@ -268,7 +268,7 @@ _SINKHORN_HYPERPARAMETERS = (
 _PLAN_TOLERANCES = (
     Hyperparameter("box_tol", float, 1e-6, "tolerance of the box projection (Dykstra) on pixel capacities",
                    low=0, high=1, low_open=True, high_open=True),
-    Hyperparameter("box_max_iter", int, 1000, "iteration budget of the box projection", low=1),
+    Hyperparameter("box_max_iter", int, 100, "Newton iterations of the box projection", low=1),
 )
 _PLAN_PGD_HYPERPARAMETERS = (
     Hyperparameter("step_size", float, 0.1, "plan step alpha in pixel mass (0.1 on MNIST, 0.01 on CIFAR-10 in Wu et al.)",
