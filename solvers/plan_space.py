@@ -631,6 +631,7 @@ def _project_with_box(
     box_max_iter: int,
     cg_iterations: int = 50,
     line_search_steps: int = 30,
+    damping_scale: torch.Tensor | float = 1.0,
 ) -> PlanProjection:
     r"""Projection onto the ball of plans intersected with the box, by a semismooth Newton method on the dual.
 
@@ -670,7 +671,7 @@ def _project_with_box(
         free_nu = ((nu > 0) | (grad_nu > 0)) & active[:, None]
         free_mu = ((mu > 0) | (grad_mu > 0)) & active
         residual = torch.maximum(column_residual, budget_residual)
-        damping = residual.clamp(1e-12, 1.0)
+        damping = (1e-2 * residual.clamp_max(1.0) * damping_scale).clamp_min(1e-12)
         forcing = residual.sqrt().clamp(1e-6, 0.1)
         d_nu, d_mu = _newton_direction(
             dual, grad_nu, grad_mu, free_nu, free_mu, support, damping, forcing, cg_iterations, interval
@@ -684,9 +685,11 @@ def _project_with_box(
             trial_mu = (mu + length * d_mu).clamp_min(0)
             trial = dual.evaluate(trial_nu, trial_mu)
             ascent = (grad_nu * (trial_nu - nu)).sum(1) + grad_mu * (trial_mu - mu)
-            # Near the solution the gain in D is below its rounding: a step that halves the KKT residual is taken then.
+            # Near the solution the gain in D is below its rounding: a step that keeps D to rounding and
+            # halves the KKT residual is taken then.
             trial_residual = torch.maximum(*_natural_residual(trial_nu, trial_mu, trial[2], trial[3], dual))
-            accepted = searching & ((trial[4] >= value + 1e-4 * ascent) | (trial_residual <= 0.5 * residual))
+            level = trial[4] >= value - 1e-12 * value.abs().clamp_min(1.0)
+            accepted = searching & ((trial[4] >= value + 1e-4 * ascent) | (level & (trial_residual <= 0.5 * residual)))
             nu, mu = torch.where(accepted[:, None], trial_nu, nu), torch.where(accepted, trial_mu, mu)
             on_rows = accepted[dual.data.image, None]
             rows, support = torch.where(on_rows, trial[0], rows), torch.where(on_rows, trial[1], support)
@@ -930,9 +933,13 @@ class PlanMaximization:
     multiplier : Tensor (B,)
         The optimal budget multiplier :math:`\\mu^\\star` (0 when the budget is slack).
     iterations : Tensor (B,), int64
-        Greedy-plan evaluations.
+        Greedy-plan evaluations; with the box, Newton iterations of the
+        projections.
     converged : Tensor (B,), bool
         The duality gap was certified below the tolerance.
+    capacity_multiplier : Tensor (B, C, H, W) or None
+        With the box: the pixel capacities' multipliers of the certificate,
+        in the units of ``gradient`` (pass them back to warm-start).
     """
 
     plan: torch.Tensor
@@ -940,6 +947,7 @@ class PlanMaximization:
     multiplier: torch.Tensor
     iterations: torch.Tensor
     converged: torch.Tensor
+    capacity_multiplier: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -952,6 +960,10 @@ def plan_linear_maximization(
     *,
     tol: float | None = None,
     max_iter: int = 100,
+    box: bool = False,
+    start: torch.Tensor | None = None,
+    capacity_multiplier: torch.Tensor | None = None,
+    box_max_iter: int = 100,
 ) -> PlanMaximization:
     r"""Exact linear maximization over the ball of plans (Frank-Wolfe's oracle).
 
@@ -996,6 +1008,29 @@ def plan_linear_maximization(
     The gradient is scaled per example to max-abs 1 (the maximizer does not
     change); the returned multiplier is in the original units.
 
+    **With the box** (:math:`P^\top \mathbf 1 \le 1`) the LP is a
+    transportation problem with capacities and one side constraint. It is
+    solved by the proximal point method on the exact boxed projection of
+    :func:`project_plans`,
+
+    .. math::
+
+        P_{t+1} = \Pi\big(P_t + s_t G\big), \qquad s_{t+1} = 8\, s_t,
+        \quad s_0 = 1,
+
+    which on a polytope reaches an exact maximizer after finitely many
+    steps, starting from ``start`` (a feasible plan, e.g. the current
+    Frank-Wolfe iterate; default the identity plan). Each projection's
+    multipliers :math:`(\mu, \nu)/s_t` are dual feasible for the LP, so
+
+    .. math::
+
+        U = \sum_i x_i \max_o \big(G_{io} - (\mu c_o + \nu_{\text{dest}(i,o)})/s_t\big)
+            + (\mu b + \textstyle\sum_j \nu_j)/s_t
+
+    bounds the optimum from above and :math:`U - \langle G, P_{t+1}\rangle`
+    certifies the plan; an example stops when that gap is at most ``tol``.
+
     Parameters
     ----------
     gradient : Tensor (B, C, N, K)
@@ -1004,9 +1039,17 @@ def plan_linear_maximization(
         As in :func:`project_plans`.
     tol : float, optional
         Certified duality gap, relative to :math:`m(x) \max |G|`; default
-        ``32 * finfo(dtype).eps``.
+        ``32 * finfo(dtype).eps`` (with the box, ``1e-6``).
     max_iter : int, default 100
-        Greedy-plan evaluations per example.
+        Greedy-plan evaluations per example; with the box, proximal steps.
+    box : bool, default False
+        Also require :math:`P^\top \mathbf 1 \le 1` (centres ``<= 1``).
+    start : Tensor (B, C, N, K), optional
+        With the box: a feasible plan to start the proximal steps from.
+    capacity_multiplier : Tensor (B, C, H, W), optional
+        With the box: the previous call's capacity multipliers (warm start).
+    box_max_iter : int, default 100
+        With the box: Newton iterations of each projection.
 
     Returns
     -------
@@ -1015,6 +1058,24 @@ def plan_linear_maximization(
     _check_plan_problem("gradient", gradient, x, cost, valid)
     max_iter = check_iterations("max_iter", max_iter)
     dtype, device = gradient.dtype, gradient.device
+    if not isinstance(box, bool):
+        raise ValueError(f"box={box!r} is invalid: it must be True or False")
+    if box:
+        _check_box_centres(x)
+        tol = 1e-6 if tol is None else check_positive("tol", tol, upper=1.0, upper_open=True)
+        if start is None:
+            start = identity_plan(x, _kernel_size_of(gradient))
+        else:
+            _check_plan_problem("start", start, x, cost, valid)
+        if capacity_multiplier is None:
+            capacity_multiplier = torch.zeros_like(x)
+        elif not isinstance(capacity_multiplier, torch.Tensor) or capacity_multiplier.shape != x.shape:
+            raise ValueError(f"capacity_multiplier must be a tensor of the images' shape {tuple(x.shape)}")
+        budget = check_nonnegative_eps(eps, x.shape[0], x) * x.flatten(1).sum(1)
+        return _maximize_with_box(
+            gradient, x, cost.to(dtype=dtype, device=device), valid.to(device), budget, start,
+            capacity_multiplier.to(dtype=dtype, device=device), tol, max_iter, check_iterations("box_max_iter", box_max_iter),
+        )
     tol = 32 * torch.finfo(dtype).eps if tol is None else check_positive("tol", tol, upper=1.0, upper_open=True)
     batch, k2 = gradient.shape[0], gradient.shape[-1]
     cost, valid = cost.to(dtype=dtype, device=device), valid.to(device)
@@ -1105,6 +1166,67 @@ def plan_linear_maximization(
     value = (plan * gradient).flatten(1).sum(1, dtype=torch.float64).to(dtype)
     multiplier = torch.where(slack | settled, 0.0, upper) * scale.double()
     return PlanMaximization(plan, value, multiplier.to(dtype), iterations, converged | settled)
+
+
+def _maximize_with_box(gradient, x, cost, valid, budget, start, capacity_multiplier, tol, max_iter, box_max_iter):
+    """:func:`plan_linear_maximization` with the box, on validated inputs: proximal steps on the boxed projection."""
+    batch = x.shape[0]
+    data = _Rows.of(x, valid)
+    rows = gradient.reshape(-1, gradient.shape[-1])[data.index].double()
+    scale = torch.zeros(batch, dtype=torch.float64, device=x.device).scatter_reduce_(
+        0, data.image, (rows * data.valid).abs().amax(-1), "amax", include_self=True
+    )
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    unit = (gradient.double() / scale.view(-1, 1, 1, 1)).masked_fill(~valid, 0.0)
+    unit_rows = rows / scale[data.image, None]
+    mass = x.flatten(1).sum(1).double()
+    destination = _CapacityDual.of(gradient, x, cost, valid, budget).destination
+    cost64 = cost.double()
+
+    def certified_gap(plan, mu, nu):
+        """Upper bound minus value of ``plan``, both in the units of ``unit``; ``(mu, nu)`` in LP units."""
+        value = (plan.double() * unit).flatten(1).sum(1)
+        padded = torch.cat([nu.reshape(-1).double(), nu.new_zeros(1, dtype=torch.float64)])
+        reduced = (unit_rows - mu.double()[data.image, None] * cost64 - padded[destination]).masked_fill(~data.valid, -math.inf)
+        best = _image_sums(data.mass.double() * reduced.amax(-1), data.image, batch)
+        bound = best + mu.double() * budget.double() + nu.double().flatten(1).sum(1)
+        return bound - value, value
+
+    plan = start
+    # The previous call's multipliers are in the gradient's units; the proximal problem wants them times s / scale.
+    mu = x.new_zeros(batch)
+    nu = (capacity_multiplier.double() / scale.view(-1, 1, 1, 1)).to(x.dtype)
+    step = torch.ones(batch, dtype=torch.float64, device=x.device)
+    iterations = torch.zeros(batch, dtype=torch.int64, device=x.device)
+    gap, value = certified_gap(plan, mu, nu)
+    converged = gap <= tol * mass
+    interval = _sync_interval(x.device)
+    for round_ in range(max_iter):
+        if round_ % interval == 0 and bool(converged.all()):
+            break
+        target = (plan.double() + step.view(-1, 1, 1, 1) * unit).to(x.dtype)
+        projection = _project_with_box(
+            target, x, cost, valid, budget, (mu * step).to(x.dtype), (nu * step.view(-1, 1, 1, 1)).to(x.dtype),
+            1e-9, 1e-9, box_max_iter, damping_scale=1 / step,
+        )
+        iterations += (~converged).long()
+        mu_now = (projection.multiplier.double() / step).to(x.dtype)
+        nu_now = (projection.capacity_multiplier.double() / step.view(-1, 1, 1, 1)).to(x.dtype)
+        gap_now, value_now = certified_gap(projection.plan, mu_now, nu_now)
+        moving = ~converged
+        plan = torch.where(moving.view(-1, 1, 1, 1), projection.plan, plan)
+        mu, nu = torch.where(moving, mu_now, mu), torch.where(moving.view(-1, 1, 1, 1), nu_now, nu)
+        gap, value = torch.where(moving, gap_now, gap), torch.where(moving, value_now, value)
+        converged |= gap <= tol * mass
+        step = torch.where(converged, step, 8 * step)
+    return PlanMaximization(
+        plan,
+        (value * scale).to(x.dtype),
+        (mu.double() * scale).to(x.dtype),
+        iterations,
+        converged,
+        (nu.double() * scale.view(-1, 1, 1, 1)).to(x.dtype),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -1289,7 +1411,7 @@ class PlanPGDIterate:
 
 
 class FrankWolfeIterate:
-    r"""Frank-Wolfe on transport plans with the exact dual oracle (Wu, Wang and Yu 2020).
+    r"""Frank-Wolfe on transport plans with an exact oracle (Wu, Wang and Yu 2020).
 
     Each step solves the linear maximization
     :math:`S = \arg\max_{P \in \mathcal{P}_\varepsilon(x)} \langle G, P\rangle`
@@ -1306,23 +1428,37 @@ class FrankWolfeIterate:
     ball, and a growing radius only enlarges it. If a radius shrinks below
     the plan's cost, the plan is first mixed with the identity plan to fit.
 
-    **Box.** With ``box=True`` the Frank-Wolfe plan runs on the ball without
-    the box (where the oracle is exact and cheap), and the image the model
-    sees is that of its projection onto the ball *with* the box
-    (:func:`project_plans`, ``box=True``), so every image shown is feasible;
-    Wu et al. apply the same capacity-constrained projection once, after the
-    last step.
+    **Box.** With ``box=True`` every image the model sees has pixels <= 1,
+    in one of two ways:
+
+    * ``box_oracle=False`` (default): the Frank-Wolfe plan runs on the ball
+      without the box, where the oracle is exact and cheap, and the model
+      sees the image of its exact projection onto the ball *with* the box
+      (:func:`project_plans`, warm-started from the previous step's
+      multipliers); Wu et al. apply the same projection once, after the last
+      step.
+    * ``box_oracle=True``: the oracle maximizes over the boxed set itself (a
+      transportation problem with capacities, solved exactly by proximal
+      steps on the boxed projection, warm-started from the current plan and
+      the previous step's capacity multipliers), so the iterate stays in the
+      boxed set and is what the model sees. Frank-Wolfe proper on the real
+      feasible set, and several projections per step, so slower.
 
     Parameters
     ----------
     kernel_size, p
         Local transport window and cost exponent.
     box : bool, default False
-        Show the box-constrained projection of the plan (see above).
+        Keep pixels <= 1 (see above).
+    box_oracle : bool, default False
+        With the box: run the oracle on the boxed set.
     tol, max_iter
-        Passed to :func:`plan_linear_maximization`.
+        Passed to :func:`plan_linear_maximization` (with the boxed oracle,
+        ``max_iter`` counts proximal steps).
     box_tol, box_max_iter
-        Passed to :func:`project_plans` for the box projection.
+        With the box: the boxed projection's KKT tolerance (the boxed
+        oracle's certified gap, when ``tol`` is not set) and its Newton
+        iterations.
     """
 
     def __init__(
@@ -1330,6 +1466,7 @@ class FrankWolfeIterate:
         kernel_size: int = 5,
         p: float = 2.0,
         box: bool = False,
+        box_oracle: bool = False,
         tol: float | None = None,
         max_iter: int = 100,
         box_tol: float = 1e-6,
@@ -1337,9 +1474,13 @@ class FrankWolfeIterate:
     ):
         self.geometry = _PlanGeometry(kernel_size, p)
         self.transport = self.geometry.transport
-        if not isinstance(box, bool):
-            raise ValueError(f"box={box!r} is invalid: it must be True or False")
+        for name, value in (("box", box), ("box_oracle", box_oracle)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is invalid: it must be True or False")
+        if box_oracle and not box:
+            raise ValueError("box_oracle=True needs box=True: without the box the oracle is always on the ball itself")
         self.box = box
+        self.box_oracle = box_oracle
         self.tol = None if tol is None else check_positive("tol", tol, upper=1.0, upper_open=True)
         self.max_iter = check_iterations("max_iter", max_iter)
         self.box_tol = check_positive("box_tol", box_tol, upper=1.0, upper_open=True)
@@ -1347,18 +1488,20 @@ class FrankWolfeIterate:
 
     def __repr__(self) -> str:
         t = self.transport
-        return f"FrankWolfeIterate(kernel_size={t.kernel_size}, p={t.p}, box={self.box})"
+        return f"FrankWolfeIterate(kernel_size={t.kernel_size}, p={t.p}, box={self.box}, box_oracle={self.box_oracle})"
 
-    def _shown(self, plan, x, eps, multiplier) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The image the model sees, the box projection's multiplier, its iterations and convergence."""
-        if not self.box:
+    def _shown(self, plan, x, eps, extra) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+        """The image the model sees, the multipliers to carry, the projection's iterations and convergence."""
+        if not self.box or self.box_oracle:
             ones = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            return self.geometry.image(plan, x), multiplier, torch.zeros_like(multiplier, dtype=torch.int64), ones
+            return self.geometry.image(plan, x), {}, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device), ones
         cost, valid = self.geometry.layout(x)
         boxed = project_plans(
-            plan, x, cost, valid, eps, multiplier=multiplier, box=True, box_tol=self.box_tol, box_max_iter=self.box_max_iter
+            plan, x, cost, valid, eps, multiplier=extra["box_multiplier"], capacity_multiplier=extra["capacity_multiplier"],
+            box=True, box_tol=self.box_tol, box_max_iter=self.box_max_iter,
         )
-        return self.geometry.image(boxed.plan, x), boxed.multiplier, boxed.iterations, boxed.converged
+        carried = {"box_multiplier": boxed.multiplier, "capacity_multiplier": boxed.capacity_multiplier}
+        return self.geometry.image(boxed.plan, x), carried, boxed.iterations, boxed.converged
 
     def start(self, x, eps, generator=None):
         _check_centres(x)
@@ -1371,15 +1514,28 @@ class FrankWolfeIterate:
             cost, valid = self.geometry.layout(x)
             budget = check_nonnegative_eps(eps, batch, x) * x.flatten(1).sum(1)
             plan = _random_plan(x, valid, cost, budget, generator)
-        image, box_multiplier, _, _ = self._shown(plan, x, eps, x.new_zeros(batch))
+            if self.box_oracle:
+                plan = project_plans(plan, x, cost, valid, eps, box=True, box_max_iter=self.box_max_iter).plan
         extra = {
             "plan": plan,
             "multiplier": x.new_zeros(batch),
-            "box_multiplier": box_multiplier,
             "radius": check_nonnegative_eps(eps, batch, x).clone(),
             "steps_at_radius": torch.zeros(batch, dtype=torch.int64, device=x.device),
         }
-        return IterateState(x, image, extra)
+        if self.box:
+            extra["capacity_multiplier"] = torch.zeros_like(x)
+        if self.box and not self.box_oracle:
+            extra["box_multiplier"] = x.new_zeros(batch)
+        image, carried, _, _ = self._shown(plan, x, eps, extra)
+        return IterateState(x, image, dict(extra, **carried))
+
+    def _oracle(self, gradient, plan, x, cost, valid, eps, extra) -> PlanMaximization:
+        if not self.box_oracle:
+            return plan_linear_maximization(gradient, x, cost, valid, eps, tol=self.tol, max_iter=self.max_iter)
+        return plan_linear_maximization(
+            gradient, x, cost, valid, eps, tol=self.box_tol if self.tol is None else self.tol, max_iter=self.max_iter,
+            box=True, start=plan, capacity_multiplier=extra["capacity_multiplier"], box_max_iter=self.box_max_iter,
+        )
 
     def step(self, state, grad, eps, iteration):
         if isinstance(iteration, bool) or not isinstance(iteration, numbers.Integral) or iteration < 0:
@@ -1394,20 +1550,23 @@ class FrankWolfeIterate:
         spent = plan_cost(plan, cost)
         theta = torch.where(spent > budget, budget / spent.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(spent))
         plan = theta.view(-1, 1, 1, 1) * plan + (1 - theta).view(-1, 1, 1, 1) * identity_plan(x, k)
-        oracle = plan_linear_maximization(plan_gradient(grad, k), x, cost, valid, eps, tol=self.tol, max_iter=self.max_iter)
+        oracle = self._oracle(plan_gradient(grad, k), plan, x, cost, valid, eps, state.extra)
         steps = torch.where(radius != state.extra["radius"], torch.zeros_like(state.extra["steps_at_radius"]), state.extra["steps_at_radius"])
         gamma = (2.0 / (steps + 2)).to(x.dtype).view(-1, 1, 1, 1)
         plan = plan + gamma * (oracle.plan - plan)
         plan = torch.where(failed.view(-1, 1, 1, 1), identity_plan(x, k), plan)
-        image, box_multiplier, box_iterations, box_converged = self._shown(plan, x, eps, state.extra["box_multiplier"])
+        extra = dict(
+            state.extra, plan=plan, multiplier=oracle.multiplier, radius=radius.clone(), steps_at_radius=steps + 1,
+        )
+        if self.box_oracle:
+            # The mix of two plans of the boxed set is in it up to rounding; the repair removes that.
+            extra["plan"], _ = _repair_capacity(plan, x, valid)
+            extra["capacity_multiplier"] = oracle.capacity_multiplier
+        image, carried, box_iterations, box_converged = self._shown(extra["plan"], x, eps, extra)
         report = StepReport(
             converged=oracle.converged & box_converged & ~failed,
             solver_iterations=oracle.iterations + box_iterations,
             zero_gradient=_zero_gradient(grad) & ~failed,
             failed=failed,
         )
-        extra = dict(
-            state.extra, plan=plan, multiplier=oracle.multiplier, box_multiplier=box_multiplier,
-            radius=radius.clone(), steps_at_radius=steps + 1,
-        )
-        return IterateState(x, image, extra), report
+        return IterateState(x, image, dict(extra, **carried)), report

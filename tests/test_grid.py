@@ -150,7 +150,7 @@ def test_plan_space_cells_record_their_own_step_and_refuse_the_clamp():
     config = plan.config()
     assert (config["step_rule"], config["step_size"], config["kernel_size"]) == (None, None, 5)
     assert config["hyperparameters"] == {"step_size": 0.1, "step_rule": "linf_normalized", "tol": 1e-6, "max_iter": 100,
-                                         "box_tol": 1e-6, "box_max_iter": 1000}
+                                         "box_tol": 1e-6, "box_max_iter": 100}
     assert frank_wolfe.config()["hyperparameters"] == {"tol": None, "max_iter": 100}  # no step size it would not use
     with pytest.raises(GridError, match="clamp=true is not allowed with the plan-space solver 'frank_wolfe'"):
         expand_blocks([{"dataset": "mnist", "model": "mnist/standard", "solver": "frank_wolfe", "clamp": True,

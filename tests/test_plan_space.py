@@ -216,6 +216,103 @@ def test_box_projection_matches_reference_qp(k, p, shape, eps):
         assert torch.allclose(result.plan[b], reference, rtol=0, atol=1e-7)
 
 
+def test_box_projection_float32_matches_reference_qp_to_1e6():
+    """Float32 problems at the default tolerances, MNIST-like saturated strokes and an active box: within 1e-6 of the QP."""
+    shape = (1, 10, 10)
+    x = tensor(digit_batch(21, 3, shape), torch.float32)
+    cost, valid = layout(5, 1.0, shape, torch.float32)
+    target = random_target(x, 5, seed=8, step=0.4, noise=0.02)
+    assert plan_image(project_plans(target, x, cost, valid, 0.3).plan, 10, 10).max() > 1.05
+    result = project_plans(target, x, cost, valid, 0.3, box=True)
+    assert result.converged.all()
+    assert_feasible(result.plan, x, cost, valid, 0.3, box=True, rel=1e-6, atol=1e-6)
+    for b in range(3):
+        reference = reference_qp(target[b].double(), x[b].double(), cost.double(), valid, 0.3, box=True)
+        assert (result.plan[b].double() - reference).abs().max() <= 1e-6
+        # The multipliers are the QP's: positive only on pixels filled to the brim.
+        filled = plan_image(reference[None], 10, 10)[0]
+        assert (result.capacity_multiplier[b][filled < 1 - 1e-5] == 0).all()
+
+
+def test_box_projection_warm_start_takes_fewer_newton_steps():
+    """As in an attack, the next target is the projected plan pushed the same way again: warm multipliers save Newton steps."""
+    shape = (2, 8, 8)
+    x = tensor(digit_batch(4, 3, shape))
+    cost, valid = layout(5, 2.0, shape)
+    push = 0.3 * plan_gradient(torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64), 5)
+    first = project_plans(identity_plan(x, 5) + push, x, cost, valid, 0.2, box=True, tol=1e-10, box_tol=1e-10)
+    pushed_again = first.plan + push
+    cold = project_plans(pushed_again, x, cost, valid, 0.2, box=True, tol=1e-10, box_tol=1e-10)
+    warm = project_plans(
+        pushed_again, x, cost, valid, 0.2, box=True, tol=1e-10, box_tol=1e-10,
+        multiplier=first.multiplier, capacity_multiplier=first.capacity_multiplier,
+    )
+    assert cold.converged.all() and warm.converged.all()
+    assert warm.iterations.sum() < cold.iterations.sum()
+    assert torch.allclose(warm.plan, cold.plan, rtol=0, atol=1e-8)
+
+
+def test_box_projection_with_gpu_stopping_tests_matches(monkeypatch):
+    """The GPU path reads the stopping test only every few iterations; on CPU tensors it gives the same projection."""
+    import solvers.plan_space as plan_space
+
+    shape = (1, 8, 8)
+    x = tensor(digit_batch(7, 4, shape))
+    cost, valid = layout(5, 1.0, shape)
+    target = random_target(x, 5, seed=9, step=0.5)
+    every_step = project_plans(target, x, cost, valid, 0.3, box=True, tol=1e-10, box_tol=1e-10)
+    monkeypatch.setattr(plan_space, "_sync_interval", lambda device: 4)
+    batched = project_plans(target, x, cost, valid, 0.3, box=True, tol=1e-10, box_tol=1e-10)
+    assert batched.converged.all()
+    assert torch.allclose(batched.plan, every_step.plan, rtol=0, atol=1e-9)
+
+
+def reference_box_lp(gradient, x, cost, valid, eps):
+    """The boxed linear maximization of one example, by HiGHS (scipy.optimize.linprog)."""
+    from scipy.optimize import linprog
+
+    C, N, K = gradient.shape
+    W = x.shape[-1]
+    k = math.isqrt(K)
+    mass = x.reshape(C * N).numpy()
+    entries = np.nonzero((np.tile(valid.numpy(), (C, 1)) & (mass[:, None] > 0)).reshape(-1))[0]
+    n = entries.size
+    row, offset = entries // K, entries % K
+    pixel, channel = row % N, row // N
+    destination = channel * N + (pixel // W + offset // k - k // 2) * W + pixel % W + offset % k - k // 2
+    used = np.unique(row)
+    rows_sum = sp.csr_matrix((np.ones(n), (np.searchsorted(used, row), np.arange(n))), shape=(used.size, n))
+    limits = sp.vstack([
+        sp.csr_matrix(cost.numpy()[offset].reshape(1, -1)),
+        sp.csr_matrix((np.ones(n), (destination, np.arange(n))), shape=(C * N, n)),
+    ])
+    solution = linprog(
+        -gradient.reshape(-1).numpy()[entries], A_ub=limits, b_ub=np.concatenate([[float(eps) * mass.sum()], np.ones(C * N)]),
+        A_eq=rows_sum, b_eq=mass[used], method="highs",
+    )
+    assert solution.status == 0, solution.message
+    return -solution.fun
+
+
+@pytest.mark.parametrize("k, p, shape", [(3, 1.0, (1, 7, 7)), (5, 2.0, (2, 6, 6)), (5, 1.0, (1, 9, 8))])
+@pytest.mark.parametrize("eps", [0.05, 0.4])
+def test_boxed_oracle_matches_highs(k, p, shape, eps):
+    x = tensor(digit_batch(2 * k, 3, shape))
+    cost, valid = layout(k, p, shape)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(k + 1), dtype=torch.float64)
+    gradient = plan_gradient(g, k)
+    result = plan_linear_maximization(gradient, x, cost, valid, eps, box=True, tol=1e-7)
+    free = plan_linear_maximization(gradient, x, cost, valid, eps)
+    assert result.converged.all()
+    assert_feasible(result.plan, x, cost, valid, eps, box=True, rel=1e-9, atol=1e-9)
+    assert (plan_image(free.plan, *shape[1:]).flatten(1).amax(1) > 1 + 1e-3).any(), "the box must bind somewhere"
+    for b in range(3):
+        optimum = reference_box_lp(gradient[b], x[b], cost, valid, eps)
+        scale = float(x[b].sum() * g[b].abs().max())
+        assert abs(float(result.value[b]) - optimum) <= 1e-7 * scale
+        assert float(result.value[b]) <= float(free.value[b]) + 1e-12
+
+
 def test_box_projection_is_feasible_when_stopped_early():
     """Out of Dykstra iterations, the repair still returns a plan inside the ball and the box."""
     shape = (2, 6, 6)
@@ -331,8 +428,9 @@ ITERATES = {
     "pgd_box": lambda: PlanPGDIterate(3, 2.0, step_size=0.3, box=True),
     "frank_wolfe": lambda: FrankWolfeIterate(3, 2.0),
     "frank_wolfe_box": lambda: FrankWolfeIterate(3, 2.0, box=True),
+    "frank_wolfe_box_oracle": lambda: FrankWolfeIterate(3, 2.0, box=True, box_oracle=True),
 }
-BOXED = ("pgd_box", "frank_wolfe_box")
+BOXED = ("pgd_box", "frank_wolfe_box", "frank_wolfe_box_oracle")
 
 
 @pytest.mark.parametrize("name", sorted(ITERATES))

@@ -266,7 +266,7 @@ _SINKHORN_HYPERPARAMETERS = (
                    low=0, high=2, low_open=True, high_open=True),
 )
 _PLAN_TOLERANCES = (
-    Hyperparameter("box_tol", float, 1e-6, "tolerance of the box projection (Dykstra) on pixel capacities",
+    Hyperparameter("box_tol", float, 1e-6, "KKT tolerance of the box projection on pixel capacities (mass units)",
                    low=0, high=1, low_open=True, high_open=True),
     Hyperparameter("box_max_iter", int, 100, "Newton iterations of the box projection", low=1),
 )
@@ -322,8 +322,8 @@ BUILTIN_SOLVERS = (
         name="plan_pgd_box",
         factory=PlanPGDIterate,
         kind=SolverKind.PLAN_SPACE,
-        summary="projected gradient on the transport plan with the pixel box z <= 1 inside the projection (Dykstra)",
-        reference=f"{_WU_2020}; box by alternating projections",
+        summary="projected gradient on the transport plan with the pixel box z <= 1 inside the exact projection",
+        reference=f"{_WU_2020}; box by a semismooth Newton method on the capacity multipliers",
         hyperparameters=_PLAN_PGD_HYPERPARAMETERS + _PLAN_TOLERANCES,
         fixed={"box": True},
         box=BoxHandling.INSIDE,
@@ -347,7 +347,18 @@ BUILTIN_SOLVERS = (
         "pixel box z <= 1",
         reference=f"{_WU_2020} (their capacity-constrained post-processing, applied at every step)",
         hyperparameters=_FRANK_WOLFE_HYPERPARAMETERS + _PLAN_TOLERANCES,
-        fixed={"box": True},
+        fixed={"box": True, "box_oracle": False},
+        box=BoxHandling.INSIDE,
+    ),
+    SolverSpec(
+        name="frank_wolfe_box_oracle",
+        factory=FrankWolfeIterate,
+        kind=SolverKind.PLAN_SPACE,
+        summary="Frank-Wolfe on the transport plan with the exact linear maximization over the ball with the pixel "
+        "box z <= 1 (proximal steps on the boxed projection)",
+        reference=f"{_WU_2020}; boxed oracle by the proximal point method",
+        hyperparameters=_FRANK_WOLFE_HYPERPARAMETERS + _PLAN_TOLERANCES,
+        fixed={"box": True, "box_oracle": True},
         box=BoxHandling.INSIDE,
     ),
     SolverSpec(

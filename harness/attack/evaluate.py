@@ -8,6 +8,7 @@ recorded quantity (numpy arrays of length N), ready for a table.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from solvers.iterate import BallIterate
 
 from .ball import Ball
-from .pgd import EpsSchedule, Loss, PGDAttack
+from .pgd import AttackProgress, EpsSchedule, Loss, PGDAttack
 
 __all__ = ["attack_and_verify", "clean_accuracy"]
 
@@ -43,6 +44,7 @@ def attack_and_verify(
     loss: Loss = Loss.CROSS_ENTROPY,
     restarts: int = 1,
     seed: int = 0,
+    on_progress: Callable[[int, AttackProgress], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Attack ``images`` batch by batch and verify each claimed success.
 
@@ -61,6 +63,10 @@ def attack_and_verify(
         ``unreachable_mass``, ``verified_prediction``), and ``attack_seconds`` /
         ``verify_seconds`` (the batch's wall time shared equally by its
         examples). ``adversarial`` holds the stored images.
+
+    ``on_progress(examples_before, progress)`` is called after every attack
+    step with the number of examples of earlier batches and the current
+    batch's :class:`~harness.attack.pgd.AttackProgress`.
     """
     if not isinstance(ball, Ball):
         raise ValueError(f"ball={ball!r} is invalid: pass a harness.attack.ball.Ball")
@@ -70,7 +76,8 @@ def attack_and_verify(
     columns: dict[str, list[np.ndarray]] = {}
     for start in range(0, images.shape[0], batch_size):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
-        result = attack.run(x, y)
+        before = start
+        result = attack.run(x, y, on_step=None if on_progress is None else lambda progress: on_progress(before, progress))
         started = time.perf_counter()
         verdict = ball.verify(model, x, y, result)
         verify_seconds = time.perf_counter() - started

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "Loss",
     "PGDAttack",
     "PROTOCOLS",
+    "AttackProgress",
     "make_iterate",
 ]
 
@@ -235,6 +237,17 @@ def _objective(logits: torch.Tensor, labels: torch.Tensor, loss: Loss, targeted:
     return label_logit - others if targeted else others - label_logit
 
 
+@dataclass(frozen=True)
+class AttackProgress:
+    """Where a running attack is: examples decided (fooled, or out of steps at the end), step, radius."""
+
+    decided: int
+    examples: int
+    step: int
+    steps: int
+    eps: float
+
+
 @dataclass
 class _Tally:
     """Per-example counters over the full batch."""
@@ -302,11 +315,19 @@ class PGDAttack:
         prediction = logits.argmax(1)
         return prediction == targets if targets is not None else prediction != labels
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None) -> AttackResult:
+    def run(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        on_step: Callable[[AttackProgress], None] | None = None,
+    ) -> AttackResult:
         """Attack the batch ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
 
         ``targets`` (B,) makes the attack targeted: success means predicting
-        the target; a target equal to the label is an error.
+        the target; a target equal to the label is an error. ``on_step`` is
+        called after every step with an :class:`AttackProgress` (for
+        progress bars; it must be cheap).
         """
         started = time.perf_counter()
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -346,7 +367,7 @@ class PGDAttack:
                     break
                 self._attack_pending(
                     x, y, targets, pending, restart, generator if restart > 0 else None,
-                    adversarial, success, eps_found, restart_found, tally,
+                    adversarial, success, eps_found, restart_found, tally, on_step,
                 )
             with torch.no_grad():
                 adversarial_prediction = self.model(adversarial).argmax(1)
@@ -367,7 +388,9 @@ class PGDAttack:
             seconds=time.perf_counter() - started,
         )
 
-    def _attack_pending(self, x, y, targets, pending, restart, generator, adversarial, success, eps_found, restart_found, tally):
+    def _attack_pending(
+        self, x, y, targets, pending, restart, generator, adversarial, success, eps_found, restart_found, tally, on_step
+    ):
         """One restart over the examples ``pending``; writes results in place."""
         schedule = self.schedule
         state: IterateState = self.iterate.start(x[pending], schedule.initial, generator)
@@ -384,6 +407,8 @@ class PGDAttack:
                 success[done] = True
                 eps_found[done] = image_eps
                 restart_found[done] = restart
+            if on_step is not None:
+                on_step(AttackProgress(x.shape[0] - active.numel() + int(fooled.sum()), x.shape[0], step, schedule.iterations, image_eps))
             if step == schedule.iterations or bool(fooled.all()):
                 break
             keep = ~fooled

@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +26,14 @@ import torch
 import zoo
 
 from ..attack.evaluate import attack_and_verify, clean_accuracy
+from ..attack.pgd import AttackProgress
 from ..attack.verify import VerificationStatus, robust_accuracy
 from ..data import load_dataset, test_subset
 from ..vocabulary import CellStatus
 from .grid import Cell, Shard
 from .store import EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, shard_exists, write_shard
 
-__all__ = ["RunContext", "ShardOutcome", "ShardRunner", "cell_columns"]
+__all__ = ["RunContext", "ShardOutcome", "ShardProgress", "ShardRunner", "cell_columns"]
 
 _PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pyarrow", "pandas", "ray", "hydra-core")
 
@@ -47,6 +49,22 @@ class RunContext:
     download: bool = False
     gallery_examples: int = 8
     """The first this many examples of every cell keep their images (``images`` table)."""
+
+
+@dataclass(frozen=True)
+class ShardProgress:
+    """A running shard's state, reported by its worker after attack steps."""
+
+    shard_id: str
+    cell_id: str
+    decided: int
+    """Examples of the shard fooled, or done with every step."""
+    examples: int
+    step: int
+    steps: int
+    eps: float
+    seconds: float
+    """Since the shard started."""
 
 
 @dataclass(frozen=True)
@@ -141,8 +159,11 @@ class ShardRunner:
             self._clean_accuracy[cell.model] = clean_accuracy(self.model(cell.model), images.to(self.device), labels.to(self.device))
         return self._clean_accuracy[cell.model]
 
-    def run_shard(self, shard: Shard) -> ShardOutcome:
-        """Attack, verify and store one shard (skipped when its file exists)."""
+    def run_shard(self, shard: Shard, on_progress: Callable[[ShardProgress], None] | None = None) -> ShardOutcome:
+        """Attack, verify and store one shard (skipped when its file exists).
+
+        ``on_progress`` gets a :class:`ShardProgress` after every attack step.
+        """
         cell, context = shard.cell, self.context
         if shard_exists(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id):
             return ShardOutcome(shard.shard_id, cell.cell_id, shard.stop - shard.start, 0.0, skipped=True)
@@ -150,11 +171,19 @@ class ShardRunner:
         images, labels = self._examples(shard)
         model = self.model(cell.model)
         torch.manual_seed(cell.seed)
+        rows = shard.stop - shard.start
+
+        def report(before: int, progress: AttackProgress) -> None:
+            on_progress(ShardProgress(
+                shard.shard_id, cell.cell_id, before + progress.decided, rows, progress.step, progress.steps,
+                progress.eps, time.perf_counter() - started,
+            ))
+
         columns = attack_and_verify(
             model, images.to(self.device), labels.to(self.device), cell.ball, cell.iterate(), cell.schedule,
-            batch_size=shard.stop - shard.start, loss=cell.loss, restarts=cell.restarts, seed=cell.seed,
+            batch_size=rows, loss=cell.loss, restarts=cell.restarts, seed=cell.seed,
+            on_progress=None if on_progress is None else report,
         )
-        rows = shard.stop - shard.start
         record = {name: [value] * rows for name, value in cell_columns(cell).items()}
         record.update(
             cell_id=[cell.cell_id] * rows,

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import datetime
 import enum
+import math
 import os
 import sys
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -40,7 +41,8 @@ from zoo.plugins import with_absolute_paths
 
 from ..data import load_dataset
 from .grid import Cell, Shard
-from .runner import RunContext, ShardOutcome, ShardRunner
+from .progress import RunProgress
+from .runner import RunContext, ShardOutcome, ShardProgress, ShardRunner
 
 __all__ = ["Executor", "RayOptions", "RunReport", "run_cells"]
 
@@ -98,35 +100,6 @@ class RunReport:
     seconds: float = 0.0
 
 
-class _Progress:
-    """One status line on the driver: shards done, examples per second, time left."""
-
-    def __init__(self, total_shards: int, total_examples: int, stream=sys.stderr):
-        self.total_shards, self.total_examples = total_shards, total_examples
-        self.shards = self.examples = self.computed = 0
-        self.started = time.perf_counter()
-        self.stream = stream
-
-    def update(self, outcome: ShardOutcome) -> None:
-        self.shards += 1
-        self.examples += outcome.examples
-        if not outcome.skipped:
-            self.computed += outcome.examples
-        elapsed = time.perf_counter() - self.started
-        rate = self.computed / elapsed if elapsed > 0 else 0.0
-        left = self.total_examples - self.examples
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        self.stream.write(
-            f"\rshards {self.shards}/{self.total_shards}  examples {self.examples}/{self.total_examples}  "
-            f"{rate:.2f} examples/s  ETA {eta}   "
-        )
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
-
-
 def _plan(cells: list[Cell], shard_size: int) -> tuple[list[Shard], dict[str, int]]:
     shards = [shard for cell in cells for shard in cell.shards(shard_size)]
     per_cell = defaultdict(int)
@@ -173,12 +146,12 @@ def run_cells(
     plugins = with_absolute_paths(plugins)
     zoo.import_plugins(plugins)
     shards, per_cell = _plan(cells, shard_size)
-    meter = _Progress(len(shards), sum(s.stop - s.start for s in shards)) if progress else None
     started = time.perf_counter()
     if executor is Executor.LOCAL:
+        meter = RunProgress(cells, shards) if progress else None
         report = _run_local(cells, shards, per_cell, context, meter)
     else:
-        report = _run_ray(cells, shards, per_cell, context, ray_options, plugins, meter)
+        report, meter = _run_ray(cells, shards, per_cell, context, ray_options, plugins, progress)
     if meter is not None:
         meter.close()
     report.seconds = time.perf_counter() - started
@@ -195,7 +168,7 @@ def _run_local(cells, shards, per_cell, context, meter) -> RunReport:
         cell_id = shard.cell.cell_id
         cell_started.setdefault(cell_id, datetime.datetime.now(datetime.timezone.utc))
         try:
-            outcome = runner.run_shard(shard)
+            outcome = runner.run_shard(shard, None if meter is None else _throttled(meter.shard_progress))
         except Exception as error:  # a bad shard must not stop the others; it is reported
             report.failures[f"shard {shard.shard_id}"] = f"{type(error).__name__}: {error}"
             outcome = None
@@ -203,7 +176,7 @@ def _run_local(cells, shards, per_cell, context, meter) -> RunReport:
             report.shards_skipped += outcome.skipped
             report.shards_run += not outcome.skipped
             if meter is not None:
-                meter.update(outcome)
+                meter.shard_done(cell_id, outcome)
         remaining[cell_id] -= 1
         if remaining[cell_id] == 0:
             try:
@@ -211,6 +184,36 @@ def _run_local(cells, shards, per_cell, context, meter) -> RunReport:
             except Exception as error:  # the shards are on disk; a rerun writes the cell row
                 report.failures[f"cell {cell_id}"] = f"{type(error).__name__}: {error}"
     return report
+
+
+def _throttled(report: Callable[[ShardProgress], None], interval: float = 0.5) -> Callable[[ShardProgress], None]:
+    """``report``, called at most every ``interval`` seconds (the first call always goes through)."""
+    last = [-math.inf]
+
+    def throttled(progress: ShardProgress) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= interval:
+            last[0] = now
+            report(progress)
+
+    return throttled
+
+
+def _board_class(ray):
+    """A Ray actor holding the latest progress of every running shard; the driver polls it."""
+
+    class ProgressBoard:
+        def __init__(self):
+            self.latest: dict[str, ShardProgress] = {}
+
+        def report(self, progress: ShardProgress) -> None:
+            self.latest[progress.shard_id] = progress
+
+        def collect(self) -> list[ShardProgress]:
+            latest, self.latest = list(self.latest.values()), {}
+            return latest
+
+    return ray.remote(num_cpus=0)(ProgressBoard)
 
 
 def _actor_class(ray):
@@ -226,8 +229,9 @@ def _actor_class(ray):
         def provide_test_set(self, dataset, data):
             self.runner.provide_test_set(dataset, *data)
 
-        def run_shard(self, shard: Shard) -> ShardOutcome:
-            return self.runner.run_shard(shard)
+        def run_shard(self, shard: Shard, board=None) -> ShardOutcome:
+            report = None if board is None else _throttled(lambda progress: board.report.remote(progress))
+            return self.runner.run_shard(shard, report)
 
         def finish_cell(self, cell: Cell, started_at) -> dict:
             return self.runner.finish_cell(cell, started_at)
@@ -240,7 +244,7 @@ def _actor_class(ray):
     return ray.remote(ShardActor)
 
 
-def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: list[str], meter) -> RunReport:
+def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: list[str], progress: bool):
     import ray
     from ray.exceptions import RayActorError
 
@@ -284,6 +288,8 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: lis
             return actor
 
         actors = [new_actor() for _ in range(count)]
+        meter = RunProgress(cells, shards, workers=count) if progress else None
+        board = _board_class(ray).remote() if progress else None
         idle = deque(actors)
         queue = deque(shards)
         attempts = defaultdict(int)
@@ -297,8 +303,14 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: lis
                 shard = queue.popleft()
                 actor = idle.popleft()
                 cell_started.setdefault(shard.cell.cell_id, datetime.datetime.now(datetime.timezone.utc))
-                in_flight[actor.run_shard.remote(shard)] = (shard, actor)
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+                in_flight[actor.run_shard.remote(shard, board)] = (shard, actor)
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if meter is None else 1.0)
+            if meter is not None:
+                for update in ray.get(board.collect.remote()):
+                    if any(s.shard_id == update.shard_id for s, _ in in_flight.values()):
+                        meter.shard_progress(update)
+            if not done:
+                continue
             shard, actor = in_flight.pop(done[0])
             try:
                 outcome = ray.get(done[0])
@@ -329,7 +341,7 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: lis
                 report.shards_skipped += outcome.skipped
                 report.shards_run += not outcome.skipped
                 if meter is not None:
-                    meter.update(outcome)
+                    meter.shard_done(shard.cell.cell_id, outcome)
             cell_id = shard.cell.cell_id
             remaining[cell_id] -= 1
             if remaining[cell_id] == 0:
@@ -341,7 +353,7 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: lis
                 report.cells.append(ShardRunner(context).finish_cell(by_id[cell_id], cell_started[cell_id]))
             except Exception as error:  # the shards are on disk; a rerun writes the cell row
                 report.failures[f"cell {cell_id}"] = f"{type(error).__name__}: {error}"
-        return report
+        return report, meter
     finally:
         for actor in actors:
             ray.kill(actor)
