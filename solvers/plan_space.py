@@ -41,10 +41,13 @@ Contents
     Exact Euclidean projection onto :math:`\mathcal{P}_\varepsilon(x)` (a
     safeguarded Newton search on the budget multiplier over row-wise simplex
     projections), and, with ``box=True``, onto its intersection with the box
-    by Dykstra's alternating projections and a feasibility repair.
+    by a projected semismooth Newton method on the capacity and budget
+    multipliers, then a feasibility repair.
 :func:`plan_linear_maximization`
     Exact :math:`\max_{P \in \mathcal{P}_\varepsilon(x)} \langle G, P\rangle`
-    by a one-dimensional dual search (the linear maximization oracle).
+    by a one-dimensional dual search (the linear maximization oracle); with
+    ``box=True``, over the boxed set by proximal steps on the boxed
+    projection, with a certified duality gap.
 :class:`PlanPGDIterate`, :class:`FrankWolfeIterate`
     The two attacks as :class:`~solvers.iterate.BallIterate` objects.
 """
@@ -513,24 +516,19 @@ class _CapacityDual:
 
     @classmethod
     def of(cls, target, x, cost, valid, budget) -> _CapacityDual:
-        batch, channels, height, width = x.shape
-        pixels = height * width
         data = _Rows.of(x, valid)
-        k = math.isqrt(target.shape[-1])
-        dr, ds = _offsets(k, x.device)
-        pixel = data.index % pixels
-        row, col = pixel // width, pixel % width
-        flat = (data.index - pixel)[:, None] + (row[:, None] + dr) * width + (col[:, None] + ds)
-        sink = batch * channels * pixels
-        destination = torch.where(data.valid, flat, sink)
+        destination = _destinations(data, x, math.isqrt(target.shape[-1]))
         targets = target.reshape(-1, target.shape[-1])[data.index].double()
-        return cls(data, targets, cost.double(), budget.double(), destination, batch, channels * pixels)
+        return cls(data, targets, cost.double(), budget.double(), destination, x.shape[0], x[0].numel())
 
     def spread(self, nu: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-        r""":math:`A^\top(\nu, \mu)`: each entry's multiplier, shape ``(R, K)`` (0 on invalid entries)."""
+        r""":math:`A^\top(\nu, \mu)`: each entry's multiplier, shape ``(R, K)``.
+
+        Invalid entries get a meaningless value: every user masks them.
+        """
         padded = torch.cat([nu.reshape(-1), nu.new_zeros(1)])
-        shift = padded[self.destination] + mu[self.data.image, None] * self.cost
-        return shift * self.data.valid
+        gathered = padded.index_select(0, self.destination.flatten()).view(self.destination.shape)
+        return gathered + mu[self.data.image, None] * self.cost
 
     def collect(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:math:`A`: column sums ``(B, C N)`` and costs ``(B,)`` of per-entry values."""
@@ -710,17 +708,29 @@ def _project_with_box(
     rows[still] = 0
     rows[still, center] = dual.data.mass[still]
     rows = _fit_budget(rows, dual.data, cost, budget)
-    plan, fallback = _repair_capacity(dual.data.scatter(rows, target.shape), x, valid)
+    rows, fallback = _repair_rows(rows, dual.data, dual.destination, x)
+    plan = dual.data.scatter(rows, target.shape)
     capacities = torch.where(settled[:, None], 0.0, nu).to(target.dtype).view(x.shape)
     return PlanProjection(
         plan, torch.where(settled, 0.0, mu).to(target.dtype), iterations, (converged | settled) & ~fallback, capacities
     )
 
 
-def _repair_capacity(
-    plan: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, rounds: int = 50
+def _destinations(data: _Rows, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Flat pixel (over ``B C H W``) each entry of the massive rows moves to; ``B C H W`` (a sink) when invalid."""
+    height, width = x.shape[-2:]
+    pixels = height * width
+    dr, ds = _offsets(kernel_size, x.device)
+    pixel = data.index % pixels
+    row, col = pixel // width, pixel % width
+    flat = (data.index - pixel)[:, None] + (row[:, None] + dr) * width + (col[:, None] + ds)
+    return torch.where(data.valid, flat, x.numel())
+
+
+def _repair_rows(
+    rows: torch.Tensor, data: _Rows, destination: torch.Tensor, x: torch.Tensor, rounds: int = 50
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Make a plan of the ball satisfy :math:`P^\top \mathbf 1 \le 1` without leaving the ball.
+    r"""Make the massive rows of a plan of the ball satisfy :math:`P^\top \mathbf 1 \le 1` without leaving the ball.
 
     Each round scales down the entries arriving at every over-full pixel
     ``j`` from *other* pixels so that ``j`` holds 1, less a few units in the
@@ -738,39 +748,49 @@ def _repair_capacity(
 
     Returns
     -------
-    plan : Tensor (B, C, N, K)
+    rows : Tensor (R, K)
     fallback : Tensor (B,), bool
     """
-    batch, channels, pixels, k2 = plan.shape
-    height, width = x.shape[-2:]
-    k = math.isqrt(k2)
-    center = k2 // 2
-    headroom = 1 - 4 * torch.finfo(plan.dtype).eps  # aim a little below 1 so rounding cannot overshoot
+    batch, total = x.shape[0], x.numel()
+    center = rows.shape[1] // 2
+    tiny = torch.finfo(rows.dtype).tiny
+    headroom = 1 - 4 * torch.finfo(rows.dtype).eps  # aim a little below 1 so rounding cannot overshoot
+
+    def filled_by(rows):
+        return rows.new_zeros(total + 1).index_add_(0, destination.flatten(), rows.flatten())[:-1]
+
     for _ in range(rounds):
-        filled = plan_image(plan, height, width).view(batch, channels, pixels)
+        filled = filled_by(rows)
         over = filled > 1
         if not bool(over.any()):
             break
-        kept = plan[..., center]
-        arriving = filled - kept
-        keep = ((headroom - kept) / arriving.clamp_min(torch.finfo(plan.dtype).tiny)).clamp(0, 1)
-        keep = torch.where(over, keep, torch.ones_like(keep))
-        keep_entry = plan_gradient(keep.view(batch, channels, height, width), k).clone()
-        keep_entry[..., center] = 1
-        removed = plan * (1 - keep_entry)
-        plan = plan * keep_entry
-        plan[..., center] += removed.sum(-1)
-    filled = plan_image(plan, height, width)
-    slack = 4 * torch.finfo(plan.dtype).eps
-    over = filled > 1 + slack
-    fallback = over.flatten(1).any(1)
+        kept = rows.new_zeros(total).index_copy_(0, data.index, rows[:, center])
+        keep = ((headroom - kept) / (filled - kept).clamp_min(tiny)).clamp(0, 1)
+        keep = torch.cat([torch.where(over, keep, 1.0), keep.new_ones(1)])
+        keep_entry = keep.index_select(0, destination.flatten()).view(rows.shape)
+        keep_entry[:, center] = 1
+        removed = (rows * (1 - keep_entry)).sum(-1)
+        rows = rows * keep_entry
+        rows[:, center] += removed
+    filled = filled_by(rows).view(batch, -1)
+    over = filled > 1 + 4 * torch.finfo(rows.dtype).eps
+    fallback = over.any(1)
     if bool(fallback.any()):
         # theta (z_j - x_j) <= 1 - x_j at every over-full pixel; x_j <= 1 keeps theta >= 0.
-        room = ((headroom - x) / (filled - x).clamp_min(torch.finfo(plan.dtype).tiny)).clamp(0, 1)
-        theta = torch.where(over, room, torch.ones_like(room)).flatten(1).amin(1)
-        theta = theta.view(batch, 1, 1, 1)
-        plan = theta * plan + (1 - theta) * identity_plan(x, k)
-    return plan.masked_fill(~valid, 0.0), fallback
+        centres = x.reshape(batch, -1)
+        room = ((headroom - centres) / (filled - centres).clamp_min(tiny)).clamp(0, 1)
+        theta = torch.where(over, room, 1.0).amin(1)[data.image]
+        rows = theta[:, None] * rows
+        rows[:, center] += (1 - theta) * data.mass
+    return rows, fallback
+
+
+def _repair_capacity(plan: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_repair_rows` on full ``(B, C, N, K)`` plans; returns the plans and the fallback mask."""
+    data = _Rows.of(x, valid)
+    rows = plan.reshape(-1, plan.shape[-1])[data.index]
+    rows, fallback = _repair_rows(rows, data, _destinations(data, x, math.isqrt(plan.shape[-1])), x)
+    return data.scatter(rows, plan.shape), fallback
 
 
 @torch.no_grad()
@@ -1312,7 +1332,7 @@ class PlanPGDIterate:
         :math:`\alpha > 0`.
     step_rule : {"linf_normalized", "sign"}
     box : bool, default False
-        Keep pixels <= 1 inside the projection (Dykstra, see :func:`project_plans`).
+        Keep pixels <= 1 inside the projection (see :func:`project_plans`).
     tol, max_iter, box_tol, box_max_iter
         Passed to :func:`project_plans`.
     """
