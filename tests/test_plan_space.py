@@ -98,18 +98,24 @@ def assert_kkt(target, x, cost, valid, eps, result, atol=1e-9):
     assert off_support <= atol, f"residual above the support's level off the support: {float(off_support):.3g}"
 
 
+def plan_entries(x, valid, K):
+    """The free entries of one example's plan (massive rows, valid offsets): flat index, row, offset, destination pixel."""
+    C, H, W = x.shape
+    N, k = H * W, math.isqrt(K)
+    mass = x.reshape(C * N).numpy()
+    entries = np.nonzero((np.tile(valid.numpy(), (C, 1)) & (mass[:, None] > 0)).reshape(-1))[0]
+    row, offset = entries // K, entries % K
+    pixel, channel = row % N, row // N
+    destination = channel * N + (pixel // W + offset // k - k // 2) * W + pixel % W + offset % k - k // 2
+    return mass, entries, row, offset, destination
+
+
 def reference_qp(target, x, cost, valid, eps, box=False):
     """The projection QP over the plan entries of one example, solved by Clarabel (float64)."""
     clarabel = pytest.importorskip("clarabel")
     C, N, K = target.shape
-    W = x.shape[-1]
-    k = math.isqrt(K)
-    mass = x.reshape(C * N).numpy()
-    entries = np.nonzero((np.tile(valid.numpy(), (C, 1)) & (mass[:, None] > 0)).reshape(-1))[0]
+    mass, entries, row, offset, destination = plan_entries(x, valid, K)
     n = entries.size
-    row, offset = entries // K, entries % K
-    pixel, channel = row % N, row // N
-    destination = channel * N + (pixel // W + offset // k - k // 2) * W + pixel % W + offset % k - k // 2
     columns = np.arange(n)
     used = np.unique(row)
     rows_sum = sp.csr_matrix((np.ones(n), (np.searchsorted(used, row), columns)), shape=(used.size, n))
@@ -272,14 +278,8 @@ def reference_box_lp(gradient, x, cost, valid, eps):
     from scipy.optimize import linprog
 
     C, N, K = gradient.shape
-    W = x.shape[-1]
-    k = math.isqrt(K)
-    mass = x.reshape(C * N).numpy()
-    entries = np.nonzero((np.tile(valid.numpy(), (C, 1)) & (mass[:, None] > 0)).reshape(-1))[0]
+    mass, entries, row, offset, destination = plan_entries(x, valid, K)
     n = entries.size
-    row, offset = entries // K, entries % K
-    pixel, channel = row % N, row // N
-    destination = channel * N + (pixel // W + offset // k - k // 2) * W + pixel % W + offset % k - k // 2
     used = np.unique(row)
     rows_sum = sp.csr_matrix((np.ones(n), (np.searchsorted(used, row), np.arange(n))), shape=(used.size, n))
     limits = sp.vstack([
