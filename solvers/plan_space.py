@@ -1200,7 +1200,7 @@ def _maximize_with_box(gradient, x, cost, valid, budget, start, capacity_multipl
     unit = (gradient.double() / scale.view(-1, 1, 1, 1)).masked_fill(~valid, 0.0)
     unit_rows = rows / scale[data.image, None]
     mass = x.flatten(1).sum(1).double()
-    destination = _CapacityDual.of(gradient, x, cost, valid, budget).destination
+    destination = _destinations(data, x, _kernel_size_of(gradient))
     cost64 = cost.double()
 
     def certified_gap(plan, mu, nu):
