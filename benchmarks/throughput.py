@@ -26,11 +26,13 @@ CUDA rows are skipped, with a line saying so, where no GPU is visible.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -46,6 +48,7 @@ from harness.attack.evaluate import attack_and_verify  # noqa: E402
 from harness.attack.pgd import PROTOCOLS  # noqa: E402
 from harness.attack.verify import robust_accuracy  # noqa: E402
 from harness.data import test_subset  # noqa: E402
+from harness.run.runner import default_batch_size, default_verify_workers  # noqa: E402
 
 PAPER_MODELS = ("mnist/standard", "mnist/binarized", "mnist/linf_certified", "mnist/wasserstein_adversarial")
 RADII = (0.1, 0.5, 1.0)
@@ -63,7 +66,7 @@ def _before(results_dir: str | None, n: int) -> dict[tuple[str, str], float]:
     return {key: float(value) for key, value in frame.groupby(["model", "solver"])["total"].mean().items()}
 
 
-def measure(model_name, solver_name, protocol, images, labels, device, batch_size, weights_dir) -> dict:
+def measure(model_name, solver_name, protocol, images, labels, device, batch_size, weights_dir, verify_executor=None) -> dict:
     model = zoo.model(model_name, weights_dir=weights_dir, device=device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -76,7 +79,8 @@ def measure(model_name, solver_name, protocol, images, labels, device, batch_siz
         torch.cuda.synchronize()
     started = time.perf_counter()
     columns = attack_and_verify(
-        model, images.to(device), labels.to(device), ball, iterate, protocol.schedule, batch_size=batch_size
+        model, images.to(device), labels.to(device), ball, iterate, protocol.schedule, batch_size=batch_size,
+        verify_executor=verify_executor,
     )
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -102,6 +106,10 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", default="paper_mnist", choices=sorted(PROTOCOLS))
     parser.add_argument("--n", type=int, default=100, help="first test images attacked")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 100 on CPU, 1000 on CUDA")
+    parser.add_argument(
+        "--verify-workers", type=int, default=None,
+        help="processes running the exact LPs beside the attack (default: 0 on CPU, half the cores, at most 8, beside CUDA)",
+    )
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
     parser.add_argument("--before", default=None, help="result store of an earlier revision, for its s/example")
     parser.add_argument("--estimate-n", type=int, default=10000, help="images of the whole protocol, for the time estimate")
@@ -135,12 +143,18 @@ def main(argv=None) -> int:
             skipped.append("cuda: no GPU visible, rows skipped")
             continue
         device = torch.device(device_name)
-        batch_size = args.batch_size or (1000 if device.type == "cuda" else 100)
+        batch_size = args.batch_size or default_batch_size(device)
+        workers = default_verify_workers(device) if args.verify_workers is None else args.verify_workers
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
+        if pool is not None:
+            pool.submit(int).result()  # started before the clock runs
         for model_name in args.models:
             dataset = zoo.model_spec(model_name).dataset.value
             images, labels = test_subset(dataset, args.data_root, args.n)
             for solver_name in args.solvers:
-                result = measure(model_name, solver_name, protocol, images, labels, device, batch_size, args.weights_dir)
+                result = measure(
+                    model_name, solver_name, protocol, images, labels, device, batch_size, args.weights_dir, pool
+                )
                 per_example = result["wall"] / args.n
                 earlier = before.get((model_name, solver_name))
                 row = [
@@ -153,6 +167,8 @@ def main(argv=None) -> int:
                 ]
                 lines.append("| " + " | ".join(row) + " |")
                 print(lines[-1], flush=True)
+        if pool is not None:
+            pool.shutdown()
     lines.extend(f"\n{note}" for note in skipped)
     text = "\n".join(lines) + "\n"
     print(text)

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from .geometry import LocalTransport, check_images, check_nonnegative_eps
 from .iterate import IterateState, StepReport, _zero_gradient
 from .checks import check_iterations, check_positive
+from .device import sync_interval
 
 __all__ = [
     "FrankWolfeIterate",
@@ -411,17 +412,22 @@ def _project_ball(
     mu = torch.where(settled, 0.0, mu)
 
     position = torch.full((batch,), -1, dtype=torch.int64, device=device)
-    for _ in range(max_iter):
-        active = torch.nonzero(~settled).flatten()
-        if active.numel() == 0:
-            break
-        position[active] = torch.arange(active.numel(), device=device)
-        on = torch.nonzero(~settled[data.image]).flatten()
-        local = position[data.image[on]]
+    interval = sync_interval(device)
+    for step in range(max_iter):
+        # The active set is refreshed (a host sync) every ``interval`` steps; in
+        # between, examples that finish stay in it, frozen.
+        if step % interval == 0:
+            active = torch.nonzero(~settled).flatten()
+            if active.numel() == 0:
+                break
+            position[active] = torch.arange(active.numel(), device=device)
+            on = torch.nonzero(~settled[data.image]).flatten()
+            local = position[data.image[on]]
+        frozen = settled[active]
         mu_now = mu[active]
         shifted_targets = targets[on] - mu_now.to(dtype)[local, None] * cost
         plan_rows = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
-        iterations[active] += 1
+        iterations[active] += (~frozen).long()
 
         spent = _image_sums(plan_rows @ cost, local, active.numel())
         # d spent / d mu = -sum_rows sum_support (c_o - mean_support c)^2 on the current linear piece.
@@ -444,15 +450,17 @@ def _project_ball(
 
         done = (gap.abs() <= tol * budget64[active]) | (feasible & (mu_now == 0))
         stalled = ((candidate - mu_now).abs() <= resolution * mu_now) | (upper_now - lower_now <= resolution * upper_now)
-        finished = done | stalled
+        finished = (done | stalled) & ~frozen
+        moving = ~(done | stalled) & ~frozen
         # Finished examples keep the plan just computed (slightly overspending
         # ones are mixed with the identity at the end).
-        finished_rows = finished[local]
-        rows[on[finished_rows]] = plan_rows[finished_rows]
+        rows[on] = torch.where(finished[local, None], plan_rows, rows[on])
         converged[active] |= finished
         settled[active] |= finished
-        lower[active], upper[active], lower_known[active] = lower_now, upper_now, known_now
-        mu[active] = torch.where(finished, mu_now, candidate)
+        lower[active] = torch.where(moving, lower_now, lower[active])
+        upper[active] = torch.where(moving, upper_now, upper[active])
+        lower_known[active] = torch.where(moving, known_now, lower_known[active])
+        mu[active] = torch.where(moving, candidate, mu_now)
 
     unfinished = ~settled
     if bool(unfinished.any()):
@@ -469,15 +477,6 @@ def _project_ball(
 # --------------------------------------------------------------------------
 # The box: a semismooth Newton method on the dual of the capacities
 # --------------------------------------------------------------------------
-
-
-def _sync_interval(device: torch.device) -> int:
-    """Iterations between stopping tests that read a value on the host.
-
-    On the CPU a test is free; on a GPU each one stalls the queue of
-    kernels, so loops run a few masked iterations between tests instead.
-    """
-    return 1 if torch.device(device).type == "cpu" else 4
 
 
 @dataclass
@@ -660,7 +659,7 @@ def _project_with_box(
     rows, support, grad_nu, grad_mu, value = dual.evaluate(nu, mu)
     iterations = torch.zeros(batch, dtype=torch.int64, device=x.device)
     active = torch.ones(batch, dtype=torch.bool, device=x.device)
-    interval = _sync_interval(x.device)
+    interval = sync_interval(x.device)
     for step in range(box_max_iter + 1):
         column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual)
         active &= (column_residual > box_tol) | (budget_residual > tol)
@@ -1220,7 +1219,7 @@ def _maximize_with_box(gradient, x, cost, valid, budget, start, capacity_multipl
     iterations = torch.zeros(batch, dtype=torch.int64, device=x.device)
     gap, value = certified_gap(plan, mu, nu)
     converged = gap <= tol * mass
-    interval = _sync_interval(x.device)
+    interval = sync_interval(x.device)
     for round_ in range(max_iter):
         if round_ % interval == 0 and bool(converged.all()):
             break

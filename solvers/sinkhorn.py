@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from .geometry import LocalTransport, check_images, check_nonnegative_eps
 from .info import SolveInfo, SolveStatus
 from .lambertw import lambertw_exp
+from .device import sync_interval
 
 # Defaults shared by the functions and the solver classes. tol = 1e-3 keeps the
 # output within ~1e-3 (relative) of the fully converged entropic solution, far
@@ -140,6 +141,19 @@ class _Windows:
         self.cost_powers = torch.stack([torch.ones_like(self.cost), self.cost, self.cost**2])
         self.range = _ExpRange(dtype, self.k)
         self.tiny = self.range.tiny
+        # On a GPU, asking which examples need the log domain would stall the
+        # queue every iteration: the log-domain sums are computed for all and
+        # kept where needed.
+        self.branch_free = sync_interval(device) > 1
+
+    def _log_domain(self, needs_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The examples to recompute in the log domain and which of them to keep (None: none)."""
+        if self.branch_free:
+            return torch.arange(needs_log.shape[0], device=needs_log.device), needs_log
+        if not bool(needs_log.any()):
+            return None
+        index = needs_log.nonzero()[:, 0]
+        return index, torch.ones_like(index, dtype=torch.bool)
 
     def log_kernel(self, psi: torch.Tensor) -> torch.Tensor:
         """``-psi C - 1`` for each example, shape (n, k, k)."""
@@ -194,13 +208,17 @@ class _Windows:
         log_rows = torch.log(safe_rows) + shift
         mean_cost = sums[1] / safe_rows
         mean_cost_sq = sums[2] / safe_rows
-        if bool(needs_log.any()):
-            index = needs_log.nonzero()[:, 0]
+        recompute = self._log_domain(needs_log)
+        if recompute is not None:
+            index, keep = recompute
+            keep = keep.view(-1, 1, 1, 1)
             log_sums = self._logsumexp(beta[index], log_kernel[index][:, None] + self.log_cost_powers)
-            log_rows[index] = log_sums[0].clamp_min(torch.finfo(log_sums.dtype).min)
+            log_rows[index] = torch.where(keep, log_sums[0].clamp_min(torch.finfo(log_sums.dtype).min), log_rows[index])
             reached = torch.isfinite(log_sums[0])
-            mean_cost[index] = torch.where(reached, torch.exp(log_sums[1] - log_sums[0]), 0.0)
-            mean_cost_sq[index] = torch.where(reached, torch.exp(log_sums[2] - log_sums[0]), 0.0)
+            mean_cost[index] = torch.where(keep, torch.where(reached, torch.exp(log_sums[1] - log_sums[0]), 0.0), mean_cost[index])
+            mean_cost_sq[index] = torch.where(
+                keep, torch.where(reached, torch.exp(log_sums[2] - log_sums[0]), 0.0), mean_cost_sq[index]
+            )
         return log_rows, mean_cost, mean_cost_sq, needs_log
 
     def column_log_sums(self, alpha, psi, problem, log_mode, beta):
@@ -220,9 +238,11 @@ class _Windows:
         # summed over the image this must stay below 1e-9 of the mass.
         limit = -self.range.trusted - math.log(alpha[0].numel())
         needs_log = log_mode | ~(beta.flatten(1).amax(1) + shift.flatten() <= limit)
-        if bool(needs_log.any()):
-            index = needs_log.nonzero()[:, 0]
-            log_columns[index] = self._logsumexp(alpha[index], log_kernel[index][:, None])[0]
+        recompute = self._log_domain(needs_log)
+        if recompute is not None:
+            index, keep = recompute
+            log_sums = self._logsumexp(alpha[index], log_kernel[index][:, None])[0]
+            log_columns[index] = torch.where(keep.view(-1, 1, 1, 1), log_sums, log_columns[index])
         return log_columns, needs_log
 
 
@@ -346,6 +366,7 @@ class _SinkhornSolver:
         out_z = torch.zeros_like(problem.source)
         out = SolveInfo.solved(n, dtype, device)
         active = torch.arange(n, device=device)
+        interval = sync_interval(device)
         for iteration in range(1, self.max_iter + 1):
             alpha, log_rows, cost, variance, log_mode = self._alpha_step(windows, state, problem)
             floor = windows.range.floor
@@ -364,6 +385,8 @@ class _SinkhornSolver:
             done = converged | failed | (iteration == self.max_iter)
             # Finishing and compacting cost about a sweep each time; doing it
             # for a quarter of the batch at once keeps their number small.
+            if iteration % interval and iteration != self.max_iter:
+                continue
             finished_count = int(done.sum())
             if finished_count == 0 or finished_count < min(done.numel(), _COMPACT_FRACTION * done.numel()):
                 continue

@@ -391,6 +391,52 @@ def test_attack_and_verify_columns():
         attack_and_verify(model, x, y, ball, make_iterate(solver), SCHEDULE, batch_size=0)
 
 
+def test_verification_in_worker_processes_gives_the_same_verdicts():
+    """The exact LPs in a process pool, started as claims arrive during the attack, change no column but the times."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from harness.attack.evaluate import attack_and_verify
+
+    model, x, y = problem(batch=9)
+    ball = Ball.wasserstein(KERNEL, P)
+    run = lambda executor: attack_and_verify(
+        model, x, y, ball, ball.iterate(zoo.solver_spec("plan_pgd_box"), {}, None, None), SCHEDULE, batch_size=5,
+        verify_executor=executor,
+    )
+    inline = run(None)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pooled = run(pool)
+    assert int(inline["success"].sum()) >= 6
+    for name, column in inline.items():
+        if name not in ("attack_seconds", "verify_seconds"):
+            np.testing.assert_array_equal(pooled[name], column, err_msg=name)
+
+
+def test_early_distance_is_reused_only_for_the_same_image():
+    """A distance submitted for an image that is not the one finally checked is computed again on the checked one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from harness.attack.verify import ExactDistances
+
+    model, x, y = problem(batch=2)
+    result = wasserstein_attack(model).run(x, y)
+    assert bool(result.success.all())
+    xs, zs = x.double().numpy(), result.adversarial.double().numpy()
+    with ThreadPoolExecutor(1) as executor:
+        distances = ExactDistances(executor, KERNEL, P)
+        distances.submit(0, xs[0], zs[0])
+        distances.submit(1, xs[1], xs[1])  # stale: the claim checked below is zs[1]
+        verdict = verify_wasserstein(
+            model, x, y, result.adversarial, result.success, result.eps_found, KERNEL, P, distances=distances,
+        )
+        with pytest.raises(ValueError, match="this ball is 5x5"):
+            verify_wasserstein(model, x, y, result.adversarial, result.success, result.eps_found, 5, P, distances=distances)
+    for b in range(2):
+        assert verdict.distance[b] == pytest.approx(local_ot_distance(x[b], result.adversarial[b], KERNEL, P).cost, rel=1e-12)
+    assert verdict.distance[1] > 0
+
+
 @pytest.mark.parametrize("name", ["cifar10/small_resnet", "cifar10/resnet18"])
 def test_cifar_architectures_attack_and_verify(name):
     """Colour images through the whole loop: untrained weights, real CIFAR-10 images, labels = own predictions."""

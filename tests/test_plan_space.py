@@ -258,7 +258,8 @@ def test_box_projection_warm_start_takes_fewer_newton_steps():
     assert torch.allclose(warm.plan, cold.plan, rtol=0, atol=1e-8)
 
 
-def test_box_projection_with_gpu_stopping_tests_matches(monkeypatch):
+@pytest.mark.parametrize("box", [False, True], ids=["free", "box"])
+def test_projection_with_gpu_stopping_tests_matches(monkeypatch, box):
     """The GPU path reads the stopping test only every few iterations; on CPU tensors it gives the same projection."""
     import solvers.plan_space as plan_space
 
@@ -266,10 +267,12 @@ def test_box_projection_with_gpu_stopping_tests_matches(monkeypatch):
     x = tensor(digit_batch(7, 4, shape))
     cost, valid = layout(5, 1.0, shape)
     target = random_target(x, 5, seed=9, step=0.5)
-    every_step = project_plans(target, x, cost, valid, 0.3, box=True, tol=1e-10, box_tol=1e-10)
-    monkeypatch.setattr(plan_space, "_sync_interval", lambda device: 4)
-    batched = project_plans(target, x, cost, valid, 0.3, box=True, tol=1e-10, box_tol=1e-10)
+    eps = torch.tensor([0.05, 0.3, 0.3, 1.0], dtype=torch.float64)
+    every_step = project_plans(target, x, cost, valid, eps, box=box, tol=1e-10, box_tol=1e-10)
+    monkeypatch.setattr(plan_space, "sync_interval", lambda device: 4)
+    batched = project_plans(target, x, cost, valid, eps, box=box, tol=1e-10, box_tol=1e-10)
     assert batched.converged.all()
+    assert torch.equal(batched.iterations, every_step.iterations)
     assert torch.allclose(batched.plan, every_step.plan, rtol=0, atol=1e-9)
 
 

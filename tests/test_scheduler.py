@@ -141,6 +141,23 @@ def test_local_run_writes_every_shard_once_and_a_rerun_resumes(world, tmp_path, 
     assert "4 shards run, 0 already done, 0 failed, 0 retried, 0 workers replaced" in capsys.readouterr().out
 
 
+def test_verification_processes_change_no_row_and_stop_with_the_run(world, tmp_path):
+    inline = _config(world, tmp_path / "inline", verify_workers=0)
+    pooled = _config(world, tmp_path / "pooled", verify_workers=2)
+    assert run_benchmark(inline) == 0 and run_benchmark(pooled) == 0
+    assert _rows(pooled["results_dir"]).equals(_rows(inline["results_dir"]))
+    assert not [command for command in _descendants(os.getpid()).values() if "spawn_main" in command]
+
+
+def test_batch_size_and_verify_workers_are_checked_and_auto_follows_the_device(world, tmp_path, capsys):
+    assert run_benchmark(_config(world, tmp_path, batch_size="auto", dry_run=True)) == 0
+    assert "batch size 100" in capsys.readouterr().out
+    assert run_benchmark(_config(world, tmp_path, batch_size="big", verify_workers=-1)) == 2
+    out = capsys.readouterr().out
+    assert "batch_size='big' is invalid: it must be auto or an integer >= 1" in out
+    assert "verify_workers=-1 is invalid: it must be auto or an integer >= 0" in out
+
+
 def test_hydra_entry_point_with_a_plugin_model(world, tmp_path):
     results = tmp_path / "out"
     block = (

@@ -10,6 +10,7 @@ without knowing the kinds.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -22,7 +23,7 @@ from solvers.iterate import BallIterate, Norm, NormBallIterate, StepRule
 
 from ..vocabulary import BallKind
 from .pgd import AttackResult, make_iterate
-from .verify import Tolerances, Verification, verify_norm, verify_wasserstein
+from .verify import ExactDistances, Tolerances, Verification, verify_norm, verify_wasserstein
 
 __all__ = ["Ball"]
 
@@ -182,10 +183,18 @@ class Ball:
         result: AttackResult,
         targets: torch.Tensor | None = None,
         tolerances: Tolerances = Tolerances(),
+        distances: ExactDistances | None = None,
     ) -> Verification:
         """Check the attack's claims exactly (:mod:`harness.attack.verify`): the exact LP for
-        the Wasserstein ball, the norm of the perturbation for l_p balls."""
+        the Wasserstein ball (in ``distances``' workers when given, see :meth:`exact_distances`),
+        the norm of the perturbation for l_p balls."""
         claims = (model, x, y, result.adversarial, result.success, result.eps_found)
         if self.transport is None:
             return verify_norm(*claims, _NORMS[self.kind], targets, tolerances)
-        return verify_wasserstein(*claims, self.transport.kernel_size, self.transport.p, targets, tolerances)
+        return verify_wasserstein(*claims, self.transport.kernel_size, self.transport.p, targets, tolerances, distances)
+
+    def exact_distances(self, executor: Executor) -> ExactDistances | None:
+        """Where this ball's exact checks can run in ``executor``'s workers; None for l_p balls (their check is a norm)."""
+        if self.transport is None:
+            return None
+        return ExactDistances(executor, self.transport.kernel_size, self.transport.p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 
 import numpy as np
 import torch
@@ -32,6 +33,19 @@ def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / images.shape[0]
 
 
+def _submitter(distances, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """An ``on_success`` hook that hands each claim with a positive radius to ``distances``."""
+    clean = x.detach().cpu().double().numpy()
+
+    def submit(indices: torch.Tensor, images: torch.Tensor, eps_found: torch.Tensor) -> None:
+        moved = eps_found > 0
+        claimed = images[moved].detach().cpu().double().numpy()
+        for index, image in zip(indices[moved].tolist(), claimed):
+            distances.submit(index, clean[index], image)
+
+    return submit
+
+
 def attack_and_verify(
     model: nn.Module,
     images: torch.Tensor,
@@ -45,6 +59,7 @@ def attack_and_verify(
     restarts: int = 1,
     seed: int = 0,
     on_progress: Callable[[int, AttackProgress], None] | None = None,
+    verify_executor: Executor | None = None,
 ) -> dict[str, np.ndarray]:
     """Attack ``images`` batch by batch and verify each claimed success.
 
@@ -67,6 +82,11 @@ def attack_and_verify(
     ``on_progress(examples_before, progress)`` is called after every attack
     step with the number of examples of earlier batches and the current
     batch's :class:`~harness.attack.pgd.AttackProgress`.
+
+    With ``verify_executor`` (a process pool) the exact LP of each claim
+    starts in a worker as soon as the attack makes it, while the attack goes
+    on with the rest of the batch; ``verify_seconds`` is then the wait after
+    the attack. The verdicts are the same either way.
     """
     if not isinstance(ball, Ball):
         raise ValueError(f"ball={ball!r} is invalid: pass a harness.attack.ball.Ball")
@@ -77,9 +97,14 @@ def attack_and_verify(
     for start in range(0, images.shape[0], batch_size):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
         before = start
-        result = attack.run(x, y, on_step=None if on_progress is None else lambda progress: on_progress(before, progress))
+        distances = None if verify_executor is None else ball.exact_distances(verify_executor)
+        result = attack.run(
+            x, y,
+            on_step=None if on_progress is None else lambda progress: on_progress(before, progress),
+            on_success=None if distances is None else _submitter(distances, x),
+        )
         started = time.perf_counter()
-        verdict = ball.verify(model, x, y, result)
+        verdict = ball.verify(model, x, y, result, distances=distances)
         verify_seconds = time.perf_counter() - started
         batch = {"label": y.cpu().numpy()}
         batch.update({name: value.cpu().numpy() for name, value in result.per_example().items()})

@@ -321,13 +321,17 @@ class PGDAttack:
         y: torch.Tensor,
         targets: torch.Tensor | None = None,
         on_step: Callable[[AttackProgress], None] | None = None,
+        on_success: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> AttackResult:
         """Attack the batch ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
 
         ``targets`` (B,) makes the attack targeted: success means predicting
         the target; a target equal to the label is an error. ``on_step`` is
         called after every step with an :class:`AttackProgress` (for
-        progress bars; it must be cheap).
+        progress bars; it must be cheap). ``on_success(indices, images,
+        eps_found)`` is called at each step where examples are fooled, with
+        their indices in the batch, their final adversarial images and
+        radii (to start verifying them while the attack goes on).
         """
         started = time.perf_counter()
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -367,7 +371,7 @@ class PGDAttack:
                     break
                 self._attack_pending(
                     x, y, targets, pending, restart, generator if restart > 0 else None,
-                    adversarial, success, eps_found, restart_found, tally, on_step,
+                    adversarial, success, eps_found, restart_found, tally, on_step, on_success,
                 )
             with torch.no_grad():
                 adversarial_prediction = self.model(adversarial).argmax(1)
@@ -389,7 +393,8 @@ class PGDAttack:
         )
 
     def _attack_pending(
-        self, x, y, targets, pending, restart, generator, adversarial, success, eps_found, restart_found, tally, on_step
+        self, x, y, targets, pending, restart, generator, adversarial, success, eps_found, restart_found, tally, on_step,
+        on_success,
     ):
         """One restart over the examples ``pending``; writes results in place."""
         schedule = self.schedule
@@ -407,6 +412,8 @@ class PGDAttack:
                 success[done] = True
                 eps_found[done] = image_eps
                 restart_found[done] = restart
+                if on_success is not None:
+                    on_success(done, adversarial[done], eps_found[done])
             if on_step is not None:
                 on_step(AttackProgress(x.shape[0] - active.numel() + int(fooled.sum()), x.shape[0], step, schedule.iterations, image_eps))
             if step == schedule.iterations or bool(fooled.all()):

@@ -10,23 +10,31 @@ larger than the radius the attack claims. The exact distance is the example's
 
 A claim that fails a check counts as a failure of the attack, with the first
 failed check as its reason.
+
+The exact LPs run on the CPU. :class:`ExactDistances` runs them in worker
+processes instead, and takes each claim as soon as the attack makes it, so
+that beside a GPU attack the verification of a batch is mostly done when its
+attack ends.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from torch import nn
 
-from solvers.exact import local_ot_distance
+from solvers.exact import TransportResult, local_ot_distance
 from solvers.iterate import Norm
 
 from ..vocabulary import VerificationStatus
 
-__all__ = ["Tolerances", "Verification", "VerificationStatus", "robust_accuracy", "verify_norm", "verify_wasserstein"]
+__all__ = [
+    "ExactDistances", "Tolerances", "Verification", "VerificationStatus", "robust_accuracy", "verify_norm", "verify_wasserstein",
+]
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,44 @@ class Verification:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class ExactDistances:
+    """Exact local OT distances of claims, computed in the worker processes of an executor.
+
+    :meth:`submit` starts the LP of a claim as soon as it is made; the
+    verification then asks :meth:`result` for every claim it checks. A
+    result is reused only for the very image it was computed on (a claim
+    whose stored image changed after submission is computed again), so
+    taking claims early changes no verdict.
+
+    Parameters
+    ----------
+    executor : concurrent.futures.Executor
+        Typically a ``ProcessPoolExecutor``; the LPs release nothing to the
+        GIL, so threads would not run them in parallel.
+    kernel_size, p : int, float
+        The ball's transport window and cost exponent.
+    """
+
+    def __init__(self, executor: Executor, kernel_size: int, p: float):
+        self.executor = executor
+        self.kernel_size = kernel_size
+        self.p = p
+        self._pending: dict[int, tuple[np.ndarray, Future]] = {}
+
+    def submit(self, index: int, x: np.ndarray, z: np.ndarray) -> None:
+        """Start the LP from clean image ``x`` to claimed image ``z`` (float64 arrays) of example ``index``."""
+        z = np.array(z, dtype=np.float64)
+        self._pending[int(index)] = (z, self.executor.submit(local_ot_distance, np.asarray(x, dtype=np.float64), z, self.kernel_size, self.p))
+
+    def results(self, indices, xs: np.ndarray, zs: np.ndarray) -> list[TransportResult]:
+        """The distances of examples ``indices`` from ``xs[b]`` to ``zs[b]``; missing or stale ones are submitted now."""
+        for b in indices:
+            known = self._pending.get(int(b))
+            if known is None or not np.array_equal(known[0], zs[b]):
+                self.submit(int(b), xs[b], zs[b])
+        return [self._pending.pop(int(b))[1].result() for b in indices]
+
+
 def robust_accuracy(verified_distance, eps) -> float:
     """Fraction of examples with no verified adversarial example within radius ``eps``."""
     distances = np.asarray(verified_distance, dtype=np.float64)
@@ -148,6 +194,7 @@ def verify_wasserstein(
     p: float,
     targets: torch.Tensor | None = None,
     tolerances: Tolerances = Tolerances(),
+    distances: ExactDistances | None = None,
 ) -> Verification:
     """Verify claimed Wasserstein adversarial examples exactly.
 
@@ -164,6 +211,9 @@ def verify_wasserstein(
     targets : Tensor, optional
         Target classes of a targeted attack.
     tolerances : Tolerances
+    distances : ExactDistances, optional
+        Run the exact LPs there (in parallel, with the claims the attack
+        already submitted); default: one after another in this process.
 
     Returns
     -------
@@ -181,8 +231,17 @@ def verify_wasserstein(
     eps = eps_found.detach().cpu().double().numpy()
     xs = x.detach().cpu().double().numpy()
     zs = adversarial.detach().cpu().double().numpy()
-    for b in np.flatnonzero(candidates & (eps > 0)):
-        result = local_ot_distance(xs[b], zs[b], kernel_size, p)
+    checked = np.flatnonzero(candidates & (eps > 0))
+    if distances is None:
+        exact = [local_ot_distance(xs[b], zs[b], kernel_size, p) for b in checked]
+    else:
+        if (distances.kernel_size, distances.p) != (kernel_size, p):
+            raise ValueError(
+                f"distances computes {distances.kernel_size}x{distances.kernel_size}, p = {distances.p} transport; "
+                f"this ball is {kernel_size}x{kernel_size}, p = {p}"
+            )
+        exact = distances.results(checked, xs, zs)
+    for b, result in zip(checked, exact):
         distance[b] = result.cost
         mass = max(result.mass_x, np.finfo(np.float64).tiny)
         unreachable[b] = max(result.undelivered_mass, result.unused_mass) / mass

@@ -18,7 +18,7 @@ from collections import defaultdict
 from typing import Any, Mapping
 
 from .preflight import cannot_start_message, preflight
-from .runner import RunContext
+from .runner import RunContext, default_batch_size, resolve_device
 from .scheduler import Executor, RunReport, run_cells
 
 __all__ = ["run_benchmark"]
@@ -53,7 +53,10 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
         stream.write(cannot_start_message(checked.problems))
         return 2
     cells = checked.cells
-    shards = sum(len(cell.shards(config["batch_size"])) for cell in cells)
+    batch_size = config.get("batch_size", "auto")
+    if batch_size == "auto":
+        batch_size = default_batch_size(resolve_device(str(config["device"])))
+    shards = sum(len(cell.shards(batch_size)) for cell in cells)
     examples = sum(cell.n_examples for cell in cells)
     per_model = defaultdict(int)
     for cell in cells:
@@ -62,7 +65,7 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
     stream.write(
         f"grid {config['grid'].get('name')}: {len(cells)} cells, {shards} shards, {examples} examples "
         f"({', '.join(f'{m}: {n}' for m, n in sorted(per_model.items()))}); executor {config['executor']}; "
-        f"{plugins}results in {config['results_dir']}\n"
+        f"{plugins}batch size {batch_size}; results in {config['results_dir']}\n"
     )
     if config.get("dry_run"):
         return 0
@@ -73,10 +76,11 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
         device=str(config["device"]),
         download=bool(config.get("download")),
         gallery_examples=config.get("gallery_examples", 8),
+        verify_workers=None if config.get("verify_workers", "auto") == "auto" else config["verify_workers"],
     )
     try:
         report = run_cells(
-            cells, context, config["batch_size"], Executor(config["executor"]), checked.ray_options,
+            cells, context, batch_size, Executor(config["executor"]), checked.ray_options,
             plugins=config.get("plugins") or [],
         )
     except KeyboardInterrupt:

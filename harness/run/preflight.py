@@ -158,9 +158,12 @@ def _settings_problems(config: Mapping[str, Any]) -> list[str]:
     executors = [e.value for e in Executor]
     if config.get("executor") not in executors:
         problems.append(f"executor={config.get('executor')!r} is invalid; allowed: {', '.join(executors)}")
-    batch = config.get("batch_size")
-    if not _is_integer(batch, 1):
-        problems.append(f"batch_size={batch!r} is invalid: it must be an integer >= 1")
+    batch = config.get("batch_size", "auto")
+    if batch != "auto" and not _is_integer(batch, 1):
+        problems.append(f"batch_size={batch!r} is invalid: it must be auto or an integer >= 1")
+    workers = config.get("verify_workers", "auto")
+    if workers != "auto" and not _is_integer(workers, 0):
+        problems.append(f"verify_workers={workers!r} is invalid: it must be auto or an integer >= 0")
     gallery = config.get("gallery_examples", 8)
     if not _is_integer(gallery, 0):
         problems.append(f"gallery_examples={gallery!r} is invalid: it must be an integer >= 0")

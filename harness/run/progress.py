@@ -100,6 +100,11 @@ class RunProgress:
             remaining += max(cost.examples - cost.done_equivalent(), 0.0) * per_example
         return remaining / self.workers
 
+    def status(self, text: str) -> None:
+        """What the run is doing before any shard reports (starting workers, loading data)."""
+        self.overall.set_postfix_str(text, refresh=False)
+        self.overall.refresh()
+
     def _refresh(self) -> None:
         decided = sum(
             cost.finished + sum(p.decided for p in cost.running.values()) for cost in self.cells.values()

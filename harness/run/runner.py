@@ -14,9 +14,12 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import multiprocessing
+import os
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +36,10 @@ from ..vocabulary import CellStatus
 from .grid import Cell, Shard
 from .store import EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, shard_exists, write_shard
 
-__all__ = ["RunContext", "ShardOutcome", "ShardProgress", "ShardRunner", "cell_columns"]
+__all__ = [
+    "RunContext", "ShardOutcome", "ShardProgress", "ShardRunner", "cell_columns", "default_batch_size", "default_verify_workers",
+    "resolve_device",
+]
 
 _PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pyarrow", "pandas", "ray", "hydra-core")
 
@@ -49,6 +55,8 @@ class RunContext:
     download: bool = False
     gallery_examples: int = 8
     """The first this many examples of every cell keep their images (``images`` table)."""
+    verify_workers: int | None = None
+    """Processes that run the exact LPs beside the attack (0: in the worker itself; None: :func:`default_verify_workers`)."""
 
 
 @dataclass(frozen=True)
@@ -76,10 +84,32 @@ class ShardOutcome:
     skipped: bool
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """The device a setting names (``auto``: CUDA when available, else CPU)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Examples per attack batch (and shard) on ``device``.
+
+    A GPU keeps a thousand 28x28 or 32x32 examples' plans in memory with
+    room to spare and needs them to leave its launch-bound regime; on a CPU
+    larger batches only delay the first finished shard.
+    """
+    return 100 if device.type == "cpu" else 1000
+
+
+def default_verify_workers(device: torch.device) -> int:
+    """Verification processes beside an attack on ``device``.
+
+    On a CPU the attack already uses the cores, so the LPs run in the worker
+    itself; beside a GPU attack half the cores (at most 8) verify.
+    """
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def package_versions() -> dict[str, str]:
@@ -128,10 +158,26 @@ class ShardRunner:
 
     def __init__(self, context: RunContext):
         self.context = context
-        self.device = _device(context.device)
+        self.device = resolve_device(context.device)
+        self.verify_workers = default_verify_workers(self.device) if context.verify_workers is None else context.verify_workers
+        self._verify_pool: ProcessPoolExecutor | None = None
         self._models: dict[str, torch.nn.Module] = {}
         self._clean_accuracy: dict[str, float] = {}
         self._test_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _verifier(self) -> ProcessPoolExecutor | None:
+        """The worker's verification processes, started on first use (spawned: a forked CUDA context is unusable)."""
+        if self.verify_workers == 0:
+            return None
+        if self._verify_pool is None:
+            self._verify_pool = ProcessPoolExecutor(self.verify_workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._verify_pool
+
+    def close(self) -> None:
+        """Stop the verification processes (a later shard starts them again)."""
+        if self._verify_pool is not None:
+            self._verify_pool.shutdown(cancel_futures=True)
+            self._verify_pool = None
 
     def provide_test_set(self, dataset: str, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Use these test images (the first ones, in torchvision's order) instead of reading the data root."""
@@ -168,9 +214,6 @@ class ShardRunner:
         if shard_exists(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id):
             return ShardOutcome(shard.shard_id, cell.cell_id, shard.stop - shard.start, 0.0, skipped=True)
         started = time.perf_counter()
-        images, labels = self._examples(shard)
-        model = self.model(cell.model)
-        torch.manual_seed(cell.seed)
         rows = shard.stop - shard.start
 
         def report(before: int, progress: AttackProgress) -> None:
@@ -179,10 +222,16 @@ class ShardRunner:
                 progress.eps, time.perf_counter() - started,
             ))
 
+        if on_progress is not None:  # the shard has started (its model may take a while to load)
+            report(0, AttackProgress(0, rows, 0, cell.schedule.iterations, cell.schedule.initial))
+        images, labels = self._examples(shard)
+        model = self.model(cell.model)
+        torch.manual_seed(cell.seed)
+
         columns = attack_and_verify(
             model, images.to(self.device), labels.to(self.device), cell.ball, cell.iterate(), cell.schedule,
             batch_size=rows, loss=cell.loss, restarts=cell.restarts, seed=cell.seed,
-            on_progress=None if on_progress is None else report,
+            on_progress=None if on_progress is None else report, verify_executor=self._verifier(),
         )
         record = {name: [value] * rows for name, value in cell_columns(cell).items()}
         record.update(

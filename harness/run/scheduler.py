@@ -147,19 +147,28 @@ def run_cells(
     zoo.import_plugins(plugins)
     shards, per_cell = _plan(cells, shard_size)
     started = time.perf_counter()
-    if executor is Executor.LOCAL:
-        meter = RunProgress(cells, shards) if progress else None
-        report = _run_local(cells, shards, per_cell, context, meter)
-    else:
-        report, meter = _run_ray(cells, shards, per_cell, context, ray_options, plugins, progress)
-    if meter is not None:
-        meter.close()
+    meter = RunProgress(cells, shards) if progress else None
+    try:
+        if executor is Executor.LOCAL:
+            report = _run_local(cells, shards, per_cell, context, meter)
+        else:
+            report = _run_ray(cells, shards, per_cell, context, ray_options, plugins, meter)
+    finally:
+        if meter is not None:
+            meter.close()
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _run_local(cells, shards, per_cell, context, meter) -> RunReport:
     runner = ShardRunner(context)
+    try:
+        return _run_shards_locally(runner, cells, shards, per_cell, meter)
+    finally:
+        runner.close()
+
+
+def _run_shards_locally(runner: ShardRunner, cells, shards, per_cell, meter) -> RunReport:
     report = RunReport()
     remaining = dict(per_cell)
     cell_started = {}
@@ -244,11 +253,13 @@ def _actor_class(ray):
     return ray.remote(ShardActor)
 
 
-def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: list[str], progress: bool):
+def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: list[str], meter: RunProgress | None):
     import ray
     from ray.exceptions import RayActorError
 
     started_here = not ray.is_initialized()
+    if meter is not None:
+        meter.status("starting Ray" if started_here else "starting workers")
     if started_here:
         init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
         # Workers import this checkout's code, whatever is installed on their node, and
@@ -273,13 +284,7 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: lis
             threads = options.cpus_per_actor
             run_context = replace(context, device="cpu")
         actor_class = _actor_class(ray)
-        largest = defaultdict(int)
-        for cell in cells:
-            largest[cell.dataset] = max(largest[cell.dataset], cell.n_examples)
         test_sets = {}
-        for dataset, n in largest.items():
-            images, labels = load_dataset(dataset, context.data_root, download=context.download)
-            test_sets[dataset] = ray.put((images[:n].clone(), labels[:n].clone()))
 
         def new_actor():
             actor = actor_class.options(**actor_options).remote(run_context, threads, plugins)
@@ -287,9 +292,20 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: lis
                 actor.provide_test_set.remote(dataset, ref)
             return actor
 
+        # The actors start (a process each, importing torch) while the driver reads the test sets.
         actors = [new_actor() for _ in range(count)]
-        meter = RunProgress(cells, shards, workers=count) if progress else None
-        board = _board_class(ray).remote() if progress else None
+        if meter is not None:
+            meter.workers = count
+            meter.status(f"starting {count} workers")
+        board = _board_class(ray).remote() if meter is not None else None
+        largest = defaultdict(int)
+        for cell in cells:
+            largest[cell.dataset] = max(largest[cell.dataset], cell.n_examples)
+        for dataset, n in largest.items():
+            images, labels = load_dataset(dataset, context.data_root, download=context.download)
+            test_sets[dataset] = ray.put((images[:n].clone(), labels[:n].clone()))
+            for actor in actors:
+                actor.provide_test_set.remote(dataset, test_sets[dataset])
         idle = deque(actors)
         queue = deque(shards)
         attempts = defaultdict(int)
@@ -353,7 +369,7 @@ def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: lis
                 report.cells.append(ShardRunner(context).finish_cell(by_id[cell_id], cell_started[cell_id]))
             except Exception as error:  # the shards are on disk; a rerun writes the cell row
                 report.failures[f"cell {cell_id}"] = f"{type(error).__name__}: {error}"
-        return report, meter
+        return report
     finally:
         for actor in actors:
             ray.kill(actor)
