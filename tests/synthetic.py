@@ -92,17 +92,18 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def make_world(folder: Path, test_examples: int = 48, seed: int = 0) -> World:
-    """Write the synthetic data, checkpoint and plugin under ``folder``."""
+def make_world(folder: Path, test_examples: int = 48, seed: int = 0, train_examples: int = 192) -> World:
+    """Write the synthetic data (test and training splits), checkpoint and plugin under ``folder``."""
     torch.manual_seed(seed)
     net = tiny_net().eval()
-    pixels = np.round(digit_batch(seed, test_examples, (1, 28, 28)) * 255).astype(np.uint8)
-    with torch.no_grad():
-        labels = net(torch.from_numpy(pixels.astype(np.float32) / 255)).argmax(1).numpy()
     raw = folder / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    _write_idx(raw / "t10k-images-idx3-ubyte", pixels[:, 0])
-    _write_idx(raw / "t10k-labels-idx1-ubyte", labels)
+    for prefix, count, offset in (("t10k", test_examples, 0), ("train", train_examples, 1)):
+        pixels = np.round(digit_batch(seed + offset, count, (1, 28, 28)) * 255).astype(np.uint8)
+        with torch.no_grad():
+            labels = net(torch.from_numpy(pixels.astype(np.float32) / 255)).argmax(1).numpy()
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", pixels[:, 0])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     weights_dir = folder / "weights"
     weights_dir.mkdir()
     checkpoint = weights_dir / "tiny_synthetic.pt"

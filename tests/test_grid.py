@@ -79,7 +79,7 @@ def test_every_problem_is_listed_once_with_what_is_allowed():
         expand_blocks(blocks)
     message = str(raised.value)
     for expected in (
-        "block 1: model='mnist/std' is not registered; registered: cifar10/resnet18",
+        "block 1: model='mnist/std' is not registered; registered: cifar10/fast_standard",
         "block 1: solver='sinkhorn' is not registered; registered: exact_projection, exact_projection_box, frank_wolfe, frank_wolfe_box",
         "block 2: kernel_size=4 is invalid: it must be an odd integer >= 3",
         "block 2: lam=0 is invalid: it must be a number > 0",

@@ -28,7 +28,10 @@ from zoo.architectures import WongResidualBlock, cifar_resnet18, cifar_small_res
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 MNIST_MODELS = ("mnist/binarized", "mnist/linf_certified", "mnist/standard", "mnist/wasserstein_adversarial")
-CIFAR_MODELS = ("cifar10/resnet18", "cifar10/small_resnet")
+TRAINED_MNIST_MODELS = tuple(
+    f"mnist/trained_{kind}" for kind in ("binarized", "linf_certified", "standard", "wasserstein_plan_pgd", "wasserstein_sinkhorn")
+)
+CIFAR_MODELS = ("cifar10/fast_standard", "cifar10/resnet18", "cifar10/resnet18_wasserstein_adversarial", "cifar10/small_resnet")
 # Accuracy on 1000 images has a standard error of about 0.4 points at 98%.
 ACCURACY_SLACK_POINTS = 2.0
 
@@ -75,17 +78,18 @@ def test_builtin_entries():
     # Plugins imported by other tests of the session may have added models, so only the built-ins are checked.
     specs = [spec for spec in zoo.models() if spec in zoo.BUILTIN_MODELS]
     names = [spec.name for spec in specs]
-    assert names == sorted(names) == sorted(MNIST_MODELS + CIFAR_MODELS)
+    assert names == sorted(names) == sorted(MNIST_MODELS + TRAINED_MNIST_MODELS + CIFAR_MODELS)
     for spec in specs:
         assert spec.training and spec.paper
         assert spec.dataset is (zoo.Dataset.MNIST if spec.name.startswith("mnist/") else zoo.Dataset.CIFAR10)
-        expected_mode = zoo.GradientMode.BPDA_STRAIGHT_THROUGH if spec.name == "mnist/binarized" else zoo.GradientMode.EXACT
+        binarized = spec.name in ("mnist/binarized", "mnist/trained_binarized")
+        expected_mode = zoo.GradientMode.BPDA_STRAIGHT_THROUGH if binarized else zoo.GradientMode.EXACT
         assert spec.gradient_mode is expected_mode
-        if spec.dataset is zoo.Dataset.MNIST:
+        if spec.name in MNIST_MODELS:
             assert spec.weights is not None and spec.weights.url.endswith("/" + spec.weights.filename)
             assert spec.weights.url.startswith("https://github.com/locuslab/projected_sinkhorn/")
-        else:
-            assert spec.weights is None and spec.clean_accuracy is None
+        else:  # the benchmark trains these
+            assert spec.weights is None and spec.clean_accuracy is None and spec.recipe is not None
     trained_for = {spec.name: spec.trained_for for spec in specs}
     assert trained_for["mnist/linf_certified"] is zoo.TrainedFor.LINF_CERTIFIED
     assert trained_for["mnist/wasserstein_adversarial"] is zoo.TrainedFor.WASSERSTEIN_ADVERSARIAL
@@ -199,13 +203,22 @@ def test_unknown_model_lists_registered_names():
         assert name in str(error.value)
 
 
-@pytest.mark.parametrize("name", CIFAR_MODELS)
-def test_architecture_only_entry_cannot_be_loaded(name, tmp_path):
-    with pytest.raises(ValueError, match=f"model '{name}' has no published weights.*must be trained"):
+@pytest.mark.parametrize("name", CIFAR_MODELS + TRAINED_MNIST_MODELS)
+def test_recipe_entry_without_trained_weights_says_how_to_train_it(name, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"model '{name}' has no trained weights yet.*python -m harness.train {name}"):
         zoo.model(name, weights_dir=tmp_path)
-    with pytest.raises(ValueError, match="no published weights"):
-        zoo.weights_path(name)
+    assert zoo.weights_path(name, tmp_path) == zoo.trained_weights_path(name, tmp_path)
+    assert zoo.training_record(name, tmp_path) is None
     assert isinstance(_spec(name).build(), zoo.ClassifierWithPreprocessing)
+
+
+def test_an_entry_has_published_weights_or_a_recipe_not_both():
+    with pytest.raises(ValueError, match="both published weights and a recipe"):
+        zoo.ModelSpec(
+            name="mnist/both", dataset=zoo.Dataset.MNIST, architecture="a", builder=_plain_mnist,
+            trained_for=zoo.TrainedFor.NONE, training="t", paper="p",
+            weights=zoo.WeightsFile("f.pt", "0" * 64, url=None), recipe="mnist_standard",
+        )
 
 
 def test_duplicate_registration_raises():

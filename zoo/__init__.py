@@ -15,6 +15,9 @@ from .model_registry import (
     models,
     register_model,
     resolve_weights_dir,
+    sha256_of_file,
+    trained_weights_path,
+    training_record,
     weights_path,
 )
 from .plugins import PluginError, import_plugins
@@ -59,6 +62,9 @@ __all__ = [
     "register_model",
     "register_solver",
     "resolve_weights_dir",
+    "sha256_of_file",
+    "trained_weights_path",
+    "training_record",
     "solver",
     "solver_spec",
     "solver_specs",

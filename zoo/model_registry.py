@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .architectures import (
     Binarize,
     ClassifierWithPreprocessing,
     Normalize,
+    cifar_fast_net,
     cifar_resnet18,
     cifar_small_resnet,
     mnist_small_convnet,
@@ -44,6 +46,8 @@ WEIGHTS_ENV_VAR = "WASSERSTEIN_BENCH_WEIGHTS"
 """Environment variable naming the weights folder when no ``weights_dir`` is passed."""
 
 _CACHE_SUBDIR = Path("wasserstein-robustness-bench") / "weights"
+TRAINED_SUBDIR = "trained"
+"""Subfolder of the weights folder holding the weights that recipes trained."""
 _HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -181,6 +185,11 @@ class ModelSpec:
     strip_prefix : str or None
         Removed from every key of the state dict that starts with it, e.g.
         ``"module."`` for a network saved from ``nn.DataParallel``.
+    recipe : str or None
+        The training recipe (``harness.train``) whose run produces the
+        weights, for an entry without published ones: they are read from the
+        weights folder's ``trained/`` subfolder, checked against the sha256
+        of their training record (see :func:`training_record`).
     """
 
     name: str
@@ -195,8 +204,14 @@ class ModelSpec:
     gradient_mode: GradientMode = GradientMode.EXACT
     state_dict_key: str | None = None
     strip_prefix: str | None = None
+    recipe: str | None = None
 
     def __post_init__(self):
+        if self.recipe is not None and self.weights is not None:
+            raise ValueError(
+                f"model {self.name!r} has both published weights and a recipe ({self.recipe!r}): register the "
+                "recipe's model under a name of its own"
+            )
         if self.clean_accuracy is not None and not 0.0 <= self.clean_accuracy <= 100.0:
             raise ValueError(f"clean_accuracy={self.clean_accuracy!r} is invalid: it is a percentage in [0, 100]")
         if self.state_dict_key is not None and not all(self.state_dict_key.split(".")):
@@ -285,6 +300,10 @@ def _cifar_resnet18_normalized() -> ClassifierWithPreprocessing:
     return ClassifierWithPreprocessing(Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)), cifar_resnet18())
 
 
+def _cifar_fast_net_normalized() -> ClassifierWithPreprocessing:
+    return ClassifierWithPreprocessing(Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), cifar_fast_net())
+
+
 def _cifar_small_resnet_normalized() -> ClassifierWithPreprocessing:
     # The ImageNet means with one std for all channels, as in convex_adversarial's CIFAR loader.
     return ClassifierWithPreprocessing(Normalize((0.485, 0.456, 0.406), (0.225, 0.225, 0.225)), cifar_small_resnet())
@@ -364,15 +383,62 @@ BUILTIN_MODELS = (
         state_dict_key="net",
         strip_prefix="module.",
     ),
+    *(
+        ModelSpec(
+            name=f"mnist/trained_{kind}",
+            dataset=Dataset.MNIST,
+            architecture="mnist_small_convnet",
+            builder=_mnist_small_convnet_on_binarized_pixels if kind == "binarized" else _mnist_small_convnet_on_raw_pixels,
+            trained_for=trained_for,
+            training=f"trained by the benchmark's recipe mnist_{kind}: {training}",
+            paper=f"the benchmark's own; compare {published}",
+            gradient_mode=GradientMode.BPDA_STRAIGHT_THROUGH if kind == "binarized" else GradientMode.EXACT,
+            recipe=f"mnist_{kind}",
+        )
+        for kind, trained_for, training, published in (
+            ("standard", TrainedFor.NONE, "standard training", "mnist/standard"),
+            ("binarized", TrainedFor.NONE, "standard training on inputs binarized at 0.5", "mnist/binarized"),
+            ("linf_certified", TrainedFor.LINF_CERTIFIED, "interval bound propagation against l_inf eps 0.1",
+             "mnist/linf_certified"),
+            ("wasserstein_sinkhorn", TrainedFor.WASSERSTEIN_ADVERSARIAL,
+             "Wasserstein adversarial training with projected Sinkhorn (the paper's Algorithm 1)",
+             "mnist/wasserstein_adversarial"),
+            ("wasserstein_plan_pgd", TrainedFor.WASSERSTEIN_ADVERSARIAL,
+             "Wasserstein adversarial training with plan-space PGD in the boxed ball", "mnist/wasserstein_adversarial"),
+        )
+    ),
+    ModelSpec(
+        name="cifar10/fast_standard",
+        dataset=Dataset.CIFAR10,
+        architecture="cifar_fast_net",
+        builder=_cifar_fast_net_normalized,
+        trained_for=TrainedFor.NONE,
+        training="trained by the benchmark's recipe cifar10_fast_standard (fast baseline in the manner of airbench, "
+        "trainable on a CPU)",
+        paper="the benchmark's own; Jordan 2024 (airbench) for the training scheme",
+        recipe="cifar10_fast_standard",
+    ),
     ModelSpec(
         name="cifar10/resnet18",
         dataset=Dataset.CIFAR10,
         architecture="cifar_resnet18",
         builder=_cifar_resnet18_normalized,
         trained_for=TrainedFor.NONE,
-        training="to be trained by the benchmark; the paper trains this architecture normally (94.70% clean, "
-        "Table 1) and adversarially in the Wasserstein ball (80.7% clean)",
+        training="trained by the benchmark's recipe cifar10_resnet18_standard; the paper trains this architecture "
+        "normally (94.70% clean, Table 1)",
         paper=_WONG_2019,
+        recipe="cifar10_resnet18_standard",
+    ),
+    ModelSpec(
+        name="cifar10/resnet18_wasserstein_adversarial",
+        dataset=Dataset.CIFAR10,
+        architecture="cifar_resnet18",
+        builder=_cifar_resnet18_normalized,
+        trained_for=TrainedFor.WASSERSTEIN_ADVERSARIAL,
+        training="trained by the benchmark's recipe cifar10_resnet18_wasserstein (Algorithm 1, adaptive eps from "
+        "0.01); the paper's reaches 80.7% clean",
+        paper=_WONG_2019,
+        recipe="cifar10_resnet18_wasserstein",
     ),
     ModelSpec(
         name="cifar10/small_resnet",
@@ -380,10 +446,11 @@ BUILTIN_MODELS = (
         architecture="cifar_small_resnet",
         builder=_cifar_small_resnet_normalized,
         trained_for=TrainedFor.LINF_CERTIFIED,
-        training="to be trained provably robust against l_inf eps=2/255 (convex outer adversarial polytope); "
-        "the weights the paper evaluates reach 66.33% clean (Table 1)",
+        training="trained by the benchmark's recipe cifar10_small_resnet_linf_certified (interval bound propagation, "
+        "l_inf eps 2/255); the convex-polytope weights the paper evaluates reach 66.33% clean (Table 1)",
         paper=f"Wong, Schmidt, Metzen, Kolter, Scaling Provable Adversarial Defenses, NeurIPS 2018; "
         f"evaluated in {_WONG_2019}",
+        recipe="cifar10_small_resnet_linf_certified",
     ),
 )
 
@@ -403,6 +470,7 @@ def register_model(
     state_dict_key: str | None = None,
     strip_prefix: str | None = None,
     architecture: str | None = None,
+    recipe: str | None = None,
     registry: ModelRegistry | None = None,
 ):
     """Decorator adding a model builder under ``name``.
@@ -443,6 +511,7 @@ def register_model(
                 gradient_mode=gradient_mode,
                 state_dict_key=state_dict_key,
                 strip_prefix=strip_prefix,
+                recipe=recipe,
             )
         )
         return builder
@@ -530,6 +599,8 @@ def weights_path(spec: ModelSpec | str, weights_dir: str | os.PathLike | None = 
     """
     if isinstance(spec, str):
         spec = _REGISTRY.spec(spec)
+    if spec.weights is None and spec.recipe is not None:
+        return trained_weights_path(spec, weights_dir)
     weights = _published_weights(spec)
     return resolve_weights_dir(weights_dir) / weights.filename
 
@@ -548,6 +619,8 @@ def _weights_dir_and_origin(weights_dir: str | os.PathLike | None) -> tuple[Path
 
 
 def _published_weights(spec: ModelSpec) -> WeightsFile:
+    if spec.weights is None and spec.recipe is not None:
+        raise ValueError(f"model {spec.name!r} has no published weights: its recipe {spec.recipe!r} trains them")
     if spec.weights is None:
         raise ValueError(
             f"model {spec.name!r} has no published weights: it is an architecture-only entry and must be trained "
@@ -556,7 +629,7 @@ def _published_weights(spec: ModelSpec) -> WeightsFile:
     return spec.weights
 
 
-def _sha256_of_file(path: Path) -> str:
+def sha256_of_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK_BYTES):
@@ -584,7 +657,44 @@ def _source_line(weights: WeightsFile) -> str:
     return f"Public URL: {weights.url}"
 
 
+def trained_weights_path(spec: ModelSpec | str, weights_dir: str | os.PathLike | None = None) -> Path:
+    """Where the weights a recipe trains for a model are kept: ``<weights folder>/trained/<dataset>__<variant>.pt``.
+
+    The training record is the file of the same name ending in ``.json``.
+    """
+    name = spec if isinstance(spec, str) else spec.name
+    return resolve_weights_dir(weights_dir) / TRAINED_SUBDIR / (name.replace("/", "__") + ".pt")
+
+
+def training_record(spec: ModelSpec | str, weights_dir: str | os.PathLike | None = None) -> dict | None:
+    """The training record of a recipe-trained model (recipe, hyperparameters, accuracy, time, ...), None if untrained."""
+    path = trained_weights_path(spec, weights_dir).with_suffix(".json")
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _verified_trained_file(spec: ModelSpec, weights_dir: str | os.PathLike | None) -> Path:
+    path = trained_weights_path(spec, weights_dir)
+    record = training_record(spec, weights_dir)
+    if not path.is_file() or record is None:
+        raise FileNotFoundError(
+            f"model {spec.name!r} has no trained weights yet: {path} and its record {path.with_suffix('.json').name} "
+            f"are made by its recipe {spec.recipe!r}. Train it with `python -m harness.train {spec.name}`, or run "
+            "a grid that names it with train_missing=true."
+        )
+    actual = sha256_of_file(path)
+    if actual != record.get("sha256"):
+        raise ValueError(
+            f"{path}: sha256 {actual} differs from its training record's {record.get('sha256')!r}: the file was "
+            "changed after training; train the model again"
+        )
+    return path
+
+
 def _verified_weights_file(spec: ModelSpec, weights_dir: str | os.PathLike | None, download: bool) -> Path:
+    if spec.weights is None and spec.recipe is not None:
+        return _verified_trained_file(spec, weights_dir)
     weights = _published_weights(spec)
     folder, origin = _weights_dir_and_origin(weights_dir)
     path = folder / weights.filename
@@ -598,7 +708,7 @@ def _verified_weights_file(spec: ModelSpec, weights_dir: str | os.PathLike | Non
                 f"Expected sha256: {weights.sha256}\n" + _how_to_fix(weights, folder, offer_download=True)
             )
         _download(weights, folder)
-    actual = _sha256_of_file(path)
+    actual = sha256_of_file(path)
     if actual != weights.sha256:
         replacement = (
             "replace it with the checkpoint registered for this model"
@@ -624,7 +734,7 @@ def _download(weights: WeightsFile, folder: Path) -> None:
                 f"could not download {weights.url} into {folder}: {error}\n"
                 f"Expected sha256: {weights.sha256}\n" + _how_to_fix(weights, folder, offer_download=False)
             ) from error
-        actual = _sha256_of_file(partial)
+        actual = sha256_of_file(partial)
         if actual != weights.sha256:
             raise ValueError(
                 f"the file downloaded from {weights.url} has sha256 {actual}, expected {weights.sha256}; "

@@ -17,6 +17,8 @@ import sys
 from collections import defaultdict
 from typing import Any, Mapping
 
+import zoo
+
 from .preflight import cannot_start_message, preflight
 from .runner import RunContext, default_batch_size, resolve_device
 from .scheduler import Executor, RunReport, run_cells
@@ -67,7 +69,35 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
         f"({', '.join(f'{m}: {n}' for m, n in sorted(per_model.items()))}); executor {config['executor']}; "
         f"{plugins}batch size {batch_size}; results in {config['results_dir']}\n"
     )
+    if checked.skipped_models:
+        stream.write(f"skipped (no weights; the grid has skip_missing_weights): {', '.join(checked.skipped_models)}\n")
+    for request in checked.training:
+        settings = "".join(
+            f", {name} {value}" for name, value in (("epochs", request.epochs), ("train_examples", request.train_examples)) if value
+        )
+        stream.write(f"to train first: {request.model} (recipe {zoo.model_spec(request.model).recipe}{settings})\n")
     if config.get("dry_run"):
+        return 0
+    if checked.training:
+        from ..train import TrainingDiverged, train
+
+        for request in checked.training:
+            try:
+                record = train(
+                    request.model, data_root=str(config["data_root"]), weights_dir=config.get("weights_dir"),
+                    device=str(config["device"]), epochs=request.epochs, train_examples=request.train_examples,
+                    download=bool(config.get("download")),
+                )
+            except TrainingDiverged as error:
+                stream.write(f"training failed: {error}\n")
+                return 1
+            stream.write(
+                f"trained {request.model}: {100 * record['clean_accuracy']:.2f}% clean after {record['epochs']} epochs, "
+                f"{record['seconds']:.0f} s on {record['device']}; record {zoo.trained_weights_path(request.model, config.get('weights_dir')).with_suffix('.json')}\n"
+            )
+    if not cells:
+        if checked.skipped_models or not checked.training:
+            stream.write("nothing to attack: no model of the grid has weights (train them, or pass train_missing=true)\n")
         return 0
     context = RunContext(
         data_root=str(config["data_root"]),

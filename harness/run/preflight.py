@@ -33,7 +33,7 @@ from ..data import load_dataset
 from .grid import Cell, GridError, expand_blocks
 from .scheduler import Executor, RayOptions
 
-__all__ = ["GRID_DIR", "BenchmarkError", "Preflight", "cannot_start_message", "grid_blocks", "preflight"]
+__all__ = ["GRID_DIR", "BenchmarkError", "Preflight", "TrainingRequest", "cannot_start_message", "grid_blocks", "preflight"]
 
 GRID_DIR = Path(__file__).resolve().parents[2] / "conf" / "grid"
 
@@ -73,6 +73,19 @@ class Preflight:
     plugins: list[str]
     ray_options: RayOptions | None
     problems: list[str]
+    training: list["TrainingRequest"] = dataclasses.field(default_factory=list)
+    """Models to train before the attacks: the grid's ``train`` list, and with ``train_missing`` its untrained models."""
+    skipped_models: list[str] = dataclasses.field(default_factory=list)
+    """Models a ``skip_missing_weights`` grid dropped for want of weights."""
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """A model to train by its recipe before the run (see :func:`harness.train.train`)."""
+
+    model: str
+    epochs: int | None = None
+    train_examples: int | None = None
 
 
 def cannot_start_message(problems: Sequence[str]) -> str:
@@ -82,9 +95,9 @@ def cannot_start_message(problems: Sequence[str]) -> str:
 
 def grid_blocks(grid: Mapping[str, Any], grid_dir: Path = GRID_DIR, _seen: tuple[str, ...] = ()) -> list[dict]:
     """The blocks of a grid, those of the grids it includes first (each grid once)."""
-    unknown = sorted(set(grid) - {"name", "description", "blocks", "include"})
+    unknown = sorted(set(grid) - set(_GRID_KEYS))
     if unknown:
-        raise BenchmarkError(f"grid {grid.get('name')!r}: unknown key(s) {unknown}; allowed: name, description, blocks, include")
+        raise BenchmarkError(f"grid {grid.get('name')!r}: unknown key(s) {unknown}; allowed: {', '.join(_GRID_KEYS)}")
     blocks: list[dict] = []
     for name in grid.get("include") or []:
         if name in _seen:
@@ -98,9 +111,60 @@ def grid_blocks(grid: Mapping[str, Any], grid_dir: Path = GRID_DIR, _seen: tuple
         blocks += grid_blocks(included, grid_dir, _seen + (name,))
         _seen += (name,)
     blocks += [dict(block) for block in grid.get("blocks") or []]
-    if not blocks:
-        raise BenchmarkError(f"grid {grid.get('name')!r} has no blocks and includes none")
+    if not blocks and not grid.get("train"):
+        raise BenchmarkError(f"grid {grid.get('name')!r} has no blocks, includes none and trains nothing")
     return blocks
+
+
+_GRID_KEYS = ("name", "description", "blocks", "include", "train", "skip_missing_weights")
+
+
+def _training_requests(grid: Mapping[str, Any]) -> tuple[list[TrainingRequest], list[str]]:
+    """The grid's ``train`` list: model names, or mappings with ``model`` and optional ``epochs``, ``train_examples``."""
+    requests, problems = [], []
+    trainable = sorted(spec.name for spec in zoo.models() if spec.recipe is not None)
+    for entry in grid.get("train") or []:
+        settings = {"model": entry} if isinstance(entry, str) else dict(entry) if isinstance(entry, Mapping) else None
+        if settings is None or set(settings) - {"model", "epochs", "train_examples"} or "model" not in settings:
+            problems.append(
+                f"train entry {entry!r} is invalid: give a model name, or model: NAME with optional epochs and train_examples"
+            )
+            continue
+        if settings["model"] not in trainable:
+            problems.append(f"train: model {settings['model']!r} has no recipe; models with recipes: {', '.join(trainable)}")
+            continue
+        for key in ("epochs", "train_examples"):
+            if settings.get(key) is not None and not _is_integer(settings[key], 1):
+                problems.append(f"train: {key}={settings[key]!r} of {settings['model']!r} is invalid: it must be an integer >= 1")
+        requests.append(TrainingRequest(settings["model"], settings.get("epochs"), settings.get("train_examples")))
+    return requests, problems
+
+
+def _with_starting_models(requests: list[TrainingRequest], weights_dir: str | None, download: bool) -> list[TrainingRequest]:
+    """``requests``, each preceded by the untrained recipe model its recipe fine-tunes (``init_from``), if any."""
+    from ..train.recipes import recipe
+
+    ordered: list[TrainingRequest] = []
+
+    def add(request: TrainingRequest) -> None:
+        if any(known.model == request.model for known in ordered):
+            return
+        start = recipe(zoo.model_spec(request.model).recipe).init_from
+        if start is not None and zoo.model_spec(start).recipe is not None and not _has_weights(zoo.model_spec(start), weights_dir, download):
+            add(next((known for known in requests if known.model == start), TrainingRequest(start)))
+        ordered.append(request)
+
+    for request in requests:
+        add(request)
+    return ordered
+
+
+def _has_weights(spec: zoo.ModelSpec, weights_dir: str | None, download: bool) -> bool:
+    if spec.recipe is not None:
+        return zoo.trained_weights_path(spec, weights_dir).is_file() and zoo.training_record(spec, weights_dir) is not None
+    if spec.weights is None:
+        return False
+    return zoo.weights_path(spec, weights_dir).is_file() or (download and spec.weights.url is not None)
 
 
 def preflight(config: Mapping[str, Any]) -> Preflight:
@@ -144,13 +208,37 @@ def preflight(config: Mapping[str, Any]) -> Preflight:
             cells = expand_blocks(grid_blocks(grid), {"n_examples": config.get("n_examples"), "seed": config.get("seed")})
         except (BenchmarkError, GridError) as error:
             problems.append(str(error))
-    if cells:
-        problems += _weights_and_data_problems(cells, config.get("data_root"), config.get("weights_dir"), bool(config.get("download")))
+    training: list[TrainingRequest] = []
+    skipped: list[str] = []
+    weights_dir, download = config.get("weights_dir"), bool(config.get("download"))
+    if isinstance(grid, Mapping):
+        training, training_problems = _training_requests(grid)
+        problems += training_problems
+        if cells and grid.get("skip_missing_weights"):
+            train_missing = bool(config.get("train_missing"))
+            keep = {
+                name for name in {cell.model for cell in cells}
+                if _has_weights(zoo.model_spec(name), weights_dir, download)
+                or (train_missing and zoo.model_spec(name).recipe is not None)
+            }
+            skipped = sorted({cell.model for cell in cells} - keep)
+            cells = [cell for cell in cells if cell.model in keep]
+    if cells and config.get("train_missing"):
+        requested = {request.model for request in training}
+        for name in sorted({cell.model for cell in cells}):
+            spec = zoo.model_spec(name)
+            if spec.recipe is not None and name not in requested and not _has_weights(spec, weights_dir, download):
+                training.append(TrainingRequest(name))
+    training = _with_starting_models(training, weights_dir, download)
+    if cells or training:
+        problems += _weights_and_data_problems(
+            cells, config.get("data_root"), weights_dir, download, {request.model for request in training}
+        )
     if config.get("results_dir"):
         problems += _results_dir_problems(str(config["results_dir"]))
     if joins_cluster:
         problems += _cluster_problems(address)
-    return Preflight(cells, plugins, ray_options, problems)
+    return Preflight(cells, plugins, ray_options, problems, training, skipped)
 
 
 def _settings_problems(config: Mapping[str, Any]) -> list[str]:
@@ -232,11 +320,23 @@ def _ray_options(settings: Any) -> tuple[RayOptions | None, list[str]]:
     return RayOptions(address=address, gpus_per_actor=gpus, cpus_per_actor=cpus, max_retries=retries, num_cpus=num_cpus), []
 
 
-def _weights_and_data_problems(cells: list[Cell], data_root: str | None, weights_dir: str | None, download: bool) -> list[str]:
-    """Problems that would stop the run midway: missing weights, missing data, too few test images."""
+def _weights_and_data_problems(
+    cells: list[Cell], data_root: str | None, weights_dir: str | None, download: bool, to_train: set[str] = frozenset()
+) -> list[str]:
+    """Problems that would stop the run midway: missing weights, missing data, too few test images.
+
+    Models in ``to_train`` are trained before the attacks: they need the training split of their data set.
+    """
     problems = []
-    for name in sorted({cell.model for cell in cells}):
+    for name in sorted({cell.model for cell in cells} - set(to_train)):
         spec = zoo.model_spec(name)
+        if spec.recipe is not None:
+            if not _has_weights(spec, weights_dir, download):
+                problems.append(
+                    f"model {name!r} has no trained weights yet ({zoo.trained_weights_path(spec, weights_dir)}): pass "
+                    f"train_missing=true to train it first (recipe {spec.recipe}), or run python -m harness.train {name}"
+                )
+            continue
         if spec.weights is None:
             problems.append(f"model {name!r} has no published weights in the zoo ({spec.training}); drop it from the grid")
             continue
@@ -274,6 +374,11 @@ def _weights_and_data_problems(cells: list[Cell], data_root: str | None, weights
                 f"data set {dataset!r}: its test split (in {data_root}) has {size} images, fewer than "
                 f"n_examples={', '.join(map(str, too_many))}; allowed: n_examples from 1 to {size}"
             )
+    for dataset in sorted({zoo.model_spec(name).dataset.value for name in to_train}):
+        try:
+            load_dataset(dataset, data_root, train=True, download=download)
+        except (FileNotFoundError, ValueError) as error:
+            problems.append(f"data set {dataset!r} (training split, to train {', '.join(sorted(to_train))}): {error}")
     return problems
 
 

@@ -38,7 +38,7 @@ from .store import EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, sh
 
 __all__ = [
     "RunContext", "ShardOutcome", "ShardProgress", "ShardRunner", "cell_columns", "default_batch_size", "default_verify_workers",
-    "resolve_device",
+    "resolve_device", "training_summary",
 ]
 
 _PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pyarrow", "pandas", "ray", "hydra-core")
@@ -131,6 +131,24 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def training_summary(spec: zoo.ModelSpec, weights_dir: str | None) -> str:
+    """The model's training in words; for a recipe-trained model, with its training record."""
+    record = zoo.training_record(spec, weights_dir) if spec.recipe is not None else None
+    if record is None:
+        return spec.training
+    examples = record["train_examples"]
+    certified = (
+        f", {100 * record['certified_accuracy']:.2f}% certified at l_inf {record['certified_linf_eps']:g}"
+        if "certified_accuracy" in record else ""
+    )
+    return (
+        f"{spec.training}. Training record: recipe {record['recipe']['name']}, {record['epochs']} epochs on "
+        f"{examples} training images, seed {record['seed']}, {100 * record['clean_accuracy']:.2f}% clean{certified}, "
+        f"{record['seconds'] / 60:.1f} min on {record['device']}, commit {record['git_commit'][:10]}, "
+        f"sha256 {record['sha256'][:12]}"
+    )
 
 
 def cell_columns(cell: Cell) -> dict:
@@ -290,7 +308,7 @@ class ShardRunner:
             clean_accuracy=[self.clean_accuracy(cell)],
             robust_accuracy=[robust_accuracy(examples["verified_distance"], cell.schedule.final_eps) if len(examples) else None],
             trained_for=[spec.trained_for.value],
-            model_training=[spec.training],
+            model_training=[training_summary(spec, context.weights_dir)],
             model_paper=[spec.paper],
             attack_summary=[cell.ball.attack_summary(cell.solver_spec, cell.step_rule)],
             box_handling=[cell.ball.box_handling(cell.solver_spec, cell.clamp)],
