@@ -37,6 +37,7 @@ import zoo
 from solvers.iterate import StepRule
 
 from ..attack.ball import Ball
+from ..attack.evaluate import clean_accuracy
 from ..attack.pgd import EpsSchedule, PGDAttack
 from ..data import load_dataset
 from ..run.runner import git_commit, package_versions, resolve_device
@@ -119,15 +120,6 @@ def _adversary(module: nn.Module, recipe: Recipe) -> PGDAttack:
     iterate = ball.iterate(spec, dict(settings.hyperparameters), rule, settings.step_size)
     schedule = EpsSchedule(settings.eps_initial, settings.eps_factor, settings.eps_every, settings.max_steps)
     return PGDAttack(module, iterate, schedule)
-
-
-def _accuracy(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    module.eval()
-    correct = 0
-    with torch.no_grad():
-        for chunk, chunk_labels in zip(images.split(batch_size), labels.split(batch_size)):
-            correct += int((module(chunk).argmax(1) == chunk_labels).sum())
-    return correct / images.shape[0]
 
 
 def certified_accuracy(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, batch_size: int = 500) -> float:
@@ -313,7 +305,7 @@ def train(
         "epochs": recipe.epochs,
         "train_examples": int(training_set.shape[0]),
         "seed": recipe.seed,
-        "clean_accuracy": _accuracy(module, test_images, test_labels),
+        "clean_accuracy": clean_accuracy(module, test_images, test_labels),
         "seconds": seconds,
         "device": str(target) if target.type == "cpu" else torch.cuda.get_device_name(target),
         "package_versions": package_versions(),
