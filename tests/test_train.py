@@ -295,3 +295,37 @@ def test_a_train_only_grid_and_skipping_models_without_weights(world, tmp_path, 
     assert run_benchmark(bad) == 2
     out = capsys.readouterr().out
     assert "train: model 'mnist/standard' has no recipe" in out and "epochs=0 of 'mnist/tiny_recipe' is invalid" in out
+
+
+RAY_PLUGIN = '''
+import zoo
+from harness.train import Recipe, register_recipe
+from harness.train.recipes import LearningRateSchedule, Objective, Optimizer
+
+register_recipe(Recipe(
+    name="tiny_on_ray", dataset=zoo.Dataset.MNIST, architecture="tiny_net", objective=Objective.STANDARD,
+    epochs=2, batch_size=64, optimizer=Optimizer(lr=0.05),
+))
+
+
+@zoo.register_model("mnist/tiny_on_ray", dataset=zoo.Dataset.MNIST, trained_for=zoo.TrainedFor.NONE,
+                    architecture="tiny_net", recipe="tiny_on_ray")
+def tiny_on_ray():
+    return zoo.ClassifierWithPreprocessing(nn.Identity(), tiny_net())
+'''
+
+
+def test_with_ray_a_missing_model_is_trained_in_a_ray_task_then_attacked(world, tmp_path, capsys):
+    from harness.run.benchmark import run_benchmark
+    from harness.run.store import Table, read_table
+    from synthetic import ARCHITECTURE_SOURCE
+
+    plugin = tmp_path / "tiny_on_ray.py"
+    plugin.write_text(ARCHITECTURE_SOURCE + RAY_PLUGIN)
+    config = _grid_config(world, tmp_path, executor="ray", train_missing=True, plugins=[str(plugin)])
+    config["grid"]["blocks"][0]["model"] = "mnist/tiny_on_ray"
+    assert run_benchmark(config) == 0
+    assert "trained mnist/tiny_on_ray:" in capsys.readouterr().out
+    record = zoo.training_record("mnist/tiny_on_ray", config["weights_dir"])
+    assert record["epochs"] == 2 and record["device"] == "cpu"
+    assert len(read_table(config["results_dir"], Table.EXAMPLES)) == 6

@@ -21,7 +21,7 @@ import zoo
 
 from .preflight import cannot_start_message, preflight
 from .runner import RunContext, default_batch_size, resolve_device
-from .scheduler import Executor, RunReport, run_cells
+from .scheduler import Executor, RunReport, run_cells, train_models
 
 __all__ = ["run_benchmark"]
 
@@ -79,22 +79,30 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
     if config.get("dry_run"):
         return 0
     if checked.training:
-        from ..train import TrainingDiverged, train
+        from ..train import TrainingDiverged
 
-        for request in checked.training:
-            try:
-                record = train(
-                    request.model, data_root=str(config["data_root"]), weights_dir=config.get("weights_dir"),
-                    device=str(config["device"]), epochs=request.epochs, train_examples=request.train_examples,
-                    download=bool(config.get("download")),
-                )
-            except TrainingDiverged as error:
-                stream.write(f"training failed: {error}\n")
-                return 1
+        def report_training(model: str, record: dict) -> None:
             stream.write(
-                f"trained {request.model}: {100 * record['clean_accuracy']:.2f}% clean after {record['epochs']} epochs, "
-                f"{record['seconds']:.0f} s on {record['device']}; record {zoo.trained_weights_path(request.model, config.get('weights_dir')).with_suffix('.json')}\n"
+                f"trained {model}: {100 * record['clean_accuracy']:.2f}% clean after {record['epochs']} epochs, "
+                f"{record['seconds']:.0f} s on {record['device']}; record "
+                f"{zoo.trained_weights_path(model, config.get('weights_dir')).with_suffix('.json')}\n"
             )
+
+        common = {
+            "data_root": str(config["data_root"]), "weights_dir": config.get("weights_dir"), "device": str(config["device"]),
+            "download": bool(config.get("download")),
+        }
+        requests = [
+            (request.model, {**common, "epochs": request.epochs, "train_examples": request.train_examples})
+            for request in checked.training
+        ]
+        try:
+            train_models(
+                requests, Executor(config["executor"]), checked.ray_options, config.get("plugins") or [], report_training
+            )
+        except TrainingDiverged as error:
+            stream.write(f"training failed: {error}\n")
+            return 1
     if not cells:
         if checked.skipped_models or not checked.training:
             stream.write("nothing to attack: no model of the grid has weights (train them, or pass train_missing=true)\n")

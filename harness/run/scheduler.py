@@ -253,21 +253,70 @@ def _actor_class(ray):
     return ray.remote(ShardActor)
 
 
+def _start_ray(ray, options: RayOptions) -> bool:
+    """Start (or join) Ray unless it runs already; whether this call started it."""
+    if ray.is_initialized():
+        return False
+    init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
+    # Workers import this checkout's code, whatever is installed on their node, and
+    # the plugin modules the driver can import from its working directory.
+    project_root = str(Path(__file__).resolve().parents[2])
+    search_path = [project_root, os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(filter(None, search_path)))}}
+    ray.init(**init, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def _train_in_worker(model: str, settings: dict, plugins: Sequence[str]) -> dict:
+    from ..train import train
+
+    zoo.import_plugins(plugins)
+    return train(model, progress=False, **settings)
+
+
+def train_models(
+    requests: Sequence[tuple[str, dict]], executor: Executor, options: RayOptions | None = None, plugins: Sequence[str] = (),
+    on_trained: Callable[[str, dict], None] | None = None,
+) -> list[dict]:
+    """Train ``(model, settings)`` pairs in order (settings: the keyword arguments of :func:`harness.train.train`).
+
+    With the Ray executor each runs in a Ray task, on a GPU when the cluster
+    has one; in order, since a recipe may start from a model trained before
+    it. Returns the training records.
+    """
+    records = []
+    if executor is Executor.LOCAL:
+        from ..train import train
+
+        for model, settings in requests:
+            records.append(train(model, **settings))
+            if on_trained is not None:
+                on_trained(model, records[-1])
+        return records
+    import ray
+
+    plugins = with_absolute_paths(list(plugins))
+    started_here = _start_ray(ray, options or RayOptions())
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)(_train_in_worker)
+        for model, settings in requests:
+            records.append(ray.get(task.remote(model, settings, plugins)))
+            if on_trained is not None:
+                on_trained(model, records[-1])
+        return records
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: list[str], meter: RunProgress | None):
     import ray
     from ray.exceptions import RayActorError
 
-    started_here = not ray.is_initialized()
     if meter is not None:
-        meter.status("starting Ray" if started_here else "starting workers")
-    if started_here:
-        init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
-        # Workers import this checkout's code, whatever is installed on their node, and
-        # the plugin modules the driver can import from its working directory.
-        project_root = str(Path(__file__).resolve().parents[2])
-        search_path = [project_root, os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(filter(None, search_path)))}}
-        ray.init(**init, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        meter.status("starting Ray" if not ray.is_initialized() else "starting workers")
+    started_here = _start_ray(ray, options)
     report = RunReport()
     actors = []
     try:
