@@ -198,6 +198,7 @@ def train(
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint_path = weights_path.with_suffix(".checkpoint.pt")
     target = resolve_device(device)
+    commit = git_commit()  # the code that starts the run (a checkout may move on while it trains)
     settings = {"recipe": recipe.to_dict(), "train_examples": train_examples}
 
     images, labels = load_dataset(recipe.dataset.value, data_root, train=True, download=download)
@@ -309,7 +310,7 @@ def train(
         "seconds": seconds,
         "device": str(target) if target.type == "cpu" else torch.cuda.get_device_name(target),
         "package_versions": package_versions(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "history": history,
     }
