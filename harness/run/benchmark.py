@@ -11,6 +11,7 @@ point (``run_benchmark.py``) writes it after the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -21,7 +22,7 @@ import zoo
 
 from .preflight import cannot_start_message, preflight
 from .runner import RunContext, default_batch_size, resolve_device
-from .scheduler import Executor, RunReport, run_cells, train_models
+from .scheduler import Executor, RunReport, ray_session, run_cells, train_models
 
 __all__ = ["run_benchmark"]
 
@@ -78,6 +79,14 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
         stream.write(f"to train first: {request.model} (recipe {zoo.model_spec(request.model).recipe}{settings})\n")
     if config.get("dry_run"):
         return 0
+    executor = Executor(config["executor"])
+    # Training and attacks share one Ray: it starts once.
+    session = ray_session(checked.ray_options) if executor is Executor.RAY and checked.training and cells else contextlib.nullcontext()
+    with session:
+        return _train_and_run(config, checked, cells, batch_size, executor, stream)
+
+
+def _train_and_run(config, checked, cells, batch_size: int, executor: Executor, stream) -> int:
     if checked.training:
         from ..train import TrainingDiverged
 
@@ -97,9 +106,7 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
             for request in checked.training
         ]
         try:
-            train_models(
-                requests, Executor(config["executor"]), checked.ray_options, config.get("plugins") or [], report_training
-            )
+            train_models(requests, executor, checked.ray_options, config.get("plugins") or [], report_training)
         except TrainingDiverged as error:
             stream.write(f"training failed: {error}\n")
             return 1
@@ -118,7 +125,7 @@ def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
     )
     try:
         report = run_cells(
-            cells, context, batch_size, Executor(config["executor"]), checked.ray_options,
+            cells, context, batch_size, executor, checked.ray_options,
             plugins=config.get("plugins") or [],
         )
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ where Ray is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import math
@@ -265,6 +266,19 @@ def _start_ray(ray, options: RayOptions) -> bool:
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(filter(None, search_path)))}}
     ray.init(**init, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, configure_logging=False)
     return True
+
+
+@contextlib.contextmanager
+def ray_session(options: RayOptions | None):
+    """One Ray for everything inside (training, then the attacks), shut down at the end if started here."""
+    import ray
+
+    started_here = _start_ray(ray, options or RayOptions())
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def _train_in_worker(model: str, settings: dict, plugins: Sequence[str]) -> dict:
