@@ -298,30 +298,26 @@ def train_models(
     has one; in order, since a recipe may start from a model trained before
     it. Returns the training records.
     """
-    records = []
     if executor is Executor.LOCAL:
         from ..train import train
 
-        for model, settings in requests:
-            records.append(train(model, **settings))
-            if on_trained is not None:
-                on_trained(model, records[-1])
-        return records
+        return _train_each(requests, lambda model, settings: train(model, **settings), on_trained)
     import ray
 
     plugins = with_absolute_paths(list(plugins))
-    started_here = _start_ray(ray, options or RayOptions())
-    try:
+    with ray_session(options):
         gpus = int(ray.cluster_resources().get("GPU", 0))
         task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)(_train_in_worker)
-        for model, settings in requests:
-            records.append(ray.get(task.remote(model, settings, plugins)))
-            if on_trained is not None:
-                on_trained(model, records[-1])
-        return records
-    finally:
-        if started_here:
-            ray.shutdown()
+        return _train_each(requests, lambda model, settings: ray.get(task.remote(model, settings, plugins)), on_trained)
+
+
+def _train_each(requests, run_one, on_trained) -> list[dict]:
+    records = []
+    for model, settings in requests:
+        records.append(run_one(model, settings))
+        if on_trained is not None:
+            on_trained(model, records[-1])
+    return records
 
 
 def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: list[str], meter: RunProgress | None):

@@ -107,6 +107,8 @@ def _optimizer(module: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     if shifts:
         scale = settings.bias_lr_scale
         groups.append({"params": shifts, "lr": settings.lr * scale, "weight_decay": settings.weight_decay / scale})
+    for group in groups:
+        group["initial_lr"] = group["lr"]  # the schedule scales it (kept in the optimizer's state across resumes)
     if settings.kind is OptimizerKind.ADAM:
         return torch.optim.Adam(groups, lr=settings.lr, betas=(settings.momentum, 0.999))
     return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov)
@@ -255,8 +257,8 @@ def train(
             loss_sum, correct, seen = 0.0, 0, 0
             for batch in range(batches):
                 step = epoch * batches + batch
-                for group, base in zip(optimizer.param_groups, _base_rates(recipe, optimizer)):
-                    group["lr"] = base * recipe.schedule.multiplier(step / total_steps, epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * recipe.schedule.multiplier(step / total_steps, epoch)
                 index = order[batch * recipe.batch_size : (batch + 1) * recipe.batch_size]
                 x = _augment(training_set[index], recipe, epoch, generator)
                 y = labels[index]
@@ -325,13 +327,6 @@ def train(
     os.replace(partial, record_path)
     checkpoint_path.unlink(missing_ok=True)
     return record
-
-
-def _base_rates(recipe: Recipe, optimizer: torch.optim.Optimizer) -> list[float]:
-    rates = [recipe.optimizer.lr]
-    if len(optimizer.param_groups) > 1:
-        rates.append(recipe.optimizer.lr * recipe.optimizer.bias_lr_scale)
-    return rates
 
 
 def _trainable() -> list[str]:
