@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["BallKind", "CellStatus", "VerificationStatus"]
+__all__ = ["BallKind", "CellStatus", "STANDARD_RADII", "VerificationStatus"]
 
 
 class BallKind(enum.Enum):
@@ -53,3 +53,14 @@ class VerificationStatus(enum.IntEnum):
     @property
     def counts_as_success(self) -> bool:
         return self in (VerificationStatus.VERIFIED, VerificationStatus.CLEAN_MISCLASSIFIED)
+
+
+STANDARD_RADII = {
+    ("mnist", BallKind.WASSERSTEIN.value): (0.1, 0.5, 1.0, 2.0),
+    ("cifar10", BallKind.WASSERSTEIN.value): (0.01, 0.05, 0.1),
+    ("mnist", BallKind.LINF.value): (0.1, 0.2, 0.3, 0.4),
+    ("cifar10", BallKind.LINF.value): (2 / 255, 4 / 255, 8 / 255),
+    ("mnist", BallKind.L2.value): (1.0, 2.0, 3.0),
+    ("cifar10", BallKind.L2.value): (0.25, 0.5, 1.0),
+}
+"""The radii at which every evaluation and leaderboard of a (data set, threat model) reports robust accuracy."""

@@ -32,7 +32,20 @@ def attack(solver="projected_sinkhorn_box", lam=1000.0, clamp=False, kernel_size
         "threat_model": BallKind.WASSERSTEIN.value, "ball_title": f"W{kernel_size}p{p:g} ball", "solver": solver,
         "kernel_size": kernel_size, "p": p, **_hyperparameters(lam=lam), "step_rule": "linf_sign", "step_size": 0.1,
         "clamp": clamp, "loss": "cross_entropy", "restarts": 1, "seed": 0, **schedule, "final_eps": _final_eps(schedule),
+        **_NO_SUITE,
     }
+
+
+def suite_evaluation(version: int = 1, kernel_size=5, p=1.0) -> dict:
+    """The configuration columns of a cell that ran the ``standard`` suite (version ``version``)."""
+    config = attack(solver=None, lam=None, kernel_size=kernel_size, p=p, eps_initial=0.005, eps_factor=1.1, eps_every=3, iterations=200)
+    return {
+        **config, "step_rule": None, "step_size": None, "final_eps": 2.7, "suite": "standard", "suite_version": version,
+        "suite_json": json.dumps({"name": "standard", "version": version}),
+    }
+
+
+_NO_SUITE = {"eps_increment": 0.0, "suite": None, "suite_version": None, "suite_json": None}
 
 
 def norm_attack(threat_model="linf", eps=0.4, iterations=40) -> dict:
@@ -41,7 +54,7 @@ def norm_attack(threat_model="linf", eps=0.4, iterations=40) -> dict:
     return {
         "threat_model": threat_model, "ball_title": f"{threat_model} ball", "solver": None, "kernel_size": None,
         "p": None, **_hyperparameters(), "step_rule": "linf_sign", "step_size": 0.01, "clamp": False,
-        "loss": "cross_entropy", "restarts": 1, "seed": 0, **schedule, "final_eps": _final_eps(schedule),
+        "loss": "cross_entropy", "restarts": 1, "seed": 0, **schedule, "final_eps": _final_eps(schedule), **_NO_SUITE,
     }
 
 
@@ -90,6 +103,12 @@ def write_cell(
         unconverged_steps=np.full(n, unconverged), failed_steps=np.zeros(n, dtype=int),
         zero_gradient_steps=np.full(n, zero_gradients),
         attack_seconds=np.full(n, seconds_per_example * 0.75), verify_seconds=np.full(n, seconds_per_example * 0.25),
+    )
+    is_suite = config.get("suite") is not None
+    columns.update(
+        schedule_radius=distances * 1.2 if is_suite else [None] * n,
+        found_by=[("plan_pgd_box" if np.isfinite(d) and d > 0 else "") if is_suite else None for d in distances],
+        refined_by=["segment" if is_suite else None] * n,
     )
     write_shard(results_dir, Table.EXAMPLES, dataset, model, cell_id, columns)
     row = {name: [value] for name, value in config.items()}

@@ -86,7 +86,7 @@ def test_every_problem_is_listed_once_with_what_is_allowed():
         "block 2: lam=-1 is invalid",
         "block 3: empty axis 'solver'",
         "block 4: unknown setting(s) 'colour'; allowed: dataset, model",
-        "block 5: protocol='paper_cifarr' is unknown; allowed: paper_cifar, paper_code_mnist, paper_mnist",
+        "block 5: protocol='paper_cifarr' is unknown; allowed: hu2020, paper_cifar, paper_code_mnist, paper_mnist, wu2020_cifar, wu2020_mnist",
         "block 5: model 'mnist/standard' classifies mnist, not dataset='cifar10'",
         "block 5: kernel_size is not set (set it, or a protocol",
         "block 6: the linf ball takes no solver",

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from PIL import Image
-from results_factory import attack, norm_attack, write_cell
+from results_factory import attack, norm_attack, suite_evaluation, write_cell
 
 from harness.report.leaderboard import ThreatGroup, leaderboard, model_curves, solver_table, threat_groups
 from harness.report import ReportError, build_report, main, write_report
@@ -111,6 +111,24 @@ def test_verification_counts_best_attack_and_flags(main_table):
     assert rows.loc["mnist/alpha", "seconds_per_example"] == pytest.approx((6 * 0.1 + 6 * 0.4) / 12)
 
 
+def test_the_headline_is_the_latest_standard_suite_when_present(tmp_path):
+    inf = math.inf
+    write_cell(tmp_path, "mnist/alpha", attack(), [0.05, 0.6, 0.6, inf])
+    write_cell(tmp_path, "mnist/alpha", suite_evaluation(version=1), [0.04, 0.3, 0.3, 0.3])
+    write_cell(tmp_path, "mnist/alpha", suite_evaluation(version=2), [0.02, 0.2, 0.2, 1.5])
+    write_cell(tmp_path, "mnist/beta", attack(), [0.2, 0.2, 0.2, 0.2])
+    examples, cells = read_table(tmp_path), read_table(tmp_path, Table.CELLS)
+    (group,) = threat_groups(examples, cells)
+    table = leaderboard(examples, cells, group)
+    (row,) = table.rows.to_dict("records")  # beta has no suite row: it leaves the headline
+    assert row["model"] == "mnist/alpha" and row["evaluation"] == "standard v2"
+    assert [row[r] for r in (0.1, 0.5, 1.0)] == pytest.approx([3 / 4, 1 / 4, 1 / 4])  # version 2 alone, not the worst case
+    assert row["best_attack"] == "plan_pgd_box (100% found first)"
+    assert any("models without a standard v2 evaluation: mnist/beta" in note for note in table.notes)
+    solvers = solver_table(examples, [table])
+    assert sorted(solvers["attack"]) == ["projected_sinkhorn_box λ=1000", "projected_sinkhorn_box λ=1000", "standard v1", "standard v2"]
+
+
 def test_cifar_table_uses_its_own_radii(store, examples):
     table = leaderboard(examples, read_table(store, Table.CELLS), ThreatGroup("cifar10", "wasserstein", 5, 1.0))
     row = table.rows.iloc[0]
@@ -177,8 +195,9 @@ def test_page_holds_the_tables_numbers_and_needs_no_network(store, tmp_path):
     assert [row[1] for row in rows] == ["mnist/beta", "mnist/delta", "mnist/gamma", "mnist/alpha", "mnist/epsilon"]
     assert [row[0] for row in rows] == ["1", "2", "2", "4", "5"]
     alpha = rows[3]
-    assert [float(v) for v in alpha[5:9]] == pytest.approx([4 / 6, 3 / 6, 1 / 6, 0.0])
-    assert rows[0][8] == "" and rows[0][9] == "Infinity"  # beta: unknown at 2.0, median unbounded
+    assert all(row[5].startswith("worst case of ") for row in rows)  # no suite in this store
+    assert [float(v) for v in alpha[6:10]] == pytest.approx([4 / 6, 3 / 6, 1 / 6, 0.0])
+    assert rows[0][9] == "" and rows[0][10] == "Infinity"  # beta: unknown at 2.0, median unbounded
     text = page.read_text(encoding="utf-8")
     assert "<li><b>projected_sinkhorn</b>, λ ∈ {100}: summary of projected_sinkhorn. Box: box of projected_sinkhorn.</li>" in text
     assert "<li><b>projected_sinkhorn_box</b>, λ ∈ {10, 1000}: summary" in text.split('id="mnist-wasserstein-k5-p2"')[1]

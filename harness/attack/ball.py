@@ -188,7 +188,23 @@ class Ball:
         """Check the attack's claims exactly (:mod:`harness.attack.verify`): the exact LP for
         the Wasserstein ball (in ``distances``' workers when given, see :meth:`exact_distances`),
         the norm of the perturbation for l_p balls."""
-        claims = (model, x, y, result.adversarial, result.success, result.eps_found)
+        return self.verify_claims(model, x, y, result.adversarial, result.success, result.eps_found, targets, tolerances, distances)
+
+    def verify_claims(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        adversarial: torch.Tensor,
+        success: torch.Tensor,
+        eps_found: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        tolerances: Tolerances = Tolerances(),
+        distances: ExactDistances | None = None,
+    ) -> Verification:
+        """:meth:`verify` for claims that come from no single attack run: images, whether each is
+        claimed adversarial, and the radius each claims to lie within."""
+        claims = (model, x, y, adversarial, success, eps_found)
         if self.transport is None:
             return verify_norm(*claims, _NORMS[self.kind], targets, tolerances)
         return verify_wasserstein(*claims, self.transport.kernel_size, self.transport.p, targets, tolerances, distances)

@@ -53,20 +53,28 @@ class Loss(enum.Enum):
 
 @dataclass(frozen=True)
 class EpsSchedule:
-    """Radius ``initial * factor ** (t // every)`` at step ``t``, for ``iterations`` steps.
+    """Radius ``initial * factor ** k + increment * k`` at step ``t``, ``k = t // every``, for ``iterations`` steps.
 
-    ``factor = 1`` is the fixed-radius attack (:meth:`fixed`).
+    A multiplicative schedule (the paper's) sets ``factor > 1``, an additive
+    one (Hu et al. 2020's) ``increment > 0``; ``factor = 1, increment = 0``
+    is the fixed-radius attack (:meth:`fixed`).
     """
 
     initial: float
     factor: float = 1.0
     every: int = 10
     iterations: int = 200
+    increment: float = 0.0
 
     def __post_init__(self):
         check_positive("initial", self.initial)
         if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not math.isfinite(self.factor) or self.factor < 1:
             raise ValueError(f"factor={self.factor!r} is invalid: it must be a finite number >= 1 (1 keeps the radius fixed)")
+        if (
+            isinstance(self.increment, bool) or not isinstance(self.increment, (int, float))
+            or not math.isfinite(self.increment) or self.increment < 0
+        ):
+            raise ValueError(f"increment={self.increment!r} is invalid: it must be a finite number >= 0 (0: no additive growth)")
         check_iterations("every", self.every)
         check_iterations("iterations", self.iterations)
 
@@ -75,7 +83,8 @@ class EpsSchedule:
         return cls(initial=eps, factor=1.0, every=1, iterations=iterations)
 
     def eps_at(self, step: int) -> float:
-        return self.initial * self.factor ** (step // self.every)
+        growths = step // self.every
+        return self.initial * self.factor**growths + self.increment * growths
 
     @property
     def final_eps(self) -> float:
@@ -149,6 +158,42 @@ PROTOCOLS: dict[str, AttackProtocol] = {
             p=1.0,
             lam=3000.0,
             clamp=True,
+        ),
+        AttackProtocol(
+            name="wu2020_mnist",
+            description="Wu, Wang, Yu 2020, public scripts: fixed eps 0.5, 5x5 plans, p = 1, 300 steps, plan step 0.1",
+            schedule=EpsSchedule.fixed(0.5, 300),
+            rule=StepRule.LINF_SIGN,
+            step_size=0.1,
+            kernel_size=5,
+            p=1.0,
+            lam=1000.0,
+            clamp=False,
+        ),
+        AttackProtocol(
+            name="wu2020_cifar",
+            description="Wu, Wang, Yu 2020, public scripts: fixed eps 0.005, 5x5 plans, p = 1, 300 steps, plan step 0.01",
+            schedule=EpsSchedule.fixed(0.005, 300),
+            rule=StepRule.LINF_SIGN,
+            step_size=0.01,
+            kernel_size=5,
+            p=1.0,
+            lam=3000.0,
+            clamp=False,
+        ),
+        AttackProtocol(
+            name="hu2020",
+            description=(
+                "Hu, Swaminathan, Salman, Yang 2020: eps 0.01 growing by 0.01 per step, 200 steps, step = gradient / "
+                "||gradient||_inf x 0.06 (x the image's mass), 5x5, p = 1, pixels kept in [0, 1] by the projection"
+            ),
+            schedule=EpsSchedule(0.01, 1.0, 1, 200, increment=0.01),
+            rule=StepRule.LINF_NORMALIZED_MASS,
+            step_size=0.06,
+            kernel_size=5,
+            p=1.0,
+            lam=1000.0,
+            clamp=False,
         ),
     )
 }
@@ -225,6 +270,26 @@ class AttackResult:
     def per_example(self) -> dict[str, torch.Tensor]:
         """The ``(B,)`` fields by name (everything but the images and the time)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("adversarial", "seconds")}
+
+
+def _per_example(name: str, value: torch.Tensor | None, batch: int, like: torch.Tensor, positive: bool) -> torch.Tensor | None:
+    """A per-example radius argument checked and moved to ``like``'s device and dtype."""
+    if value is None:
+        return None
+    value = torch.as_tensor(value).to(like.device, like.dtype)
+    if value.shape != (batch,):
+        raise ValueError(f"{name} has shape {tuple(value.shape)}: it must be one value per example, ({batch},)")
+    bad = torch.isnan(value) | (value <= 0 if positive else value < 0) | (torch.isinf(value) if positive else False)
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        allowed = "finite and > 0" if positive else ">= 0 (inf: never give up)"
+        raise ValueError(f"{name}={float(value[index])} (example {index}) is invalid: it must be {allowed}")
+    return value
+
+
+def _radii(eps: float, scale: torch.Tensor | None, indices: torch.Tensor) -> float | torch.Tensor:
+    """The radius of the examples ``indices`` where the schedule is at ``eps``."""
+    return eps if scale is None else eps * scale[indices]
 
 
 def _objective(logits: torch.Tensor, labels: torch.Tensor, loss: Loss, targeted: bool) -> torch.Tensor:
@@ -322,11 +387,20 @@ class PGDAttack:
         targets: torch.Tensor | None = None,
         on_step: Callable[[AttackProgress], None] | None = None,
         on_success: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        radius_scale: torch.Tensor | None = None,
+        give_up_above: torch.Tensor | None = None,
     ) -> AttackResult:
         """Attack the batch ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
 
         ``targets`` (B,) makes the attack targeted: success means predicting
-        the target; a target equal to the label is an error. ``on_step`` is
+        the target; a target equal to the label is an error.
+        ``radius_scale`` (B,) gives each example its own radii: example ``i``
+        is attacked at ``radius_scale[i] * schedule.eps_at(t)`` (with
+        ``EpsSchedule.fixed(1.0, n)``, at the fixed radius
+        ``radius_scale[i]``). ``give_up_above`` (B,) drops an example,
+        unfooled, once its radius would exceed that value: an evaluation
+        that already holds a smaller adversarial example for it has nothing
+        to gain there. ``on_step`` is
         called after every step with an :class:`AttackProgress` (for
         progress bars; it must be cheap). ``on_success(indices, images,
         eps_found)`` is called at each step where examples are fooled, with
@@ -349,6 +423,8 @@ class PGDAttack:
             if bool((targets == y).any()):
                 raise ValueError(f"targets equal the true label for examples {torch.nonzero(targets == y).flatten().tolist()}")
         batch, device = x.shape[0], x.device
+        scale = _per_example("radius_scale", radius_scale, batch, x, positive=True)
+        ceiling = _per_example("give_up_above", give_up_above, batch, x, positive=False)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -370,7 +446,7 @@ class PGDAttack:
                 if pending.numel() == 0:
                     break
                 self._attack_pending(
-                    x, y, targets, pending, restart, generator if restart > 0 else None,
+                    x, y, targets, pending, restart, generator if restart > 0 else None, scale, ceiling,
                     adversarial, success, eps_found, restart_found, tally, on_step, on_success,
                 )
             with torch.no_grad():
@@ -393,14 +469,14 @@ class PGDAttack:
         )
 
     def _attack_pending(
-        self, x, y, targets, pending, restart, generator, adversarial, success, eps_found, restart_found, tally, on_step,
-        on_success,
+        self, x, y, targets, pending, restart, generator, scale, ceiling, adversarial, success, eps_found, restart_found,
+        tally, on_step, on_success,
     ):
         """One restart over the examples ``pending``; writes results in place."""
         schedule = self.schedule
-        state: IterateState = self.iterate.start(x[pending], schedule.initial, generator)
+        state: IterateState = self.iterate.start(x[pending], _radii(schedule.initial, scale, pending), generator)
         active = pending  # indices into the full batch, in the order of ``state``
-        # Radius of the ball the current image was projected onto (0: clean start).
+        # Radius of the ball the current image was projected onto (0: clean start), before the per-example scale.
         image_eps = 0.0 if generator is None else schedule.initial
         for step in range(schedule.iterations + 1):
             image = state.image.detach().requires_grad_(True)
@@ -410,7 +486,7 @@ class PGDAttack:
                 done = active[fooled]
                 adversarial[done] = state.image[fooled].detach()
                 success[done] = True
-                eps_found[done] = image_eps
+                eps_found[done] = _radii(image_eps, scale, done)
                 restart_found[done] = restart
                 if on_success is not None:
                     on_success(done, adversarial[done], eps_found[done])
@@ -419,6 +495,10 @@ class PGDAttack:
             if step == schedule.iterations or bool(fooled.all()):
                 break
             keep = ~fooled
+            if ceiling is not None:
+                keep &= _radii(schedule.eps_at(step), scale, active) <= ceiling[active]
+                if not bool(keep.any()):
+                    break
             aim = y if targets is None else targets
             objective = _objective(logits[keep], aim[active][keep], self.loss, targets is not None)
             (grad,) = torch.autograd.grad(objective.sum(), image)
@@ -426,7 +506,7 @@ class PGDAttack:
                 state, grad, active = state.select(keep), grad[keep], active[keep]
             eps = schedule.eps_at(step)
             with torch.no_grad():
-                state, report = self.iterate.step(state, grad.detach(), eps, step)
+                state, report = self.iterate.step(state, grad.detach(), _radii(eps, scale, active), step)
             image_eps = eps
             tally.steps[active] += 1
             tally.solver_iterations[active] += report.solver_iterations.to(torch.int64)

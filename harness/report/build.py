@@ -56,7 +56,7 @@ def _attack_notes(cells: pd.DataFrame) -> dict[str, AttackNote]:
         return value if isinstance(value, str) else None
 
     return {
-        attack_label(row["solver"], row["clamp"], None, row["step_rule"]): AttackNote(
+        attack_label(row["solver"], row["clamp"], None, row["step_rule"], row.get("suite"), row.get("suite_version")): AttackNote(
             text(row.get("attack_summary")), text(row.get("box_handling"))
         )
         for row in cells.to_dict("records")

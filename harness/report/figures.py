@@ -45,9 +45,11 @@ def model_palette(models) -> dict[str, tuple]:
 
 def _solver_name(examples: pd.DataFrame) -> list[str]:
     """The attack of each row without its lambda: curves take the worst case over lambdas."""
-    columns = ["solver", "clamp", "step_rule"]
-    names = {key: attack_label(key[0], key[1], None, key[2]) for key in examples[columns].drop_duplicates().itertuples(index=False, name=None)}
-    return [names[key] for key in examples[columns].itertuples(index=False, name=None)]
+    columns = ["solver", "clamp", "step_rule", "suite", "suite_version"]
+    return [
+        attack_label(solver, clamp, None, step_rule, suite, version)
+        for solver, clamp, step_rule, suite, version in examples[columns].itertuples(index=False, name=None)
+    ]
 
 
 def accuracy_against_radius(examples: pd.DataFrame, groups: list[ThreatGroup], palette: dict) -> Figure | None:

@@ -21,7 +21,7 @@ import pandas as pd
 
 import zoo
 
-from ..vocabulary import BallKind, CellStatus, VerificationStatus
+from ..vocabulary import STANDARD_RADII, BallKind, CellStatus, VerificationStatus
 
 __all__ = [
     "STANDARD_RADII",
@@ -29,6 +29,7 @@ __all__ = [
     "VerificationCounts",
     "attack_label",
     "cell_label",
+    "headline_examples",
     "leaderboard",
     "model_curves",
     "radius_label",
@@ -37,16 +38,6 @@ __all__ = [
     "threat_groups",
     "worst_case",
 ]
-
-STANDARD_RADII = {
-    ("mnist", BallKind.WASSERSTEIN.value): (0.1, 0.5, 1.0, 2.0),
-    ("cifar10", BallKind.WASSERSTEIN.value): (0.01, 0.05, 0.1),
-    ("mnist", BallKind.LINF.value): (0.1, 0.2, 0.3, 0.4),
-    ("cifar10", BallKind.LINF.value): (2 / 255, 4 / 255, 8 / 255),
-    ("mnist", BallKind.L2.value): (1.0, 2.0, 3.0),
-    ("cifar10", BallKind.L2.value): (0.25, 0.5, 1.0),
-}
-"""The radii every leaderboard of a (data set, threat model) reports."""
 
 _VERIFIED = VerificationStatus.VERIFIED.name
 _CLEAN_MISCLASSIFIED = VerificationStatus.CLEAN_MISCLASSIFIED.name
@@ -138,9 +129,15 @@ def robust_accuracy_at(per_example: pd.DataFrame, radius: float) -> float:
     return float(unbroken.mean())
 
 
-def attack_label(solver, clamp, lam, step_rule=None) -> str:
-    """How an attack is named in tables and legends."""
-    if solver is None or (isinstance(solver, float) and math.isnan(solver)):
+def _missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def attack_label(solver, clamp, lam, step_rule=None, suite=None, suite_version=None) -> str:
+    """How an attack (or an evaluation suite, with its version) is named in tables and legends."""
+    if not _missing(suite):
+        return f"{suite} v{int(suite_version)}"
+    if _missing(solver):
         return f"PGD ({step_rule})" if step_rule else "PGD"
     label = str(solver) + (" +clamp" if bool(clamp) else "")
     if lam is not None and not (isinstance(lam, float) and math.isnan(lam)):
@@ -151,7 +148,24 @@ def attack_label(solver, clamp, lam, step_rule=None) -> str:
 def cell_label(cell_examples: pd.DataFrame) -> str:
     """The :func:`attack_label` of the one cell these examples come from."""
     first = cell_examples.iloc[0]
-    return attack_label(first["solver"], first["clamp"], first["lam"], first["step_rule"])
+    return attack_label(first["solver"], first["clamp"], first["lam"], first["step_rule"], first.get("suite"), first.get("suite_version"))
+
+
+def headline_examples(examples: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The rows a leaderboard headline is computed from, and the suite they come from.
+
+    When any row comes from an evaluation suite, the headline is that suite
+    alone (its latest version: versions never mix); otherwise it is the
+    worst case over every attack, and the suite is None.
+    """
+    if "suite" not in examples or not examples["suite"].notna().any():
+        return examples, None
+    suites = examples[examples["suite"].notna()]
+    # The standard suite first, then the latest version of it.
+    name = "standard" if (suites["suite"] == "standard").any() else sorted(suites["suite"].unique())[0]
+    version = int(suites.loc[suites["suite"] == name, "suite_version"].max())
+    chosen = suites[(suites["suite"] == name) & (suites["suite_version"] == version)]
+    return chosen, attack_label(None, False, None, None, name, version)
 
 
 def _claimed(examples: pd.DataFrame) -> pd.Series:
@@ -257,7 +271,8 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
         descending. A fixed radius alone would rank a model that is broken
         early but keeps a few survivors above one that is broken late.
     """
-    mine = examples[group.select(examples)]
+    everything = examples[group.select(examples)]
+    mine, suite = headline_examples(everything)
     my_cells = cells[group.select(cells)] if len(cells) else cells
     largest = float(mine["final_eps"].max())
     radii = group.radii(largest)
@@ -272,6 +287,7 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
         row = {
             "model": model,
             **metadata,
+            "evaluation": suite or f"worst case of {model_examples['cell_id'].nunique()} attacks",
             "median_radius": _median(per_example["verified_distance"]),
             "examples": len(per_example),
             "attacks": model_examples["cell_id"].nunique(),
@@ -289,7 +305,14 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     reference_radius = max(known) if known else None
     notes = []
     for row in rows:
-        row["best_attack"] = _strongest(attacks_of[row["model"]], reference_radius)
+        model_rows = mine[mine["model"] == row["model"]]
+        row["best_attack"] = _first_finder(model_rows) if suite is not None else _strongest(attacks_of[row["model"]], reference_radius)
+    if suite is not None:
+        without = sorted(set(everything["model"]) - set(mine["model"]))
+        notes.append(
+            f"the headline is the {suite} evaluation suite (one verified minimal radius per example); single attacks are "
+            "in the solver table" + (f"; models without a {suite} evaluation: {', '.join(without)}" if without else "")
+        )
     frame = pd.DataFrame(rows)
     sort_key = ["median_radius", reference_radius] if reference_radius is not None else ["median_radius"]
     frame = frame.sort_values(sort_key + ["model"], ascending=[False] * len(sort_key) + [True], kind="stable")
@@ -299,17 +322,30 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     if reference_radius is None:
         notes.append("no standard radius was searched for every model: ties in median radius stay tied")
     attacks: dict[str, list[float]] = {}
-    for solver, clamp, lam, step_rule in mine[["solver", "clamp", "lam", "step_rule"]].drop_duplicates().itertuples(index=False):
-        lambdas = attacks.setdefault(attack_label(solver, clamp, None, step_rule), [])
-        if lam is not None and not math.isnan(lam):
+    described = mine[["solver", "clamp", "lam", "step_rule", "suite", "suite_version"]].drop_duplicates()
+    for solver, clamp, lam, step_rule, suite_name, version in described.itertuples(index=False):
+        lambdas = attacks.setdefault(attack_label(solver, clamp, None, step_rule, suite_name, version), [])
+        if not _missing(lam):
             lambdas.append(float(lam))
     attacks = {label: sorted(attacks[label]) for label in sorted(attacks)}
+    single = mine[mine["suite"].isna()]
     schedules = sorted({
-        f"eps {e0:g} x{f:g} every {every} of {it} steps (largest {fe:.3g})"
-        for e0, f, every, it, fe in mine[["eps_initial", "eps_factor", "eps_every", "iterations", "final_eps"]]
+        f"eps {e0:g} x{f:g}{'' if _missing(inc) or not inc else f' +{inc:g}'} every {every} of {it} steps (largest {fe:.3g})"
+        for e0, f, inc, every, it, fe in single[["eps_initial", "eps_factor", "eps_increment", "eps_every", "iterations", "final_eps"]]
         .drop_duplicates().itertuples(index=False)
     })
+    if suite is not None:
+        schedules.insert(0, f"{suite}: each member's schedule and budget are in the rows' suite_json (largest radius {largest:.3g})")
     return LeaderboardTable(group, radii, reference_radius, largest, attacks, schedules, frame, notes)
+
+
+def _first_finder(suite_examples: pd.DataFrame) -> str:
+    """The suite member that first broke most of these examples, with its share of the broken ones."""
+    found = suite_examples.loc[suite_examples["found_by"].notna() & (suite_examples["found_by"] != ""), "found_by"]
+    if found.empty:
+        return "–"
+    counts = found.value_counts()
+    return f"{counts.index[0]} ({100 * counts.iloc[0] / len(found):.0f}% found first)"
 
 
 def model_curves(examples: pd.DataFrame, by: list[str], points: int = 120) -> pd.DataFrame:

@@ -160,11 +160,16 @@ def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) 
         _Column("training", "threat model the model was trained against (hover a cell for the recipe)", text=True),
         _Column("source paper", text=True),
         _Column("clean", "accuracy on the full clean test split"),
+        _Column("evaluation", "what the row's numbers come from: an evaluation suite and its version, or the worst case over single attacks", text=True),
         *radii_columns,
         _Column("median radius", "median over examples of the smallest verified adversarial distance (0 if misclassified clean)"),
         _Column("examples", "test examples attacked"),
         _Column("verified", "claimed successes that passed exact verification"),
-        _Column("best attack", "the attack with the smallest median verified radius of its own", text=True),
+        _Column(
+            "best attack",
+            "single attacks: the one with the smallest median verified radius of its own; a suite: the member that first broke most examples",
+            text=True,
+        ),
         _Column("s / example", "attack and verification seconds per example, all attacks"),
         _Column("reliability", "warnings about this row's numbers (hover a flag)", text=True),
     ]
@@ -180,6 +185,7 @@ def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) 
             _cell(html.escape(row["trained_for"] or "–"), row["trained_for"] or "", css="text wrap", title=row["training"] or ""),
             _cell(html.escape(_short(row["paper"])), row["paper"] or "", css="text long", title=row["paper"] or ""),
             _cell(_percent(row["clean_accuracy"]), _number(row["clean_accuracy"])),
+            _cell(html.escape(row["evaluation"]), row["evaluation"], css="text"),
             *[
                 _cell(_percent(row[r]), _number(row[r]), title="" if not math.isnan(row[r]) else f"not searched up to {r:g} for every example")
                 for r in table.radii

@@ -7,6 +7,10 @@ blocks of the grids it ``include``s. A ``protocol`` (see
 :data:`harness.attack.pgd.PROTOCOLS`) supplies the schedule, step and
 geometry that a block does not set itself.
 
+A block that sets ``suite`` (see :data:`harness.attack.suite.SUITES`) runs
+that evaluation suite instead of one attack: it names data set, models,
+ball, examples and seed, and the suite supplies every attack setting.
+
 A block may set the general settings of :data:`BLOCK_SETTINGS` and every
 hyperparameter its solvers declare (``lam``, ``tol``, ``max_iter``, ...; see
 :class:`zoo.Hyperparameter`). A name that no cell of the block uses (a
@@ -33,6 +37,7 @@ from solvers.iterate import BallIterate, StepRule
 
 from ..attack.ball import Ball
 from ..attack.pgd import PROTOCOLS, EpsSchedule, Loss
+from ..attack.suite import AttackSuite, attack_suite
 from ..vocabulary import BallKind
 
 __all__ = ["BLOCK_SETTINGS", "Cell", "GridError", "Shard", "expand_blocks"]
@@ -44,8 +49,8 @@ class GridError(ValueError):
 
 BLOCK_SETTINGS = (
     "dataset", "model", "threat_model", "solver", "protocol", "kernel_size", "p",
-    "eps_initial", "eps_factor", "eps_every", "iterations", "step_rule", "step_size", "clamp",
-    "loss", "restarts", "seed", "n_examples",
+    "eps_initial", "eps_factor", "eps_every", "eps_increment", "iterations", "step_rule", "step_size", "clamp",
+    "loss", "restarts", "seed", "n_examples", "suite",
 )
 """The general names a block may set (each to a value or a list of values); solver
 hyperparameters come on top."""
@@ -72,6 +77,9 @@ class Cell:
         what it runs with, so exactly what the cell records and hashes.
     step_rule, step_size
         The attack's ascent step; None when the solver steps by its own rule.
+    suite : str or None
+        An evaluation suite run instead of one attack (then ``solver`` is
+        None and ``schedule`` is the suite's first member's).
     """
 
     dataset: str
@@ -87,18 +95,45 @@ class Cell:
     restarts: int
     seed: int
     n_examples: int
+    suite: str | None = None
 
     @property
     def solver_spec(self) -> zoo.SolverSpec | None:
         return zoo.solver_spec(self.solver) if self.solver is not None else None
+
+    @property
+    def attack_suite(self) -> AttackSuite | None:
+        return attack_suite(self.suite, self.dataset) if self.suite is not None else None
+
+    @property
+    def final_eps(self) -> float:
+        """The largest radius the cell searches."""
+        suite = self.attack_suite
+        return suite.final_eps if suite is not None else self.schedule.final_eps
+
+    @property
+    def label(self) -> str:
+        """What attacks the cell's model, in a few words: the suite, the solver or the ball."""
+        suite = self.attack_suite
+        return suite.label if suite is not None else self.solver or self.ball.kind.value
 
     def iterate(self) -> BallIterate:
         """The attack's driver for this cell (built fresh: iterates keep per-run state)."""
         return self.ball.iterate(self.solver_spec, dict(self.hyperparameters), self.step_rule, self.step_size, self.clamp)
 
     def config(self) -> dict[str, Any]:
-        """The cell as plain JSON values (enums by value, the schedule flattened)."""
+        """The cell as plain JSON values (enums by value, the schedule flattened).
+
+        ``eps_increment`` and ``suite`` appear only when set, so cells without
+        them keep the ids they had before these settings existed.
+        """
+        suite = self.attack_suite
+        optional = {
+            "eps_increment": self.schedule.increment or None, "suite": self.suite,
+            "suite_version": None if suite is None else suite.version,
+        }
         return {
+            **{name: value for name, value in optional.items() if value is not None},
             "dataset": self.dataset,
             "model": self.model,
             **self.ball.config(),
@@ -188,7 +223,8 @@ def _protocol_presets(settings: Mapping[str, Any], problems: list[str], where: s
         return {}
     return {
         "eps_initial": protocol.schedule.initial, "eps_factor": protocol.schedule.factor,
-        "eps_every": protocol.schedule.every, "iterations": protocol.schedule.iterations,
+        "eps_every": protocol.schedule.every, "eps_increment": protocol.schedule.increment,
+        "iterations": protocol.schedule.iterations,
         "step_rule": protocol.rule.value, "step_size": protocol.step_size,
         "kernel_size": protocol.kernel_size, "p": protocol.p, "lam": protocol.lam,
     }
@@ -238,6 +274,8 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> tuple[Ce
             problems.append(f"{where}: {required} is not set")
     presets = _protocol_presets(settings, problems, where)
     model_names = [spec.name for spec in zoo.models()]
+    if "suite" in settings:
+        return _suite_cell(settings, model_names, problems, where)
     model_spec = zoo.model_spec(settings["model"]) if settings.get("model") in model_names else None
     if "model" in settings and model_spec is None:
         problems.append(f"{where}: model={settings['model']!r} is not registered; registered: {', '.join(model_names)}")
@@ -285,6 +323,7 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> tuple[Ce
         schedule = EpsSchedule(
             schedule_settings.get("eps_initial", 1.0), schedule_settings.get("eps_factor", 1.0),
             schedule_settings.get("eps_every", 1), schedule_settings.get("iterations", 1),
+            schedule_settings.get("eps_increment", 0.0),
         )
     except ValueError as error:
         problems.append(f"{where}: {error}")
@@ -296,6 +335,49 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> tuple[Ce
         step_size=step_size, clamp=clamp, loss=loss, restarts=restarts, seed=seed, n_examples=n_examples,
     )
     return cell, used
+
+
+_SUITE_SETTINGS = {"dataset", "model", "threat_model", "kernel_size", "p", "seed", "n_examples", "suite"}
+"""What a suite block may set; the suite supplies everything else."""
+
+
+def _suite_cell(settings: Mapping[str, Any], model_names: list[str], problems: list[str], where: str) -> tuple[Cell | None, set[str]]:
+    """The cell of a block that runs an evaluation suite."""
+    before = len(problems)
+    attack_settings = sorted(set(settings) - _SUITE_SETTINGS - set(_DEFAULTS))
+    attack_settings += sorted(name for name in ("clamp", "loss", "restarts") if settings[name] != _DEFAULTS[name])
+    if attack_settings:
+        problems.append(
+            f"{where}: {', '.join(map(repr, attack_settings))} cannot be set with suite={settings['suite']!r}: the suite "
+            f"brings its own attacks; a suite block sets {', '.join(sorted(_SUITE_SETTINGS))}"
+        )
+    for required in ("dataset", "model", "n_examples"):
+        if required not in settings:
+            problems.append(f"{where}: {required} is not set")
+    model_spec = zoo.model_spec(settings["model"]) if settings.get("model") in model_names else None
+    if "model" in settings and model_spec is None:
+        problems.append(f"{where}: model={settings['model']!r} is not registered; registered: {', '.join(model_names)}")
+    if model_spec is not None and "dataset" in settings and model_spec.dataset.value != settings["dataset"]:
+        problems.append(f"{where}: model {model_spec.name!r} classifies {model_spec.dataset.value}, not dataset={settings['dataset']!r}")
+    suite = None
+    if "dataset" in settings:
+        try:
+            suite = attack_suite(settings["suite"], settings["dataset"])
+        except ValueError as error:
+            problems.append(f"{where}: {error}")
+    ball = _ball(settings, {}, problems, where)
+    if ball is not None and ball.kind is not BallKind.WASSERSTEIN:
+        problems.append(f"{where}: suites attack Wasserstein balls, not threat_model={ball.kind.value!r}")
+    seed = _number("seed", settings["seed"], problems, where, integer=True, low=0)
+    n_examples = _number("n_examples", settings.get("n_examples", 1), problems, where, integer=True, low=1)
+    if len(problems) > before:
+        return None, {"kernel_size", "p"}
+    cell = Cell(
+        dataset=settings["dataset"], model=settings["model"], ball=ball, solver=None, hyperparameters=(),
+        schedule=suite.members[0].schedule, step_rule=None, step_size=None, clamp=False, loss=Loss(settings["loss"]),
+        restarts=1, seed=seed, n_examples=n_examples, suite=suite.name,
+    )
+    return cell, {"kernel_size", "p"}
 
 
 def _hyperparameter_names() -> set[str]:

@@ -33,7 +33,7 @@ from ..data import load_dataset
 from .grid import Cell, GridError, expand_blocks
 from .scheduler import Executor, RayOptions
 
-__all__ = ["GRID_DIR", "BenchmarkError", "Preflight", "TrainingRequest", "cannot_start_message", "grid_blocks", "preflight"]
+__all__ = ["GRID_DIR", "BenchmarkError", "Preflight", "TrainingRequest", "cannot_start_message", "grid_blocks", "preflight", "select_models"]
 
 GRID_DIR = Path(__file__).resolve().parents[2] / "conf" / "grid"
 
@@ -114,6 +114,41 @@ def grid_blocks(grid: Mapping[str, Any], grid_dir: Path = GRID_DIR, _seen: tuple
     if not blocks and not grid.get("train"):
         raise BenchmarkError(f"grid {grid.get('name')!r} has no blocks, includes none and trains nothing")
     return blocks
+
+
+def select_models(blocks: list[dict], models: Any) -> tuple[list[dict], list[str]]:
+    """The blocks with their models replaced by ``models`` (the ``models=[...]`` setting), and the problems.
+
+    Each block takes the models of ``models`` that classify its data set; a
+    block left with none is dropped. ``models`` None keeps the grid's own.
+    """
+    if models is None:
+        return blocks, []
+    if isinstance(models, str):
+        models = [models]
+    registered = {spec.name: spec for spec in zoo.models()}
+    if not isinstance(models, (list, tuple)) or not models or not all(isinstance(name, str) for name in models):
+        return blocks, [f"models={models!r} is invalid: give a list of registered model names, e.g. models=[mnist/standard]"]
+    unknown = [name for name in models if name not in registered]
+    if unknown:
+        return blocks, [f"models: {', '.join(map(repr, unknown))} not registered; registered: {', '.join(sorted(registered))}"]
+    selected, used = [], set()
+    for block in blocks:
+        chosen = [name for name in models if registered[name].dataset.value in _as_list(block.get("dataset"))]
+        if chosen:
+            selected.append({**block, "model": chosen})
+            used.update(chosen)
+    unused = [name for name in models if name not in used]
+    if unused:
+        datasets = sorted({value for block in blocks for value in _as_list(block.get("dataset"))})
+        return blocks, [
+            f"models: {', '.join(map(repr, unused))} classify no data set of this grid ({', '.join(datasets)})"
+        ]
+    return selected, []
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 _GRID_KEYS = ("name", "description", "blocks", "include", "train", "skip_missing_weights")
@@ -205,7 +240,10 @@ def preflight(config: Mapping[str, Any]) -> Preflight:
         problems.append(f"no grid is given: choose one with grid=NAME; grids: {_grid_names()}")
     else:
         try:
-            cells = expand_blocks(grid_blocks(grid), {"n_examples": config.get("n_examples"), "seed": config.get("seed")})
+            blocks, model_problems = select_models(grid_blocks(grid), config.get("models"))
+            problems += model_problems
+            if not model_problems:
+                cells = expand_blocks(blocks, {"n_examples": config.get("n_examples"), "seed": config.get("seed")})
         except (BenchmarkError, GridError) as error:
             problems.append(str(error))
     training: list[TrainingRequest] = []

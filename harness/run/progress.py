@@ -68,7 +68,7 @@ class RunProgress:
         for shard in shards:
             per_cell[shard.cell.cell_id] = per_cell.get(shard.cell.cell_id, 0) + shard.stop - shard.start
         self.cells = {
-            cell.cell_id: _CellCost(per_cell[cell.cell_id], f"{cell.model} {cell.solver or cell.ball.kind.value}")
+            cell.cell_id: _CellCost(per_cell[cell.cell_id], f"{cell.model} {cell.label}")
             for cell in cells
             if cell.cell_id in per_cell
         }
@@ -120,7 +120,8 @@ class RunProgress:
         cost.running[progress.shard_id] = progress
         bar = self._bar(progress.cell_id)
         bar.n = min(cost.finished + sum(p.decided for p in cost.running.values()), cost.examples)
-        bar.set_postfix_str(f"step {progress.step}/{progress.steps}, eps {progress.eps:.3g}", refresh=False)
+        where = f"{progress.stage} ({progress.step + 1}/{progress.steps})" if progress.stage else f"step {progress.step}/{progress.steps}, eps {progress.eps:.3g}"
+        bar.set_postfix_str(where, refresh=False)
         bar.refresh()
         self._refresh()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import math
 import multiprocessing
 import os
 import subprocess
@@ -30,6 +31,7 @@ import zoo
 
 from ..attack.evaluate import attack_and_verify, clean_accuracy
 from ..attack.pgd import AttackProgress
+from ..attack.suite import evaluate_batch
 from ..attack.verify import VerificationStatus, robust_accuracy
 from ..data import load_dataset, test_subset
 from ..vocabulary import CellStatus
@@ -73,6 +75,8 @@ class ShardProgress:
     eps: float
     seconds: float
     """Since the shard started."""
+    stage: str = ""
+    """What the shard is doing, where steps and radius do not say it (a suite's member)."""
 
 
 @dataclass(frozen=True)
@@ -163,12 +167,32 @@ def cell_columns(cell: Cell) -> dict:
     columns.update({name: hyperparameters.get(name) for name in TYPED_HYPERPARAMETERS})
     if cell.step_rule is None:
         columns.update(step_rule=hyperparameters.get("step_rule"), step_size=hyperparameters.get("step_size"))
+    suite = cell.attack_suite
     columns.update(
         ball_title=cell.ball.title,
-        final_eps=cell.schedule.final_eps,
+        eps_increment=cell.schedule.increment,
+        final_eps=cell.final_eps,
         hyperparameters_json=json.dumps(hyperparameters, sort_keys=True),
+        suite=None if suite is None else suite.name,
+        suite_version=None if suite is None else suite.version,
+        suite_json=None if suite is None else suite.definition_json(),
     )
     return columns
+
+
+_SUITE_COLUMNS = ("schedule_radius", "found_by", "refined_by")
+"""Examples columns only a suite cell fills."""
+
+_SUITE_BOX = "every member keeps pixels in [0, 1] inside its projection; every image it keeps is verified in the box"
+
+
+def _suite_summary(cell: Cell) -> str:
+    suite = cell.attack_suite
+    members = ", ".join(member.name for member in suite.members)
+    return (
+        f"attack suite {suite.label}: {members}, each on the examples it can still improve; then the radius refinement "
+        f"(segment line search, {suite.refinement.rounds} rounds of bisection over fixed-radius attacks)"
+    )
 
 
 class ShardRunner:
@@ -234,10 +258,10 @@ class ShardRunner:
         started = time.perf_counter()
         rows = shard.stop - shard.start
 
-        def report(before: int, progress: AttackProgress) -> None:
+        def report(before: int, progress: AttackProgress, stage: str = "") -> None:
             on_progress(ShardProgress(
                 shard.shard_id, cell.cell_id, before + progress.decided, rows, progress.step, progress.steps,
-                progress.eps, time.perf_counter() - started,
+                progress.eps, time.perf_counter() - started, stage,
             ))
 
         if on_progress is not None:  # the shard has started (its model may take a while to load)
@@ -246,11 +270,16 @@ class ShardRunner:
         model = self.model(cell.model)
         torch.manual_seed(cell.seed)
 
-        columns = attack_and_verify(
-            model, images.to(self.device), labels.to(self.device), cell.ball, cell.iterate(), cell.schedule,
-            batch_size=rows, loss=cell.loss, restarts=cell.restarts, seed=cell.seed,
-            on_progress=None if on_progress is None else report, verify_executor=self._verifier(),
-        )
+        images, labels = images.to(self.device), labels.to(self.device)
+        if cell.suite is not None:
+            columns = self._evaluate(cell, model, images, labels, started, None if on_progress is None else report)
+        else:
+            columns = attack_and_verify(
+                model, images, labels, cell.ball, cell.iterate(), cell.schedule,
+                batch_size=rows, loss=cell.loss, restarts=cell.restarts, seed=cell.seed,
+                on_progress=None if on_progress is None else report, verify_executor=self._verifier(),
+            )
+            columns.update({name: np.full(rows, None) for name in _SUITE_COLUMNS})
         record = {name: [value] * rows for name, value in cell_columns(cell).items()}
         record.update(
             cell_id=[cell.cell_id] * rows,
@@ -264,6 +293,26 @@ class ShardRunner:
         self._write_images(shard, images, columns["adversarial"])
         write_shard(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id, record)
         return ShardOutcome(shard.shard_id, cell.cell_id, rows, time.perf_counter() - started, skipped=False)
+
+    @staticmethod
+    def _evaluate(cell: Cell, model, images, labels, started: float, report) -> dict[str, np.ndarray]:
+        """A suite cell's shard: :func:`~harness.attack.suite.evaluate_batch`, as the examples table's columns."""
+        rows = images.shape[0]
+
+        def on_stage(index: int, stages: int, name: str) -> None:
+            report(0, AttackProgress(0, rows, index, stages, math.nan), name)
+
+        outcome = evaluate_batch(model, images, labels, cell.ball, cell.attack_suite, cell.seed, None if report is None else on_stage)
+        total = time.perf_counter() - started
+        columns = dict(outcome.columns)
+        columns.update(
+            eps_found=columns["schedule_radius"],
+            restart=np.full(rows, -1),
+            attack_seconds=np.full(rows, (total - outcome.verify_seconds) / rows),
+            verify_seconds=np.full(rows, outcome.verify_seconds / rows),
+            adversarial=outcome.adversarial.detach().cpu().numpy(),
+        )
+        return columns
 
     def _write_images(self, shard: Shard, images: torch.Tensor, adversarial: np.ndarray) -> None:
         kept = max(0, min(shard.stop, self.context.gallery_examples) - shard.start)
@@ -306,12 +355,12 @@ class ShardRunner:
             finished_at=[datetime.datetime.now(datetime.timezone.utc)],
             seconds=[float((examples["attack_seconds"] + examples["verify_seconds"]).sum())],
             clean_accuracy=[self.clean_accuracy(cell)],
-            robust_accuracy=[robust_accuracy(examples["verified_distance"], cell.schedule.final_eps) if len(examples) else None],
+            robust_accuracy=[robust_accuracy(examples["verified_distance"], cell.final_eps) if len(examples) else None],
             trained_for=[spec.trained_for.value],
             model_training=[training_summary(spec, context.weights_dir)],
             model_paper=[spec.paper],
-            attack_summary=[cell.ball.attack_summary(cell.solver_spec, cell.step_rule)],
-            box_handling=[cell.ball.box_handling(cell.solver_spec, cell.clamp)],
+            attack_summary=[_suite_summary(cell) if cell.suite else cell.ball.attack_summary(cell.solver_spec, cell.step_rule)],
+            box_handling=[_SUITE_BOX if cell.suite else cell.ball.box_handling(cell.solver_spec, cell.clamp)],
             ball_description=[cell.ball.description],
             config_json=[json.dumps(cell.config(), sort_keys=True)],
             package_versions_json=[json.dumps(package_versions(), sort_keys=True)],

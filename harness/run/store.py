@@ -46,7 +46,7 @@ __all__ = [
     "write_shard",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped whenever a table or column is added, removed or changes meaning.
 
 Version 2 added the ``images`` table, and to ``cells`` the model's
@@ -57,7 +57,11 @@ and ``cells``, ``final_eps`` (the largest radius the schedule searched),
 :data:`TYPED_HYPERPARAMETERS` and ``hyperparameters_json`` (the full set),
 and to ``cells`` ``ball_description``. Older files read with the new
 columns filled where they can be derived (``final_eps``, ``ball_title``)
-and empty otherwise."""
+and empty otherwise. Version 4 added, to ``examples`` and ``cells``,
+``eps_increment`` (the additive growth of a schedule; 0 in older rows) and
+the evaluation suite of a suite cell (``suite``, ``suite_version``,
+``suite_json``; empty for single attacks), and to ``examples`` the suite's
+``schedule_radius``, ``found_by`` and ``refined_by``."""
 
 TYPED_HYPERPARAMETERS = {
     "lam": pa.float64(),
@@ -101,12 +105,16 @@ _CELL_CONFIG = [
     pa.field("eps_initial", pa.float64()),
     pa.field("eps_factor", pa.float64()),
     pa.field("eps_every", pa.int32()),
+    pa.field("eps_increment", pa.float64()),
     pa.field("iterations", pa.int32()),
     pa.field("final_eps", pa.float64()),
     pa.field("loss", pa.string()),
     pa.field("restarts", pa.int32()),
     pa.field("seed", pa.int64()),
     pa.field("gradient_mode", pa.string()),
+    pa.field("suite", pa.string()),
+    pa.field("suite_version", pa.int32()),
+    pa.field("suite_json", pa.string()),
 ]
 
 EXAMPLES_SCHEMA = pa.schema(
@@ -122,6 +130,9 @@ EXAMPLES_SCHEMA = pa.schema(
         pa.field("eps_found", pa.float64()),
         pa.field("verification_status", pa.string()),
         pa.field("verified_distance", pa.float64()),
+        pa.field("schedule_radius", pa.float64()),
+        pa.field("found_by", pa.string()),
+        pa.field("refined_by", pa.string()),
         pa.field("distance", pa.float64()),
         pa.field("mass_error", pa.float64()),
         pa.field("box_violation", pa.float64()),
@@ -321,6 +332,9 @@ _UPGRADE_INPUTS = ("schema_version", "eps_initial", "eps_factor", "eps_every", "
 
 def _upgrade(frame: pd.DataFrame) -> pd.DataFrame:
     """Fill the version-3 columns of rows written by older versions, where they can be derived."""
+    if (frame["schema_version"] < 4).any() and "eps_increment" in frame:
+        frame = frame.copy()
+        frame.loc[frame["schema_version"] < 4, "eps_increment"] = 0.0
     old = frame["schema_version"] < 3
     if not old.any():
         return frame

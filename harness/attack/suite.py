@@ -1,0 +1,552 @@
+"""The standard evaluation: a versioned attack suite that gives each example its minimal verified radius.
+
+One attack finds an upper bound on an example's minimal adversarial radius,
+and a loose one when its schedule starts high or grows past the radius that
+matters. The suite runs several attacks in turn, in the manner of
+AutoAttack: each member attacks only the examples it can still improve
+(those not yet broken at its smallest radius, and it gives an example up
+once its radius passes the best one already verified for it), and every
+claim is verified exactly. Then a refinement shrinks every verified radius:
+
+1. a line search on the segment from the clean image to the adversarial
+   one: the point at fraction ``t`` lies in the ball of radius ``t`` times
+   the adversarial image's distance (mix the plan with the identity plan),
+   so the smallest misclassified ``t`` gives a closer example, verified
+   exactly like every other claim;
+2. a bisection over fixed-radius attacks between 0 and the current radius,
+   each round at the example's own midpoint.
+
+Per example the result is the minimal verified radius over all of it, the
+member that first broke the example, and the refinement step (if any) that
+gave the final radius. The suite's definition (members, budgets, version) is
+recorded with every result row, so numbers of different versions never mix.
+
+:func:`evaluate` is the entry point; :data:`SUITES` holds the definitions.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+import zoo
+from solvers.iterate import StepRule
+
+from ..data import DATASET_SHAPES
+from ..vocabulary import STANDARD_RADII, BallKind, VerificationStatus
+from .ball import Ball
+from .pgd import AttackResult, EpsSchedule, Loss, PGDAttack
+from .verify import Verification, robust_accuracy
+
+__all__ = [
+    "AttackSuite", "MemberRole", "Refinement", "SUITES", "SuiteEvaluation", "SuiteMember", "attack_suite", "evaluate",
+    "evaluate_batch", "summarize",
+]
+
+CLEAN = "clean"
+"""``found_by`` of an example the model misclassifies without any attack (radius 0)."""
+
+
+class MemberRole(enum.Enum):
+    """How a suite member chooses its examples and radii."""
+
+    SCHEDULE = "schedule"
+    """One run of the member's growing schedule on every example not broken at its first radius."""
+    TARGETED = "targeted"
+    """Like ``schedule``, once per target: the top wrong classes by clean logit, best first."""
+    FIXED_RADII = "fixed_radii"
+    """At each standard radius in turn, a fixed-radius attack that spends its whole budget there,
+    on the examples not broken at that radius; later restarts start at random points of the ball."""
+
+
+class RefinementStep(enum.Enum):
+    """Which step of the refinement gave an example's final radius; stored by value."""
+
+    NONE = "none"
+    SEGMENT = "segment"
+    BISECTION = "bisection"
+
+
+@dataclass(frozen=True)
+class SuiteMember:
+    """One attack of a suite.
+
+    Attributes
+    ----------
+    name : str
+        What ``found_by`` says for the examples it broke first.
+    solver : str
+        A registered solver (:func:`zoo.solver_spec`).
+    role : MemberRole
+    schedule : EpsSchedule
+        The radii of a ``schedule`` or ``targeted`` member; for
+        ``fixed_radii``, ``EpsSchedule.fixed(1.0, n)``: n steps at each radius.
+    hyperparameters : tuple of (name, value)
+        Solver hyperparameters that differ from the solver's defaults.
+    step_rule, step_size
+        The ascent step of an image-space solver (None for plan-space ones).
+    loss : Loss
+    targets : int
+        ``targeted``: how many wrong classes to aim at, by clean logit.
+    restarts : int
+        Attempts per example (``fixed_radii``: the first from the clean image, later ones random).
+    """
+
+    name: str
+    solver: str
+    role: MemberRole
+    schedule: EpsSchedule
+    hyperparameters: tuple[tuple[str, Any], ...] = ()
+    step_rule: StepRule | None = None
+    step_size: float | None = None
+    loss: Loss = Loss.CROSS_ENTROPY
+    targets: int = 0
+    restarts: int = 1
+
+    def attack(self, model: nn.Module, ball: Ball, seed: int) -> PGDAttack:
+        """A fresh attack (iterates keep per-run state)."""
+        iterate = ball.iterate(zoo.solver_spec(self.solver), dict(self.hyperparameters), self.step_rule, self.step_size)
+        return PGDAttack(model, iterate, self.schedule, loss=self.loss, restarts=self.restarts, seed=seed)
+
+    def definition(self) -> dict[str, Any]:
+        schedule = self.schedule
+        return {
+            "name": self.name, "solver": self.solver, "role": self.role.value,
+            "schedule": {
+                "initial": schedule.initial, "factor": schedule.factor, "every": schedule.every,
+                "iterations": schedule.iterations, "increment": schedule.increment,
+            },
+            "hyperparameters": dict(self.hyperparameters),
+            "step_rule": None if self.step_rule is None else self.step_rule.value, "step_size": self.step_size,
+            "loss": self.loss.value, "targets": self.targets, "restarts": self.restarts,
+        }
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """How the suite shrinks each verified radius.
+
+    Attributes
+    ----------
+    segment_steps : int
+        Bisection steps of the line search from the clean image to the adversarial one.
+    member : SuiteMember
+        The fixed-radius attack of the bisection (``EpsSchedule.fixed(1.0, n)``), run at each example's midpoint.
+    rounds : int
+        Bisection rounds; each halves the interval where the minimal radius was not yet found.
+    """
+
+    segment_steps: int
+    member: SuiteMember
+    rounds: int
+
+    def definition(self) -> dict[str, Any]:
+        return {"segment_steps": self.segment_steps, "member": self.member.definition(), "rounds": self.rounds}
+
+
+@dataclass(frozen=True)
+class AttackSuite:
+    """A versioned evaluation of one data set's Wasserstein ball: members, in order, then a refinement.
+
+    The version changes whenever anything in :meth:`definition` does.
+    """
+
+    name: str
+    version: int
+    dataset: str
+    radii: tuple[float, ...]
+    members: tuple[SuiteMember, ...]
+    refinement: Refinement
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    def definition(self) -> dict[str, Any]:
+        """Everything that determines the suite's numbers, as plain JSON values."""
+        return {
+            "name": self.name, "version": self.version, "dataset": self.dataset, "radii": list(self.radii),
+            "members": [member.definition() for member in self.members], "refinement": self.refinement.definition(),
+        }
+
+    def definition_json(self) -> str:
+        return json.dumps(self.definition(), sort_keys=True)
+
+    @property
+    def final_eps(self) -> float:
+        """The largest radius any member searches."""
+        return max(max(m.schedule.final_eps for m in self.members if m.role is not MemberRole.FIXED_RADII), max(self.radii))
+
+
+def _standard(dataset: str, initial: float, plan_step: float, lam: float) -> AttackSuite:
+    """The ``standard`` suite for a data set: the same members, scaled to its radii."""
+    radii = STANDARD_RADII[(dataset, BallKind.WASSERSTEIN.value)]
+    # From a twentieth of the smallest standard radius, x1.1 every 3 steps: past 25 times the smallest by step 200.
+    growing = EpsSchedule(initial, 1.1, 3, 200)
+    plan = (("step_size", plan_step),)
+    plan_pgd = SuiteMember("plan_pgd_box", "plan_pgd_box", MemberRole.SCHEDULE, growing, plan)
+    return AttackSuite(
+        name="standard",
+        version=1,
+        dataset=dataset,
+        radii=radii,
+        members=(
+            plan_pgd,
+            SuiteMember("frank_wolfe_box", "frank_wolfe_box", MemberRole.SCHEDULE, growing),
+            SuiteMember(
+                "projected_sinkhorn_box", "projected_sinkhorn_box", MemberRole.SCHEDULE, growing, (("lam", lam),),
+                step_rule=StepRule.LINF_SIGN, step_size=0.1,
+            ),
+            SuiteMember(
+                "plan_pgd_box_targeted", "plan_pgd_box", MemberRole.TARGETED, growing, plan, loss=Loss.LOGIT_MARGIN, targets=3,
+            ),
+            SuiteMember(
+                "plan_pgd_box_fixed_radius", "plan_pgd_box", MemberRole.FIXED_RADII, EpsSchedule.fixed(1.0, 200), plan,
+                restarts=2,
+            ),
+        ),
+        refinement=Refinement(
+            segment_steps=12,
+            member=SuiteMember("bisection", "plan_pgd_box", MemberRole.FIXED_RADII, EpsSchedule.fixed(1.0, 50), plan),
+            rounds=4,
+        ),
+    )
+
+
+SUITES: dict[tuple[str, str], AttackSuite] = {
+    (suite.name, suite.dataset): suite
+    for suite in (
+        _standard("mnist", initial=0.005, plan_step=0.1, lam=1000.0),
+        _standard("cifar10", initial=0.0005, plan_step=0.01, lam=3000.0),
+    )
+}
+"""The suites by (name, data set)."""
+
+
+def attack_suite(name: str, dataset: str) -> AttackSuite:
+    """The suite ``name`` for ``dataset``.
+
+    Raises
+    ------
+    ValueError
+        An unknown name or data set; the message lists the suites there are.
+    """
+    suite = SUITES.get((name, dataset))
+    if suite is None:
+        known = ", ".join(f"{n} ({d})" for n, d in sorted(SUITES))
+        raise ValueError(f"suite={name!r} for dataset={dataset!r} does not exist; suites: {known}")
+    return suite
+
+
+def _dataset_of(images: torch.Tensor) -> str:
+    shape = tuple(images.shape[1:])
+    for name, expected in DATASET_SHAPES.items():
+        if shape == expected:
+            return name
+    allowed = ", ".join(f"{name} {expected}" for name, expected in DATASET_SHAPES.items())
+    raise ValueError(f"images of shape {shape} match no data set with a suite ({allowed}); pass dataset=NAME")
+
+
+@dataclass
+class SuiteEvaluation:
+    """A batch's outcome: per-example columns, the final images, and where the time went."""
+
+    columns: dict[str, np.ndarray]
+    adversarial: torch.Tensor
+    member_seconds: dict[str, float] = field(default_factory=dict)
+    """Each member's and refinement step's wall time, its verification included."""
+    verify_seconds: float = 0.0
+    """The part of it spent in exact verification."""
+
+
+_TALLIES = ("steps", "solver_iterations", "unconverged_steps", "failed_steps", "zero_gradient_steps")
+
+
+class _Best:
+    """The best verified example of every example of a batch so far."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, clean_prediction: torch.Tensor):
+        batch = x.shape[0]
+        self.radius = np.full(batch, np.inf)
+        self.image = x.detach().clone()
+        self.found_by = np.full(batch, "", dtype=object)
+        self.refined_by = np.full(batch, RefinementStep.NONE.value, dtype=object)
+        self.status = np.full(batch, int(VerificationStatus.NOT_FOUND))
+        self.distance = np.full(batch, np.nan)
+        self.mass_error = np.full(batch, np.nan)
+        self.box_violation = np.full(batch, np.nan)
+        self.unreachable_mass = np.full(batch, np.nan)
+        self.prediction = clean_prediction.cpu().numpy().copy()
+        self.tallies = {name: np.zeros(batch, dtype=np.int64) for name in _TALLIES}
+        self.verify_seconds = 0.0
+        wrong = (clean_prediction != y).cpu().numpy()
+        self.radius[wrong] = 0.0
+        self.found_by[wrong] = CLEAN
+        self.status[wrong] = int(VerificationStatus.CLEAN_MISCLASSIFIED)
+
+    def absorb(
+        self, indices: np.ndarray, images: torch.Tensor, verdict: Verification, found_by: str, refined_by: RefinementStep
+    ) -> np.ndarray:
+        """Keep the verified claims that beat the best radius so far; returns which did (a mask over ``indices``)."""
+        better = (verdict.status == int(VerificationStatus.VERIFIED)) & (verdict.verified_distance < self.radius[indices])
+        chosen = indices[better]
+        self.radius[chosen] = verdict.verified_distance[better]
+        self.image[torch.as_tensor(chosen, device=self.image.device)] = images[torch.as_tensor(better, device=images.device)]
+        first = chosen[self.found_by[chosen] == ""]
+        self.found_by[first] = found_by
+        self.refined_by[chosen] = refined_by.value
+        self.status[chosen] = verdict.status[better]
+        for name in ("distance", "mass_error", "box_violation", "unreachable_mass", "prediction"):
+            getattr(self, name)[chosen] = getattr(verdict, name)[better]
+        return better
+
+    def count(self, indices: np.ndarray, result: AttackResult) -> None:
+        for name in _TALLIES:
+            self.tallies[name][indices] += getattr(result, name).cpu().numpy()
+
+
+def _segment_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adversarial: torch.Tensor, steps: int) -> torch.Tensor:
+    """The misclassified point closest to ``x`` on each segment from ``x`` to ``adversarial``, to ``2 ** -steps``."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    low = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    high = torch.ones_like(low)
+    with torch.no_grad():
+        for _ in range(steps):
+            middle = (low + high) / 2
+            fooled = model(x + middle.view(shape) * (adversarial - x)).argmax(1) != y
+            high = torch.where(fooled, middle, high)
+            low = torch.where(fooled, low, middle)
+    return x + high.view(shape) * (adversarial - x)
+
+
+def _wrong_classes(logits: torch.Tensor, y: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, count): the wrong classes with the highest clean logits, best first."""
+    masked = logits.scatter(1, y[:, None], float("-inf"))
+    return masked.topk(min(count, logits.shape[1] - 1), dim=1).indices
+
+
+def evaluate_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ball: Ball,
+    suite: AttackSuite,
+    seed: int = 0,
+    on_stage: Callable[[int, int, str], None] | None = None,
+) -> SuiteEvaluation:
+    """Run ``suite`` on one batch; see :func:`evaluate` for the columns.
+
+    ``on_stage(index, stages, name)`` is called as each member and each refinement step starts (for progress reports).
+    """
+    stages = [member.name for member in suite.members] + [step.value for step in (RefinementStep.SEGMENT, RefinementStep.BISECTION)]
+
+    def stage(name: str) -> None:
+        if on_stage is not None:
+            on_stage(stages.index(name), len(stages), name)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            clean_logits = model(x)
+        best = _Best(x, y, clean_logits.argmax(1))
+        seconds: dict[str, float] = {}
+
+        def run(member: SuiteMember, indices: np.ndarray, refined_by: RefinementStep = RefinementStep.NONE, **options) -> np.ndarray:
+            """Attack the examples ``indices`` with ``member``, verify, keep what improves; returns the improved mask."""
+            if indices.size == 0:
+                return np.zeros(0, dtype=bool)
+            started = time.perf_counter()
+            chosen = torch.as_tensor(indices, device=x.device)
+            result = member.attack(model, ball, seed).run(x[chosen], y[chosen], **options)
+            verifying = time.perf_counter()
+            verdict = ball.verify_claims(model, x[chosen], y[chosen], result.adversarial, result.success, result.eps_found)
+            best.verify_seconds += time.perf_counter() - verifying
+            best.count(indices, result)
+            improved = best.absorb(indices, result.adversarial, verdict, member.name, refined_by)
+            seconds[member.name] = seconds.get(member.name, 0.0) + time.perf_counter() - started
+            return improved
+
+        def ceiling(indices: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(best.radius[indices], dtype=x.dtype, device=x.device)
+
+        for member in suite.members:
+            stage(member.name)
+            if member.role is MemberRole.FIXED_RADII:
+                for radius in suite.radii:
+                    pending = np.flatnonzero(best.radius > radius)
+                    run(member, pending, radius_scale=torch.full((pending.size,), radius, dtype=x.dtype, device=x.device))
+            elif member.role is MemberRole.TARGETED:
+                ranked = _wrong_classes(clean_logits, y, member.targets)
+                for rank in range(ranked.shape[1]):
+                    pending = np.flatnonzero(best.radius > member.schedule.initial)
+                    targets = ranked[torch.as_tensor(pending, device=x.device), rank]
+                    run(member, pending, targets=targets, give_up_above=ceiling(pending))
+            else:
+                pending = np.flatnonzero(best.radius > member.schedule.initial)
+                run(member, pending, give_up_above=ceiling(pending))
+        schedule_radius = best.radius.copy()
+        _refine(model, x, y, ball, suite.refinement, best, run, stage, seconds)
+    finally:
+        model.train(was_training)
+    columns = {
+        "label": y.cpu().numpy(),
+        "clean_prediction": clean_logits.argmax(1).cpu().numpy(),
+        "adversarial_prediction": best.prediction,
+        "success": np.isfinite(best.radius),
+        "verification_status": best.status,
+        "verified_distance": best.radius,
+        "schedule_radius": schedule_radius,
+        "found_by": best.found_by.astype(str),
+        "refined_by": best.refined_by.astype(str),
+        "distance": best.distance,
+        "mass_error": best.mass_error,
+        "box_violation": best.box_violation,
+        "unreachable_mass": best.unreachable_mass,
+        **best.tallies,
+    }
+    return SuiteEvaluation(columns, best.image, seconds, best.verify_seconds)
+
+
+def _refine(model, x, y, ball: Ball, refinement: Refinement, best: _Best, run, stage, seconds: dict[str, float]) -> None:
+    """Shrink every positive verified radius: segment line search, bisection over fixed-radius attacks, segment again."""
+
+    def segment(indices: np.ndarray) -> None:
+        if indices.size == 0:
+            return
+        started = time.perf_counter()
+        chosen = torch.as_tensor(indices, device=x.device)
+        closer = _segment_search(model, x[chosen], y[chosen], best.image[chosen], refinement.segment_steps)
+        claimed = torch.as_tensor(best.radius[indices], dtype=x.dtype, device=x.device)
+        success = torch.ones(indices.size, dtype=torch.bool, device=x.device)
+        verifying = time.perf_counter()
+        verdict = ball.verify_claims(model, x[chosen], y[chosen], closer, success, claimed)
+        best.verify_seconds += time.perf_counter() - verifying
+        best.absorb(indices, closer, verdict, RefinementStep.SEGMENT.value, RefinementStep.SEGMENT)
+        seconds[RefinementStep.SEGMENT.value] = seconds.get(RefinementStep.SEGMENT.value, 0.0) + time.perf_counter() - started
+
+    broken = np.flatnonzero(np.isfinite(best.radius) & (best.radius > 0))
+    stage(RefinementStep.SEGMENT.value)
+    segment(broken)
+    low = np.zeros(broken.size)
+    improved_any = np.zeros(broken.size, dtype=bool)
+    stage(RefinementStep.BISECTION.value)
+    for _ in range(refinement.rounds):
+        middle = (low + best.radius[broken]) / 2
+        improved = run(
+            refinement.member, broken, RefinementStep.BISECTION,
+            radius_scale=torch.as_tensor(middle, dtype=x.dtype, device=x.device),
+        )
+        low = np.where(improved, low, middle)
+        improved_any |= improved
+    segment(broken[improved_any])
+
+
+def summarize(frame: pd.DataFrame, radii: tuple[float, ...]) -> dict[str, Any]:
+    """Verified robust accuracy at ``radii`` and the median minimal radius of an evaluation's rows."""
+    distances = frame["verified_distance"].to_numpy(dtype=np.float64)
+    return {
+        "robust_accuracy": {radius: robust_accuracy(distances, radius) for radius in radii},
+        "median_radius": float(np.median(distances)),
+        "examples": int(distances.size),
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ball: Ball,
+    suite: str = "standard",
+    *,
+    dataset: str | None = None,
+    batch_size: int = 100,
+    seed: int = 0,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """The standard evaluation of ``model``: each example's minimal verified radius.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier of images in [0, 1] (preprocessing inside the model); any
+        module, registered in the zoo or not. Used in eval mode, never modified.
+    images, labels : Tensor
+        (N, C, H, W) in [0, 1] and (N,), on the model's device.
+    ball : Ball
+        A Wasserstein ball (``Ball.wasserstein(5, 1.0)``).
+    suite : str, default "standard"
+        A suite of :data:`SUITES`.
+    dataset : str, optional
+        Whose suite and standard radii to use; by default the data set whose
+        image shape ``images`` has.
+    batch_size : int, default 100
+    seed : int, default 0
+        Seed of the random restarts.
+    progress : bool, default False
+        Print which member runs on which batch.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per example: ``example_index``, ``label``,
+        ``clean_prediction``, ``adversarial_prediction``, ``success``,
+        ``verification_status`` (name), ``verified_distance`` (the minimal
+        verified radius: 0 for a clean misclassification, inf where no
+        attack succeeded), ``schedule_radius`` (the radius before the
+        refinement), ``found_by`` (the member that first broke the example),
+        ``refined_by`` (``none``, ``segment`` or ``bisection``), the
+        verification record of the final image (``distance``,
+        ``mass_error``, ``box_violation``, ``unreachable_mass``), the attack
+        work (``steps``, ``solver_iterations``, ``unconverged_steps``,
+        ``failed_steps``, ``zero_gradient_steps``), ``seconds`` (the batch's
+        time shared by its examples), and ``suite``, ``suite_version``,
+        ``suite_json`` (the full definition). ``frame.attrs`` holds the
+        summary of :func:`summarize` at the suite's standard radii and the
+        seconds each member took.
+
+    Raises
+    ------
+    ValueError
+        A ball that is not Wasserstein, an unknown suite or data set, images
+        outside [0, 1], mismatched labels, or a bad batch size.
+    """
+    if not isinstance(ball, Ball) or ball.kind is not BallKind.WASSERSTEIN:
+        raise ValueError(f"ball={ball!r} is invalid: the suites attack Wasserstein balls; pass Ball.wasserstein(kernel_size, p)")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be an (N, C, H, W) tensor, got {getattr(images, 'shape', type(images).__name__)}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != images.shape[:1]:
+        raise ValueError(f"labels must be a ({images.shape[0]},) tensor, got {getattr(labels, 'shape', type(labels).__name__)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: it must be an integer >= 1")
+    definition = attack_suite(suite, dataset or _dataset_of(images))
+    parts, seconds = [], {}
+    for start in range(0, images.shape[0], batch_size):
+        x, y = images[start : start + batch_size], labels[start : start + batch_size]
+        report = None if not progress else (
+            lambda index, stages, name, start=start: print(f"examples {start}-{start + x.shape[0] - 1}: {name} ({index + 1}/{stages})", flush=True)
+        )
+        started = time.perf_counter()
+        outcome = evaluate_batch(model, x, y, ball, definition, seed, report)
+        columns = dict(outcome.columns)
+        columns["seconds"] = np.full(x.shape[0], (time.perf_counter() - started) / x.shape[0])
+        part = pd.DataFrame({"example_index": np.arange(start, start + x.shape[0]), **columns})
+        parts.append(part)
+        for name, value in outcome.member_seconds.items():
+            seconds[name] = seconds.get(name, 0.0) + value
+    frame = pd.concat(parts, ignore_index=True)
+    frame["verification_status"] = [VerificationStatus(int(code)).name for code in frame["verification_status"]]
+    frame["suite"] = definition.name
+    frame["suite_version"] = definition.version
+    frame["suite_json"] = definition.definition_json()
+    frame.attrs.update(summarize(frame, definition.radii), suite=definition.label, member_seconds=seconds)
+    return frame

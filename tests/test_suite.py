@@ -1,0 +1,192 @@
+"""The standard evaluation: schedules, per-example radii, the suite's guarantees, ``harness.evaluate`` and the suite grid.
+
+The suite runs on generated problems: a small convolutional network that is
+not in the zoo, on 12x12 digit-like images, with the suite's budgets cut
+(every member and the refinement keep their roles and order). Every claim
+is re-checked here with the exact LP, independently of the suite's own
+verification.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import harness
+import zoo
+from harness.attack import suite as suite_module
+from harness.attack.ball import Ball
+from harness.attack.pgd import PROTOCOLS, EpsSchedule, PGDAttack
+from harness.attack.suite import MemberRole, attack_suite, evaluate_batch
+from harness.run.benchmark import run_benchmark
+from harness.run.grid import GridError, expand_blocks
+from harness.run.store import Table, read_table
+from harness.vocabulary import VerificationStatus
+from solvers.exact import local_ot_distance
+from conftest import digit_batch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+BALL = Ball.wasserstein(3, 1.0)
+RADII = (0.02, 0.05, 0.1)
+
+
+def _cut(suite, iterations: int = 12):
+    """The suite with every budget cut to ``iterations`` steps, its structure kept."""
+
+    def cut_member(member):
+        schedule = member.schedule
+        if member.role is MemberRole.FIXED_RADII:
+            return replace(member, schedule=EpsSchedule.fixed(1.0, iterations))
+        return replace(member, schedule=EpsSchedule(0.005, 1.3, 1, iterations))
+
+    refinement = replace(suite.refinement, member=cut_member(suite.refinement.member), rounds=2)
+    return replace(suite, radii=RADII, members=tuple(cut_member(m) for m in suite.members), refinement=refinement)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 12 * 12, 10)).double()
+    x = torch.as_tensor(digit_batch(3, 8, (1, 12, 12)))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % 10  # one clean misclassification
+    return model.eval(), x, y
+
+
+@pytest.fixture(scope="module")
+def evaluated(problem):
+    model, x, y = problem
+    suite = _cut(attack_suite("standard", "mnist"))
+    return suite, evaluate_batch(model, x, y, BALL, suite)
+
+
+def test_additive_and_multiplicative_schedules():
+    hu = PROTOCOLS["hu2020"].schedule
+    assert [hu.eps_at(t) for t in (0, 1, 2)] == pytest.approx([0.01, 0.02, 0.03])
+    assert hu.final_eps == pytest.approx(2.0)
+    assert EpsSchedule(0.3, 1.1, 10, 200).eps_at(25) == pytest.approx(0.3 * 1.1**2)
+    assert PROTOCOLS["wu2020_mnist"].schedule.final_eps == 0.5
+    with pytest.raises(ValueError, match="increment=-0.1 is invalid"):
+        EpsSchedule(0.1, increment=-0.1)
+
+
+def test_per_example_radii_and_giving_up(problem):
+    model, x, y = problem
+    iterate = BALL.iterate(zoo.solver_spec("plan_pgd_box"), {}, None, None)
+    scale = torch.tensor([0.5, 1.0, 2.0, 4.0, 1.0, 1.0, 1.0, 1.0], dtype=x.dtype)
+    ceiling = torch.tensor([math.inf] * 4 + [0.0, 0.02, math.inf, math.inf], dtype=x.dtype)
+    result = PGDAttack(model, iterate, EpsSchedule(0.01, 1.5, 1, 10)).run(x, y, radius_scale=scale, give_up_above=ceiling)
+    moved = result.success & (result.eps_found > 0)
+    # A found radius is the schedule's radius at that step times the example's scale.
+    steps = torch.log(result.eps_found[moved] / (0.01 * scale[moved])) / math.log(1.5)
+    assert torch.allclose(steps, steps.round(), atol=1e-6)
+    assert int(result.steps[4]) == 0  # gave up before the first step
+    assert float(result.eps_found[5]) <= 0.02 or not bool(result.success[5])
+    assert int(result.steps[5]) <= 2
+    with pytest.raises(ValueError, match="radius_scale=0.0 \\(example 1\\) is invalid"):
+        PGDAttack(model, iterate, EpsSchedule(0.01)).run(x, y, radius_scale=torch.tensor([1.0, 0, 1, 1, 1, 1, 1, 1]))
+
+
+def test_every_suite_radius_is_an_exact_distance_of_a_misclassified_image(problem, evaluated):
+    model, x, y = problem
+    _, outcome = evaluated
+    columns = outcome.columns
+    assert columns["verification_status"][0] == int(VerificationStatus.CLEAN_MISCLASSIFIED)
+    assert columns["verified_distance"][0] == 0 and columns["found_by"][0] == suite_module.CLEAN
+    with torch.no_grad():
+        predictions = model(outcome.adversarial).argmax(1)
+    broken = np.flatnonzero(np.isfinite(columns["verified_distance"]) & (columns["verified_distance"] > 0))
+    assert broken.size >= 4
+    for index in broken:
+        assert int(predictions[index]) != int(y[index])
+        exact = local_ot_distance(x[index].numpy(), outcome.adversarial[index].numpy(), 3, 1.0)
+        assert exact.cost == pytest.approx(columns["verified_distance"][index], rel=1e-6, abs=1e-9)
+        assert float(outcome.adversarial[index].max()) <= 1 + 1e-6
+    # The refined radius counts, and never exceeds the schedule's.
+    assert np.all(columns["verified_distance"] <= columns["schedule_radius"])
+    assert np.any(columns["verified_distance"] < columns["schedule_radius"])
+    assert set(columns["refined_by"][broken]) <= {"none", "segment", "bisection"}
+
+
+def test_the_suite_is_at_least_as_strong_as_each_of_its_schedule_members_alone(problem, evaluated):
+    model, x, y = problem
+    suite, outcome = evaluated
+    for member in suite.members:
+        if member.role is not MemberRole.SCHEDULE:
+            continue
+        result = member.attack(model, BALL, 0).run(x, y)
+        alone = BALL.verify(model, x, y, result).verified_distance
+        assert np.all(outcome.columns["verified_distance"] <= alone + 1e-12), member.name
+
+
+def test_evaluate_on_a_model_outside_the_zoo_returns_one_row_per_example(problem, monkeypatch):
+    model, x, y = problem
+    monkeypatch.setitem(suite_module.SUITES, ("standard", "mnist"), _cut(attack_suite("standard", "mnist"), iterations=4))
+    frame = harness.evaluate(model, x[:5], y[:5], BALL, dataset="mnist", batch_size=3)
+    assert isinstance(frame, pd.DataFrame) and list(frame["example_index"]) == [0, 1, 2, 3, 4]
+    assert set(frame["suite"]) == {"standard"} and set(frame["suite_version"]) == {1}
+    assert frame.attrs["robust_accuracy"] == {r: float((frame["verified_distance"] > r).mean()) for r in RADII}
+    assert frame.attrs["median_radius"] == float(np.median(frame["verified_distance"]))
+    assert "plan_pgd_box_targeted" in frame["suite_json"][0]
+    with pytest.raises(ValueError, match="match no data set"):
+        harness.evaluate(model, x, y, BALL)
+    with pytest.raises(ValueError, match="suites attack Wasserstein balls"):
+        harness.evaluate(model, x, y, Ball.of("linf"), dataset="mnist")
+    with pytest.raises(ValueError, match="suite='strong' for dataset='mnist' does not exist"):
+        harness.evaluate(model, x, y, BALL, suite="strong", dataset="mnist")
+
+
+def test_the_2020_presets_expand_and_only_an_additive_schedule_records_its_increment():
+    blocks = [
+        {"dataset": "mnist", "model": "mnist/wasserstein_adversarial", "solver": "projected_sinkhorn_box", "protocol": "hu2020", "n_examples": 1},
+        {"dataset": "mnist", "model": "mnist/wasserstein_adversarial", "solver": "plan_pgd_box", "protocol": "wu2020_mnist", "n_examples": 1},
+    ]
+    hu, wu = expand_blocks(blocks)
+    assert hu.schedule == EpsSchedule(0.01, 1.0, 1, 200, increment=0.01) and hu.step_rule.value == "linf_normalized_mass"
+    assert hu.config()["eps_increment"] == 0.01 and hu.final_eps == pytest.approx(2.0)
+    assert "eps_increment" not in wu.config() and wu.schedule == EpsSchedule.fixed(0.5, 300)
+    assert dict(wu.hyperparameters)["step_size"] == 0.1 and (wu.ball.transport.kernel_size, wu.ball.transport.p) == (5, 1.0)
+
+
+def test_suite_blocks_refuse_attack_settings():
+    block = {"dataset": "mnist", "model": "mnist/standard", "suite": "standard", "kernel_size": 5, "p": 1, "n_examples": 2}
+    (cell,) = expand_blocks([block])
+    assert cell.solver is None and cell.label == "standard v1" and cell.config()["suite_version"] == 1
+    with pytest.raises(GridError, match="'eps_initial', 'solver' cannot be set with suite='standard'"):
+        expand_blocks([{**block, "solver": "plan_pgd_box", "eps_initial": 0.1}])
+    with pytest.raises(GridError, match="suites attack Wasserstein balls"):
+        expand_blocks([{**block, "threat_model": "linf"}])
+
+
+def test_suite_grid_lands_on_disk_and_a_rerun_resumes(world, tmp_path, monkeypatch):
+    monkeypatch.setitem(suite_module.SUITES, ("standard", "mnist"), _cut(attack_suite("standard", "mnist"), iterations=3))
+    config = {
+        "grid": {"name": "evaluate", "blocks": [
+            {"dataset": "mnist", "model": "mnist/standard", "suite": "standard", "kernel_size": 5, "p": 1, "n_examples": 3},
+        ]},
+        "models": [world.model], "executor": "local", "n_examples": None, "seed": None, "data_root": str(world.data_root),
+        "weights_dir": str(world.weights_dir), "download": False, "results_dir": str(tmp_path / "results"), "device": "cpu",
+        "batch_size": 2, "gallery_examples": 1, "report": False, "dry_run": False, "plugins": [str(world.plugin)],
+        "ray": {"address": None, "gpus_per_actor": 1.0, "cpus_per_actor": 1, "max_retries": 0, "num_cpus": 2},
+    }
+    assert run_benchmark(config) == 0
+    examples = read_table(tmp_path / "results", Table.EXAMPLES)
+    assert len(examples) == 3 and set(examples["model"].astype(str)) == {world.model}
+    assert set(examples["suite"]) == {"standard"} and examples["suite_json"].str.contains('"version": 1').all()
+    assert (examples["verified_distance"] <= examples["schedule_radius"]).all()
+    assert examples["solver"].isna().all() and examples["found_by"].notna().all()
+    cells = read_table(tmp_path / "results", Table.CELLS)
+    assert cells["attack_summary"].str.startswith("attack suite standard v1").all()
+    written = sorted(path.stat().st_mtime_ns for path in (tmp_path / "results").rglob("*.parquet") if "examples" in str(path))
+    assert run_benchmark(config) == 0
+    assert sorted(path.stat().st_mtime_ns for path in (tmp_path / "results").rglob("*.parquet") if "examples" in str(path)) == written
+    config["models"] = ["cifar10/resnet18"]
+    assert run_benchmark(config) == 2
