@@ -109,6 +109,7 @@ def write_cell(
         schedule_radius=distances * 1.2 if is_suite else [None] * n,
         found_by=[("plan_pgd_box" if np.isfinite(d) and d > 0 else "") if is_suite else None for d in distances],
         refined_by=["segment" if is_suite else None] * n,
+        rejected_claims=[0 if is_suite else None] * n,
     )
     write_shard(results_dir, Table.EXAMPLES, dataset, model, cell_id, columns)
     row = {name: [value] for name, value in config.items()}

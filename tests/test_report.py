@@ -123,7 +123,7 @@ def test_the_headline_is_the_latest_standard_suite_when_present(tmp_path):
     (row,) = table.rows.to_dict("records")  # beta has no suite row: it leaves the headline
     assert row["model"] == "mnist/alpha" and row["evaluation"] == "standard v2"
     assert [row[r] for r in (0.1, 0.5, 1.0)] == pytest.approx([3 / 4, 1 / 4, 1 / 4])  # version 2 alone, not the worst case
-    assert row["best_attack"] == "plan_pgd_box (100% found first)"
+    assert row["best_attack"] == "plan_pgd_box (100% of minimal radii)"
     assert any("models without a standard v2 evaluation: mnist/beta" in note for note in table.notes)
     solvers = solver_table(examples, [table])
     assert sorted(solvers["attack"]) == ["projected_sinkhorn_box λ=1000", "projected_sinkhorn_box λ=1000", "standard v1", "standard v2"]

@@ -27,6 +27,7 @@ from harness.attack.suite import MemberRole, attack_suite, evaluate_batch
 from harness.run.benchmark import run_benchmark
 from harness.run.grid import GridError, expand_blocks
 from harness.run.store import Table, read_table
+from harness.attack.verify import Verification
 from harness.vocabulary import VerificationStatus
 from solvers.exact import local_ot_distance
 from conftest import digit_batch
@@ -127,6 +128,29 @@ def test_the_suite_is_at_least_as_strong_as_each_of_its_schedule_members_alone(p
         assert np.all(outcome.columns["verified_distance"] <= alone + 1e-12), member.name
 
 
+def test_only_better_verified_claims_are_kept_and_rejected_ones_are_counted(problem):
+    _, x, y = problem
+    best = suite_module._Best(x[:3], y[:3], y[:3])
+    codes = VerificationStatus
+
+    def verdict(statuses, distances):
+        n = len(statuses)
+        return Verification(
+            status=np.array([int(s) for s in statuses]), verified_distance=np.array(distances, dtype=float),
+            distance=np.array(distances, dtype=float), mass_error=np.zeros(n), box_violation=np.zeros(n),
+            unreachable_mass=np.zeros(n), prediction=np.array([7] * n),
+        )
+
+    images = x[:3] * 0.5
+    first = verdict([codes.VERIFIED, codes.RADIUS_EXCEEDED, codes.NOT_FOUND], [0.3, math.inf, math.inf])
+    assert best.absorb(np.arange(3), images, first, "a", suite_module.RefinementStep.NONE).tolist() == [True, False, False]
+    second = verdict([codes.VERIFIED, codes.VERIFIED], [0.4, 0.2])
+    assert best.absorb(np.array([0, 1]), images[:2], second, "b", suite_module.RefinementStep.SEGMENT).tolist() == [False, True]
+    assert best.radius.tolist() == [0.3, 0.2, math.inf] and best.rejected_claims.tolist() == [0, 1, 0]
+    # A refinement keeps the member that found the example (none yet for example 1) and says it refined it.
+    assert best.found_by.tolist() == ["a", "", ""] and best.refined_by.tolist() == ["none", "segment", "none"]
+
+
 def test_evaluate_on_a_model_outside_the_zoo_returns_one_row_per_example(problem, monkeypatch):
     model, x, y = problem
     monkeypatch.setitem(suite_module.SUITES, ("standard", "mnist"), _cut(attack_suite("standard", "mnist"), iterations=4))
@@ -182,7 +206,7 @@ def test_suite_grid_lands_on_disk_and_a_rerun_resumes(world, tmp_path, monkeypat
     assert len(examples) == 3 and set(examples["model"].astype(str)) == {world.model}
     assert set(examples["suite"]) == {"standard"} and examples["suite_json"].str.contains('"version": 1').all()
     assert (examples["verified_distance"] <= examples["schedule_radius"]).all()
-    assert examples["solver"].isna().all() and examples["found_by"].notna().all()
+    assert examples["solver"].isna().all() and examples["found_by"].notna().all() and examples["rejected_claims"].notna().all()
     cells = read_table(tmp_path / "results", Table.CELLS)
     assert cells["attack_summary"].str.startswith("attack suite standard v1").all()
     written = sorted(path.stat().st_mtime_ns for path in (tmp_path / "results").rglob("*.parquet") if "examples" in str(path))

@@ -17,7 +17,8 @@ claim is verified exactly. Then a refinement shrinks every verified radius:
    each round at the example's own midpoint.
 
 Per example the result is the minimal verified radius over all of it, the
-member that first broke the example, and the refinement step (if any) that
+member whose example the refinement started from (the one with the smallest
+verified radius over the members), and the refinement step (if any) that
 gave the final radius. The suite's definition (members, budgets, version) is
 recorded with every result row, so numbers of different versions never mix.
 
@@ -143,14 +144,22 @@ class Refinement:
         The fixed-radius attack of the bisection (``EpsSchedule.fixed(1.0, n)``), run at each example's midpoint.
     rounds : int
         Bisection rounds; each halves the interval where the minimal radius was not yet found.
+    lower_end : float
+        The bisection's first interval is ``[lower_end * r, r]`` for an example's radius ``r`` after the segment
+        search: a growing schedule overshoots by one growth at most, and an attack at a fixed radius far below it
+        fails and only wastes a round.
     """
 
     segment_steps: int
     member: SuiteMember
     rounds: int
+    lower_end: float
 
     def definition(self) -> dict[str, Any]:
-        return {"segment_steps": self.segment_steps, "member": self.member.definition(), "rounds": self.rounds}
+        return {
+            "segment_steps": self.segment_steps, "member": self.member.definition(), "rounds": self.rounds,
+            "lower_end": self.lower_end,
+        }
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,7 @@ def _standard(dataset: str, initial: float, plan_step: float, lam: float) -> Att
             segment_steps=12,
             member=SuiteMember("bisection", "plan_pgd_box", MemberRole.FIXED_RADII, EpsSchedule.fixed(1.0, 50), plan),
             rounds=4,
+            lower_end=0.5,
         ),
     )
 
@@ -287,6 +297,7 @@ class _Best:
         self.unreachable_mass = np.full(batch, np.nan)
         self.prediction = clean_prediction.cpu().numpy().copy()
         self.tallies = {name: np.zeros(batch, dtype=np.int64) for name in _TALLIES}
+        self.rejected_claims = np.zeros(batch, dtype=np.int64)
         self.verify_seconds = 0.0
         wrong = (clean_prediction != y).cpu().numpy()
         self.radius[wrong] = 0.0
@@ -296,13 +307,18 @@ class _Best:
     def absorb(
         self, indices: np.ndarray, images: torch.Tensor, verdict: Verification, found_by: str, refined_by: RefinementStep
     ) -> np.ndarray:
-        """Keep the verified claims that beat the best radius so far; returns which did (a mask over ``indices``)."""
+        """Keep the verified claims that beat the best radius so far; returns which did (a mask over ``indices``).
+
+        A member's improvement makes it the example's ``found_by``; a refinement's keeps the member and sets ``refined_by``.
+        """
+        claimed = ~np.isin(verdict.status, [int(VerificationStatus.NOT_FOUND), int(VerificationStatus.CLEAN_MISCLASSIFIED)])
+        self.rejected_claims[indices] += claimed & (verdict.status != int(VerificationStatus.VERIFIED))
         better = (verdict.status == int(VerificationStatus.VERIFIED)) & (verdict.verified_distance < self.radius[indices])
         chosen = indices[better]
         self.radius[chosen] = verdict.verified_distance[better]
         self.image[torch.as_tensor(chosen, device=self.image.device)] = images[torch.as_tensor(better, device=images.device)]
-        first = chosen[self.found_by[chosen] == ""]
-        self.found_by[first] = found_by
+        if refined_by is RefinementStep.NONE:
+            self.found_by[chosen] = found_by
         self.refined_by[chosen] = refined_by.value
         self.status[chosen] = verdict.status[better]
         for name in ("distance", "mass_error", "box_violation", "unreachable_mass", "prediction"):
@@ -413,6 +429,7 @@ def evaluate_batch(
         "box_violation": best.box_violation,
         "unreachable_mass": best.unreachable_mass,
         **best.tallies,
+        "rejected_claims": best.rejected_claims,
     }
     return SuiteEvaluation(columns, best.image, seconds, best.verify_seconds)
 
@@ -437,7 +454,7 @@ def _refine(model, x, y, ball: Ball, refinement: Refinement, best: _Best, run, s
     broken = np.flatnonzero(np.isfinite(best.radius) & (best.radius > 0))
     stage(RefinementStep.SEGMENT.value)
     segment(broken)
-    low = np.zeros(broken.size)
+    low = refinement.lower_end * best.radius[broken]
     improved_any = np.zeros(broken.size, dtype=bool)
     stage(RefinementStep.BISECTION.value)
     for _ in range(refinement.rounds):
@@ -503,12 +520,14 @@ def evaluate(
         ``verification_status`` (name), ``verified_distance`` (the minimal
         verified radius: 0 for a clean misclassification, inf where no
         attack succeeded), ``schedule_radius`` (the radius before the
-        refinement), ``found_by`` (the member that first broke the example),
+        refinement), ``found_by`` (the member that found the smallest radius before the refinement),
         ``refined_by`` (``none``, ``segment`` or ``bisection``), the
         verification record of the final image (``distance``,
         ``mass_error``, ``box_violation``, ``unreachable_mass``), the attack
         work (``steps``, ``solver_iterations``, ``unconverged_steps``,
-        ``failed_steps``, ``zero_gradient_steps``), ``seconds`` (the batch's
+        ``failed_steps``, ``zero_gradient_steps``), ``rejected_claims``
+        (claims of any member or refinement step that failed the exact
+        verification: a reliability count), ``seconds`` (the batch's
         time shared by its examples), and ``suite``, ``suite_version``,
         ``suite_json`` (the full definition). ``frame.attrs`` holds the
         summary of :func:`summarize` at the suite's standard radii and the

@@ -224,6 +224,12 @@ def _flags(examples: pd.DataFrame, cells: pd.DataFrame) -> list[tuple[str, str]]
     if len(rejected):
         reasons = ", ".join(f"{status} {count}" for status, count in rejected["verification_status"].value_counts().items())
         flags.append((f"{len(rejected)} rejected", f"{len(rejected)} claimed successes failed exact verification ({reasons})"))
+    rejected_in_suite = int(examples["rejected_claims"].fillna(0).sum()) if "rejected_claims" in examples else 0
+    if rejected_in_suite:
+        flags.append((
+            f"{rejected_in_suite} rejected",
+            f"{rejected_in_suite} claims of the suite's attacks failed exact verification (the radii count only verified ones)",
+        ))
     if (examples["gradient_mode"] == _BPDA).any():
         flags.append(("BPDA", "input gradients approximated (straight-through BPDA): an upper bound on robustness"))
     if len(cells) and (cells["status"] != CellStatus.COMPLETE.value).any():
@@ -306,7 +312,7 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     notes = []
     for row in rows:
         model_rows = mine[mine["model"] == row["model"]]
-        row["best_attack"] = _first_finder(model_rows) if suite is not None else _strongest(attacks_of[row["model"]], reference_radius)
+        row["best_attack"] = _main_finder(model_rows) if suite is not None else _strongest(attacks_of[row["model"]], reference_radius)
     if suite is not None:
         without = sorted(set(everything["model"]) - set(mine["model"]))
         notes.append(
@@ -339,13 +345,13 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     return LeaderboardTable(group, radii, reference_radius, largest, attacks, schedules, frame, notes)
 
 
-def _first_finder(suite_examples: pd.DataFrame) -> str:
-    """The suite member that first broke most of these examples, with its share of the broken ones."""
+def _main_finder(suite_examples: pd.DataFrame) -> str:
+    """The suite member that found the smallest radius of most of these examples, with its share of the broken ones."""
     found = suite_examples.loc[suite_examples["found_by"].notna() & (suite_examples["found_by"] != ""), "found_by"]
     if found.empty:
         return "–"
     counts = found.value_counts()
-    return f"{counts.index[0]} ({100 * counts.iloc[0] / len(found):.0f}% found first)"
+    return f"{counts.index[0]} ({100 * counts.iloc[0] / len(found):.0f}% of minimal radii)"
 
 
 def model_curves(examples: pd.DataFrame, by: list[str], points: int = 120) -> pd.DataFrame:

@@ -167,7 +167,7 @@ def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) 
         _Column("verified", "claimed successes that passed exact verification"),
         _Column(
             "best attack",
-            "single attacks: the one with the smallest median verified radius of its own; a suite: the member that first broke most examples",
+            "single attacks: the one with the smallest median verified radius of its own; a suite: the member that found most minimal radii",
             text=True,
         ),
         _Column("s / example", "attack and verification seconds per example, all attacks"),

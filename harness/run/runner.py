@@ -180,7 +180,7 @@ def cell_columns(cell: Cell) -> dict:
     return columns
 
 
-_SUITE_COLUMNS = ("schedule_radius", "found_by", "refined_by")
+_SUITE_COLUMNS = ("schedule_radius", "found_by", "refined_by", "rejected_claims")
 """Examples columns only a suite cell fills."""
 
 _SUITE_BOX = "every member keeps pixels in [0, 1] inside its projection; every image it keeps is verified in the box"

@@ -61,7 +61,7 @@ and empty otherwise. Version 4 added, to ``examples`` and ``cells``,
 ``eps_increment`` (the additive growth of a schedule; 0 in older rows) and
 the evaluation suite of a suite cell (``suite``, ``suite_version``,
 ``suite_json``; empty for single attacks), and to ``examples`` the suite's
-``schedule_radius``, ``found_by`` and ``refined_by``."""
+``schedule_radius``, ``found_by``, ``refined_by`` and ``rejected_claims``."""
 
 TYPED_HYPERPARAMETERS = {
     "lam": pa.float64(),
@@ -133,6 +133,7 @@ EXAMPLES_SCHEMA = pa.schema(
         pa.field("schedule_radius", pa.float64()),
         pa.field("found_by", pa.string()),
         pa.field("refined_by", pa.string()),
+        pa.field("rejected_claims", pa.int32()),
         pa.field("distance", pa.float64()),
         pa.field("mass_error", pa.float64()),
         pa.field("box_violation", pa.float64()),
