@@ -9,6 +9,7 @@ verification.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import replace
 
@@ -201,8 +202,11 @@ def test_suite_grid_lands_on_disk_and_a_rerun_resumes(world, tmp_path, monkeypat
         "batch_size": 2, "gallery_examples": 1, "report": False, "dry_run": False, "plugins": [str(world.plugin)],
         "ray": {"address": None, "gpus_per_actor": 1.0, "cpus_per_actor": 1, "max_retries": 0, "num_cpus": 2},
     }
-    assert run_benchmark(config) == 0
+    printed = io.StringIO()
+    assert run_benchmark(config, printed) == 0
     examples = read_table(tmp_path / "results", Table.EXAMPLES)
+    robust = ", ".join(f"{r:g}: {100 * (examples['verified_distance'] > r).mean():.1f}%" for r in RADII)
+    assert f"standard v1  {world.model}" in printed.getvalue() and robust in printed.getvalue()
     assert len(examples) == 3 and set(examples["model"].astype(str)) == {world.model}
     assert set(examples["suite"]) == {"standard"} and examples["suite_json"].str.contains('"version": 1').all()
     assert (examples["verified_distance"] <= examples["schedule_radius"]).all()

@@ -20,9 +20,12 @@ from typing import Any, Mapping
 
 import zoo
 
+from ..attack.suite import summarize
+from .grid import Cell
 from .preflight import cannot_start_message, preflight
 from .runner import RunContext, default_batch_size, resolve_device
 from .scheduler import Executor, RunReport, ray_session, run_cells, train_models
+from .store import Table, read_table
 
 __all__ = ["run_benchmark"]
 
@@ -40,6 +43,25 @@ def _summary(report: RunReport) -> str:
             f"{row['final_eps']:>7.3g}"
         )
     return "\n".join(lines)
+
+
+def _suite_summary(cells: list[Cell], results_dir: str) -> str:
+    """Robust accuracy at the standard radii and the median minimal radius of every suite cell, from the store."""
+    lines = []
+    for cell in sorted((c for c in cells if c.suite is not None), key=lambda c: (c.dataset, c.model, c.ball.key)):
+        suite = cell.attack_suite
+        examples = read_table(results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)]).drop_duplicates("example_index")
+        if examples.empty:
+            continue
+        if not lines:
+            lines.append(f"{'evaluation':<12} {'model':<30} {'ball':<46} {'n':>5} {'robust at the standard radii':<40} {'median radius':>13}")
+        summary = summarize(examples, suite.radii)
+        robust = ", ".join(f"{radius:g}: {100 * value:.1f}%" for radius, value in summary["robust_accuracy"].items())
+        lines.append(
+            f"{suite.label:<12} {cell.model:<30} {cell.ball.title:<46} {summary['examples']:>5} {robust:<40} "
+            f"{summary['median_radius']:>13.4g}"
+        )
+    return "".join(line + "\n" for line in lines)
 
 
 def run_benchmark(config: Mapping[str, Any], stream=None) -> int:
@@ -134,7 +156,7 @@ def _train_and_run(config, checked, cells, batch_size: int, executor: Executor, 
     stream.write(
         f"{report.shards_run} shards run, {report.shards_skipped} already done, {len(report.failures)} failed, "
         f"{report.retries} retried, {report.replaced_actors} workers replaced, "
-        f"{report.seconds:.1f} s\n{_summary(report)}\n"
+        f"{report.seconds:.1f} s\n{_summary(report)}\n{_suite_summary(cells, context.results_dir)}"
     )
     for what, error in report.failures.items():
         stream.write(f"{what} failed: {error}\n")
