@@ -189,6 +189,8 @@ def test_suite_blocks_refuse_attack_settings():
         expand_blocks([{**block, "solver": "plan_pgd_box", "eps_initial": 0.1}])
     with pytest.raises(GridError, match="suites attack Wasserstein balls"):
         expand_blocks([{**block, "threat_model": "linf"}])
+    with pytest.raises(GridError, match="model 'mnist/standard' classifies mnist, not dataset='cifar10'"):
+        expand_blocks([{**block, "dataset": "cifar10"}])
 
 
 def test_suite_grid_lands_on_disk_and_a_rerun_resumes(world, tmp_path, monkeypatch):

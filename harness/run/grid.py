@@ -269,20 +269,10 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> tuple[Ce
     before = len(problems)
     settings = {**_DEFAULTS, **{k: v for k, v in point.items() if v is not None}}
     used: set[str] = set()
-    for required in ("dataset", "model", "n_examples"):
-        if required not in settings:
-            problems.append(f"{where}: {required} is not set")
-    presets = _protocol_presets(settings, problems, where)
-    model_names = [spec.name for spec in zoo.models()]
+    _check_model(settings, problems, where)
     if "suite" in settings:
-        return _suite_cell(settings, model_names, problems, where)
-    model_spec = zoo.model_spec(settings["model"]) if settings.get("model") in model_names else None
-    if "model" in settings and model_spec is None:
-        problems.append(f"{where}: model={settings['model']!r} is not registered; registered: {', '.join(model_names)}")
-    if model_spec is not None and "dataset" in settings and model_spec.dataset.value != settings["dataset"]:
-        problems.append(
-            f"{where}: model {model_spec.name!r} classifies {model_spec.dataset.value}, not dataset={settings['dataset']!r}"
-        )
+        return _suite_cell(settings, problems, where, before)
+    presets = _protocol_presets(settings, problems, where)
     ball = _ball(settings, presets, problems, where)
     spec = None
     if ball is not None:
@@ -341,9 +331,23 @@ _SUITE_SETTINGS = {"dataset", "model", "threat_model", "kernel_size", "p", "seed
 """What a suite block may set; the suite supplies everything else."""
 
 
-def _suite_cell(settings: Mapping[str, Any], model_names: list[str], problems: list[str], where: str) -> tuple[Cell | None, set[str]]:
-    """The cell of a block that runs an evaluation suite."""
-    before = len(problems)
+def _check_model(settings: Mapping[str, Any], problems: list[str], where: str) -> None:
+    """Problems of the settings every cell needs: data set, model (registered, of that data set), examples."""
+    for required in ("dataset", "model", "n_examples"):
+        if required not in settings:
+            problems.append(f"{where}: {required} is not set")
+    model_names = [spec.name for spec in zoo.models()]
+    model_spec = zoo.model_spec(settings["model"]) if settings.get("model") in model_names else None
+    if "model" in settings and model_spec is None:
+        problems.append(f"{where}: model={settings['model']!r} is not registered; registered: {', '.join(model_names)}")
+    if model_spec is not None and "dataset" in settings and model_spec.dataset.value != settings["dataset"]:
+        problems.append(
+            f"{where}: model {model_spec.name!r} classifies {model_spec.dataset.value}, not dataset={settings['dataset']!r}"
+        )
+
+
+def _suite_cell(settings: Mapping[str, Any], problems: list[str], where: str, before: int) -> tuple[Cell | None, set[str]]:
+    """The cell of a block that runs an evaluation suite; ``problems[before:]`` are the point's problems found so far."""
     attack_settings = sorted(set(settings) - _SUITE_SETTINGS - set(_DEFAULTS))
     attack_settings += sorted(name for name in ("clamp", "loss", "restarts") if settings[name] != _DEFAULTS[name])
     if attack_settings:
@@ -351,14 +355,6 @@ def _suite_cell(settings: Mapping[str, Any], model_names: list[str], problems: l
             f"{where}: {', '.join(map(repr, attack_settings))} cannot be set with suite={settings['suite']!r}: the suite "
             f"brings its own attacks; a suite block sets {', '.join(sorted(_SUITE_SETTINGS))}"
         )
-    for required in ("dataset", "model", "n_examples"):
-        if required not in settings:
-            problems.append(f"{where}: {required} is not set")
-    model_spec = zoo.model_spec(settings["model"]) if settings.get("model") in model_names else None
-    if "model" in settings and model_spec is None:
-        problems.append(f"{where}: model={settings['model']!r} is not registered; registered: {', '.join(model_names)}")
-    if model_spec is not None and "dataset" in settings and model_spec.dataset.value != settings["dataset"]:
-        problems.append(f"{where}: model {model_spec.name!r} classifies {model_spec.dataset.value}, not dataset={settings['dataset']!r}")
     suite = None
     if "dataset" in settings:
         try:
