@@ -12,8 +12,8 @@ read back, not run again. Printed as Markdown:
 * per model: verified robust accuracy at the standard radii, the median
   minimal radius, the median shrink of the refinement (schedule radius over
   refined radius, on examples with a positive finite radius), whether any
-  refined radius exceeds its schedule radius, which member broke how many
-  examples first, and seconds per example;
+  refined radius exceeds its schedule radius, how many minimal radii each
+  member found, and seconds per example;
 * with ``--compare``: every single-attack cell of those results folders on
   the same first examples, robust accuracy at the same radii, and whether
   the suite is at most as robust as each at every radius.
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     frames = {model: _frame(out, model, ball, arguments.n, arguments.data_root, arguments.weights_dir) for model in arguments.models}
     dataset = zoo.model_spec(arguments.models[0]).dataset.value
     radii = attack_suite("standard", dataset).radii
-    header = ["model", *(f"eps {r:g}" for r in radii), "median radius", "median shrink", "refined > schedule", "found first by", "s / example"]
+    header = ["model", *(f"eps {r:g}" for r in radii), "median radius", "median shrink", "refined > schedule", "found by", "s / example"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for model, frame in frames.items():
         summary = summarize(frame, radii)
