@@ -127,6 +127,10 @@ def test_the_headline_is_the_latest_standard_suite_when_present(tmp_path):
     assert any("models without a standard v2 evaluation: mnist/beta" in note for note in table.notes)
     solvers = solver_table(examples, [table])
     assert sorted(solvers["attack"]) == ["projected_sinkhorn_box λ=1000", "projected_sinkhorn_box λ=1000", "standard v1", "standard v2"]
+    page = write_report(tmp_path, tmp_path / "report").read_text(encoding="utf-8")
+    headline, solver_rows = page.split('id="solvers-table"')
+    assert headline.count('<td class="text" data-value="standard v2">standard v2</td>') == 1  # the evaluation column
+    assert "models without a standard v2 evaluation: mnist/beta" in headline and "standard v1" in solver_rows
 
 
 def test_cifar_table_uses_its_own_radii(store, examples):
