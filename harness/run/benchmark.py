@@ -35,7 +35,8 @@ def _summary(report: RunReport) -> str:
     for row in sorted(report.cells, key=lambda r: r["config_json"]):
         model = json.loads(row["config_json"])["model"]
         robust = row["robust_accuracy"]
-        solver = str(row["solver"] or "-") + (" +clamp" if row["clamp"] else "")
+        suite = f"{row['suite']} v{row['suite_version']}" if row.get("suite") else None
+        solver = str(row["solver"] or suite or "-") + (" +clamp" if row["clamp"] else "")
         lam = row["lam"]
         lines.append(
             f"{model:<30} {row['ball_title']:<46} {solver:<24} {'-' if lam is None else f'{lam:g}':>6} {row['n_examples']:>5} "
