@@ -43,7 +43,6 @@ def _cut(suite, iterations: int = 12):
     """The suite with every budget cut to ``iterations`` steps, its structure kept."""
 
     def cut_member(member):
-        schedule = member.schedule
         if member.role is MemberRole.FIXED_RADII:
             return replace(member, schedule=EpsSchedule.fixed(1.0, iterations))
         return replace(member, schedule=EpsSchedule(0.005, 1.3, 1, iterations))

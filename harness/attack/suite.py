@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable

@@ -21,7 +21,7 @@ import pandas as pd
 
 import zoo
 
-from ..vocabulary import STANDARD_RADII, BallKind, CellStatus, VerificationStatus
+from ..vocabulary import STANDARD_RADII, CellStatus, VerificationStatus
 
 __all__ = [
     "STANDARD_RADII",

@@ -28,7 +28,6 @@ import datetime
 import enum
 import math
 import os
-import sys
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
