@@ -297,7 +297,6 @@ class _Best:
         self.prediction = clean_prediction.cpu().numpy().copy()
         self.tallies = {name: np.zeros(batch, dtype=np.int64) for name in _TALLIES}
         self.rejected_claims = np.zeros(batch, dtype=np.int64)
-        self.verify_seconds = 0.0
         wrong = (clean_prediction != y).cpu().numpy()
         self.radius[wrong] = 0.0
         self.found_by[wrong] = CLEAN
@@ -362,109 +361,123 @@ def evaluate_batch(
 
     ``on_stage(index, stages, name)`` is called as each member and each refinement step starts (for progress reports).
     """
-    stages = [member.name for member in suite.members] + [step.value for step in (RefinementStep.SEGMENT, RefinementStep.BISECTION)]
-
-    def stage(name: str) -> None:
-        if on_stage is not None:
-            on_stage(stages.index(name), len(stages), name)
-
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            clean_logits = model(x)
-        best = _Best(x, y, clean_logits.argmax(1))
-        seconds: dict[str, float] = {}
-
-        def run(member: SuiteMember, indices: np.ndarray, refined_by: RefinementStep = RefinementStep.NONE, **options) -> np.ndarray:
-            """Attack the examples ``indices`` with ``member``, verify, keep what improves; returns the improved mask."""
-            if indices.size == 0:
-                return np.zeros(0, dtype=bool)
-            started = time.perf_counter()
-            chosen = torch.as_tensor(indices, device=x.device)
-            result = member.attack(model, ball, seed).run(x[chosen], y[chosen], **options)
-            verifying = time.perf_counter()
-            verdict = ball.verify_claims(model, x[chosen], y[chosen], result.adversarial, result.success, result.eps_found)
-            best.verify_seconds += time.perf_counter() - verifying
-            best.count(indices, result)
-            improved = best.absorb(indices, result.adversarial, verdict, member.name, refined_by)
-            seconds[member.name] = seconds.get(member.name, 0.0) + time.perf_counter() - started
-            return improved
-
-        def ceiling(indices: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(best.radius[indices], dtype=x.dtype, device=x.device)
-
-        for member in suite.members:
-            stage(member.name)
-            if member.role is MemberRole.FIXED_RADII:
-                for radius in suite.radii:
-                    pending = np.flatnonzero(best.radius > radius)
-                    run(member, pending, radius_scale=torch.full((pending.size,), radius, dtype=x.dtype, device=x.device))
-            elif member.role is MemberRole.TARGETED:
-                ranked = _wrong_classes(clean_logits, y, member.targets)
-                for rank in range(ranked.shape[1]):
-                    pending = np.flatnonzero(best.radius > member.schedule.initial)
-                    targets = ranked[torch.as_tensor(pending, device=x.device), rank]
-                    run(member, pending, targets=targets, give_up_above=ceiling(pending))
-            else:
-                pending = np.flatnonzero(best.radius > member.schedule.initial)
-                run(member, pending, give_up_above=ceiling(pending))
-        schedule_radius = best.radius.copy()
-        _refine(model, x, y, ball, suite.refinement, best, run, stage, seconds)
+        return _SuiteRun(model, x, y, ball, seed).evaluate(suite, on_stage)
     finally:
         model.train(was_training)
-    columns = {
-        "label": y.cpu().numpy(),
-        "clean_prediction": clean_logits.argmax(1).cpu().numpy(),
-        "adversarial_prediction": best.prediction,
-        "success": np.isfinite(best.radius),
-        "verification_status": best.status,
-        "verified_distance": best.radius,
-        "schedule_radius": schedule_radius,
-        "found_by": best.found_by.astype(str),
-        "refined_by": best.refined_by.astype(str),
-        "distance": best.distance,
-        "mass_error": best.mass_error,
-        "box_violation": best.box_violation,
-        "unreachable_mass": best.unreachable_mass,
-        **best.tallies,
-        "rejected_claims": best.rejected_claims,
-    }
-    return SuiteEvaluation(columns, best.image, seconds, best.verify_seconds)
 
 
-def _refine(model, x, y, ball: Ball, refinement: Refinement, best: _Best, run, stage, seconds: dict[str, float]) -> None:
-    """Shrink every positive verified radius: segment line search, bisection over fixed-radius attacks, segment again."""
+class _SuiteRun:
+    """One batch's evaluation: the attacks, their verification, and the best example held for each example."""
 
-    def segment(indices: np.ndarray) -> None:
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ball: Ball, seed: int):
+        self.model, self.x, self.y, self.ball, self.seed = model, x, y, ball, seed
+        with torch.no_grad():
+            self.clean_logits = model(x)
+        self.best = _Best(x, y, self.clean_logits.argmax(1))
+        self.seconds: dict[str, float] = {}
+        self.verify_seconds = 0.0
+
+    def evaluate(self, suite: AttackSuite, on_stage) -> SuiteEvaluation:
+        stages = [member.name for member in suite.members] + [RefinementStep.SEGMENT.value, RefinementStep.BISECTION.value]
+
+        def stage(name: str) -> None:
+            if on_stage is not None:
+                on_stage(stages.index(name), len(stages), name)
+
+        best = self.best
+        for member in suite.members:
+            stage(member.name)
+            self._member(member, suite.radii)
+        schedule_radius = best.radius.copy()
+        self._refine(suite.refinement, stage)
+        columns = {
+            "label": self.y.cpu().numpy(),
+            "clean_prediction": self.clean_logits.argmax(1).cpu().numpy(),
+            "adversarial_prediction": best.prediction,
+            "success": np.isfinite(best.radius),
+            "verification_status": best.status,
+            "verified_distance": best.radius,
+            "schedule_radius": schedule_radius,
+            "found_by": best.found_by.astype(str),
+            "refined_by": best.refined_by.astype(str),
+            "distance": best.distance,
+            "mass_error": best.mass_error,
+            "box_violation": best.box_violation,
+            "unreachable_mass": best.unreachable_mass,
+            **best.tallies,
+            "rejected_claims": best.rejected_claims,
+        }
+        return SuiteEvaluation(columns, best.image, self.seconds, self.verify_seconds)
+
+    def _member(self, member: SuiteMember, radii: tuple[float, ...]) -> None:
+        """Run one member on the examples it can still improve."""
+        radius = self.best.radius
+        if member.role is MemberRole.FIXED_RADII:
+            for fixed in radii:
+                pending = np.flatnonzero(radius > fixed)
+                self._attack(member, pending, radius_scale=self._tensor(np.full(pending.size, fixed)))
+        elif member.role is MemberRole.TARGETED:
+            ranked = _wrong_classes(self.clean_logits, self.y, member.targets)
+            for rank in range(ranked.shape[1]):
+                pending = np.flatnonzero(radius > member.schedule.initial)
+                targets = ranked[torch.as_tensor(pending, device=self.x.device), rank]
+                self._attack(member, pending, targets=targets, give_up_above=self._tensor(radius[pending]))
+        else:
+            pending = np.flatnonzero(radius > member.schedule.initial)
+            self._attack(member, pending, give_up_above=self._tensor(radius[pending]))
+
+    def _refine(self, refinement: Refinement, stage) -> None:
+        """Shrink every positive verified radius: segment line search, bisection over fixed-radius attacks, segment again."""
+        radius = self.best.radius
+        broken = np.flatnonzero(np.isfinite(radius) & (radius > 0))
+        stage(RefinementStep.SEGMENT.value)
+        self._segment(broken, refinement.segment_steps)
+        low = refinement.lower_end * radius[broken]
+        improved_any = np.zeros(broken.size, dtype=bool)
+        stage(RefinementStep.BISECTION.value)
+        for _ in range(refinement.rounds):
+            middle = (low + radius[broken]) / 2
+            improved = self._attack(refinement.member, broken, RefinementStep.BISECTION, radius_scale=self._tensor(middle))
+            low = np.where(improved, low, middle)
+            improved_any |= improved
+        self._segment(broken[improved_any], refinement.segment_steps)
+
+    def _tensor(self, values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=self.x.dtype, device=self.x.device)
+
+    def _attack(self, member: SuiteMember, indices: np.ndarray, refined_by=RefinementStep.NONE, **options) -> np.ndarray:
+        """Attack the examples ``indices`` with ``member`` and keep what improves; returns the improved mask."""
+        if indices.size == 0:
+            return np.zeros(0, dtype=bool)
+        started = time.perf_counter()
+        chosen = torch.as_tensor(indices, device=self.x.device)
+        result = member.attack(self.model, self.ball, self.seed).run(self.x[chosen], self.y[chosen], **options)
+        self.best.count(indices, result)
+        return self._keep(member.name, refined_by, indices, result.adversarial, result.success, result.eps_found, started)
+
+    def _segment(self, indices: np.ndarray, steps: int) -> None:
         if indices.size == 0:
             return
         started = time.perf_counter()
-        chosen = torch.as_tensor(indices, device=x.device)
-        closer = _segment_search(model, x[chosen], y[chosen], best.image[chosen], refinement.segment_steps)
-        claimed = torch.as_tensor(best.radius[indices], dtype=x.dtype, device=x.device)
-        success = torch.ones(indices.size, dtype=torch.bool, device=x.device)
-        verifying = time.perf_counter()
-        verdict = ball.verify_claims(model, x[chosen], y[chosen], closer, success, claimed)
-        best.verify_seconds += time.perf_counter() - verifying
-        best.absorb(indices, closer, verdict, RefinementStep.SEGMENT.value, RefinementStep.SEGMENT)
-        seconds[RefinementStep.SEGMENT.value] = seconds.get(RefinementStep.SEGMENT.value, 0.0) + time.perf_counter() - started
+        chosen = torch.as_tensor(indices, device=self.x.device)
+        closer = _segment_search(self.model, self.x[chosen], self.y[chosen], self.best.image[chosen], steps)
+        # Within t times the current radius, so within it: that is the claim the exact check tests.
+        claimed = self._tensor(self.best.radius[indices])
+        success = torch.ones(indices.size, dtype=torch.bool, device=self.x.device)
+        self._keep(RefinementStep.SEGMENT.value, RefinementStep.SEGMENT, indices, closer, success, claimed, started)
 
-    broken = np.flatnonzero(np.isfinite(best.radius) & (best.radius > 0))
-    stage(RefinementStep.SEGMENT.value)
-    segment(broken)
-    low = refinement.lower_end * best.radius[broken]
-    improved_any = np.zeros(broken.size, dtype=bool)
-    stage(RefinementStep.BISECTION.value)
-    for _ in range(refinement.rounds):
-        middle = (low + best.radius[broken]) / 2
-        improved = run(
-            refinement.member, broken, RefinementStep.BISECTION,
-            radius_scale=torch.as_tensor(middle, dtype=x.dtype, device=x.device),
-        )
-        low = np.where(improved, low, middle)
-        improved_any |= improved
-    segment(broken[improved_any])
+    def _keep(self, name, refined_by, indices, images, success, claimed, started: float) -> np.ndarray:
+        """Verify claims exactly, keep those that beat the best radius so far, and book the time under ``name``."""
+        chosen = torch.as_tensor(indices, device=self.x.device)
+        verifying = time.perf_counter()
+        verdict = self.ball.verify_claims(self.model, self.x[chosen], self.y[chosen], images, success, claimed)
+        self.verify_seconds += time.perf_counter() - verifying
+        improved = self.best.absorb(indices, images, verdict, name, refined_by)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        return improved
 
 
 def summarize(frame: pd.DataFrame, radii: tuple[float, ...]) -> dict[str, Any]:
