@@ -129,15 +129,11 @@ def robust_accuracy_at(per_example: pd.DataFrame, radius: float) -> float:
     return float(unbroken.mean())
 
 
-def _missing(value) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
-
-
 def attack_label(solver, clamp, lam, step_rule=None, suite=None, suite_version=None) -> str:
     """How an attack (or an evaluation suite, with its version) is named in tables and legends."""
-    if not _missing(suite):
+    if not pd.isna(suite):
         return f"{suite} v{int(suite_version)}"
-    if _missing(solver):
+    if pd.isna(solver):
         return f"PGD ({step_rule})" if step_rule else "PGD"
     label = str(solver) + (" +clamp" if bool(clamp) else "")
     if lam is not None and not (isinstance(lam, float) and math.isnan(lam)):
@@ -331,12 +327,12 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     described = mine[["solver", "clamp", "lam", "step_rule", "suite", "suite_version"]].drop_duplicates()
     for solver, clamp, lam, step_rule, suite_name, version in described.itertuples(index=False):
         lambdas = attacks.setdefault(attack_label(solver, clamp, None, step_rule, suite_name, version), [])
-        if not _missing(lam):
+        if not pd.isna(lam):
             lambdas.append(float(lam))
     attacks = {label: sorted(attacks[label]) for label in sorted(attacks)}
     single = mine[mine["suite"].isna()]
     schedules = sorted({
-        f"eps {e0:g} x{f:g}{'' if _missing(inc) or not inc else f' +{inc:g}'} every {every} of {it} steps (largest {fe:.3g})"
+        f"eps {e0:g} x{f:g}{'' if pd.isna(inc) or not inc else f' +{inc:g}'} every {every} of {it} steps (largest {fe:.3g})"
         for e0, f, inc, every, it, fe in single[["eps_initial", "eps_factor", "eps_increment", "eps_every", "iterations", "final_eps"]]
         .drop_duplicates().itertuples(index=False)
     })
