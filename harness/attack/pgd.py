@@ -21,7 +21,7 @@ import enum
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -123,6 +123,18 @@ class AttackProtocol:
     clamp: bool
 
 
+_WU_2020_MNIST = AttackProtocol(
+    name="wu2020_mnist",
+    description="Wu, Wang, Yu 2020, public scripts: fixed eps 0.5, 5x5 plans, p = 1, 300 steps, plan step 0.1",
+    schedule=EpsSchedule.fixed(0.5, 300),
+    rule=StepRule.LINF_SIGN,
+    step_size=0.1,
+    kernel_size=5,
+    p=1.0,
+    lam=1000.0,
+    clamp=False,
+)
+
 PROTOCOLS: dict[str, AttackProtocol] = {
     protocol.name: protocol
     for protocol in (
@@ -159,27 +171,14 @@ PROTOCOLS: dict[str, AttackProtocol] = {
             lam=3000.0,
             clamp=True,
         ),
-        AttackProtocol(
-            name="wu2020_mnist",
-            description="Wu, Wang, Yu 2020, public scripts: fixed eps 0.5, 5x5 plans, p = 1, 300 steps, plan step 0.1",
-            schedule=EpsSchedule.fixed(0.5, 300),
-            rule=StepRule.LINF_SIGN,
-            step_size=0.1,
-            kernel_size=5,
-            p=1.0,
-            lam=1000.0,
-            clamp=False,
-        ),
-        AttackProtocol(
+        _WU_2020_MNIST,
+        replace(
+            _WU_2020_MNIST,
             name="wu2020_cifar",
             description="Wu, Wang, Yu 2020, public scripts: fixed eps 0.005, 5x5 plans, p = 1, 300 steps, plan step 0.01",
             schedule=EpsSchedule.fixed(0.005, 300),
-            rule=StepRule.LINF_SIGN,
             step_size=0.01,
-            kernel_size=5,
-            p=1.0,
             lam=3000.0,
-            clamp=False,
         ),
         AttackProtocol(
             name="hu2020",

@@ -263,13 +263,11 @@ _MNIST_STANDARD = Recipe(
     description=f"standard training with the optimizer of {_WONG_2019}",
 )
 
-_MNIST_WASSERSTEIN_SINKHORN = Recipe(
+_MNIST_WASSERSTEIN_SINKHORN = replace(
+    _MNIST_STANDARD,
     name="mnist_wasserstein_sinkhorn",
-    dataset=Dataset.MNIST,
-    architecture="mnist_small_convnet",
     objective=Objective.WASSERSTEIN_ADVERSARIAL,
     epochs=1,
-    batch_size=128,
     optimizer=_FINE_TUNING_SGD,
     schedule=LearningRateSchedule(ScheduleKind.STEP),
     adversarial=_MNIST_WASSERSTEIN,
