@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["BallKind", "CellStatus", "STANDARD_RADII", "VerificationStatus"]
+__all__ = ["BallKind", "CellStatus", "CertificateStatus", "Certifier", "STANDARD_RADII", "VerificationStatus"]
 
 
 class BallKind(enum.Enum):
@@ -53,6 +53,34 @@ class VerificationStatus(enum.IntEnum):
     @property
     def counts_as_success(self) -> bool:
         return self in (VerificationStatus.VERIFIED, VerificationStatus.CLEAN_MISCLASSIFIED)
+
+
+class Certifier(enum.Enum):
+    """How a certificate is computed; stored by value."""
+
+    LINEAR_BOUNDS = "linear_bounds"
+    """Incomplete: exact support-function bounds over the ball, back-substituted through linear ReLU relaxations."""
+    MILP = "milp"
+    """Complete: the verification problem as a mixed-integer program (ReLUs as in Tjeng et al. 2019), with a time limit."""
+
+
+class CertificateStatus(enum.Enum):
+    """Outcome of certifying one example at one radius; stored by value."""
+
+    CERTIFIED = "certified"
+    """Every image of the ball is classified correctly (a lower bound on robust accuracy)."""
+    COUNTEREXAMPLE = "counterexample"
+    """An image of the ball changes the prediction, and it passed the exact verification of attacks."""
+    CLEAN_MISCLASSIFIED = "clean_misclassified"
+    """The clean image is already misclassified."""
+    UNKNOWN = "unknown"
+    """The bounds are too loose to decide (incomplete certifier), or a candidate failed verification."""
+    TIMEOUT = "timeout"
+    """The complete certifier ran out of its time limit."""
+
+    @property
+    def decided(self) -> bool:
+        return self in (CertificateStatus.CERTIFIED, CertificateStatus.COUNTEREXAMPLE, CertificateStatus.CLEAN_MISCLASSIFIED)
 
 
 STANDARD_RADII = {

@@ -1,4 +1,4 @@
-"""Hand-made result stores: cells whose verified distances the test chooses."""
+"""Hand-made result stores: cells whose verified distances (or certified radii) the test chooses."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
-from harness.run.store import TYPED_HYPERPARAMETERS, Table, write_shard
-from harness.vocabulary import BallKind, CellStatus, VerificationStatus
+from harness.run.store import CELLS_SCHEMA, TYPED_HYPERPARAMETERS, Table, write_shard
+from harness.vocabulary import BallKind, CellStatus, CertificateStatus, VerificationStatus
 
 PAPER_SCHEDULE = {"eps_initial": 0.3, "eps_factor": 1.1, "eps_every": 10, "iterations": 200}
 """Largest radius 0.3 * 1.1**19 = 1.83."""
@@ -46,6 +46,7 @@ def suite_evaluation(version: int = 1, kernel_size=5, p=1.0) -> dict:
 
 
 _NO_SUITE = {"eps_increment": 0.0, "suite": None, "suite_version": None, "suite_json": None}
+_NO_CERTIFIER = {"certifier": [None], "box": [None], "time_limit": [None], "radius_rounds": [None]}
 
 
 def norm_attack(threat_model="linf", eps=0.4, iterations=40) -> dict:
@@ -121,7 +122,7 @@ def write_cell(
         attack_summary=[f"summary of {config['solver'] or config['threat_model']}"],
         box_handling=["clamped" if config["clamp"] else f"box of {config['solver']}"],
         ball_description=[f"description of the {config['ball_title']}"], config_json=["{}"], package_versions_json=['{"torch": "2.15.0"}'],
-        git_commit=["0123456789abcdef"], device=["cpu"],
+        git_commit=["0123456789abcdef"], device=["cpu"], **_NO_CERTIFIER,
     )
     write_shard(results_dir, Table.CELLS, dataset, model, cell_id, row)
     if images is not None:
@@ -133,4 +134,73 @@ def write_cell(
             "original": [image.ravel().astype(np.float32) for image in images],
             "adversarial": [image.ravel().astype(np.float32) for image in adversarial],
         })
+    return cell_id
+
+
+CERTIFY_RADII = (0.001, 0.01, 0.05, 0.1)
+
+
+def write_certificates(
+    results_dir,
+    model: str,
+    certified_radius,
+    *,
+    radii=CERTIFY_RADII,
+    certifier: str = "linear_bounds",
+    box: bool = True,
+    dataset: str = "mnist",
+    kernel_size: int = 5,
+    p: float = 1.0,
+    misclassified=(),
+    seconds_per_radius: float = 0.5,
+) -> str:
+    """Write one certify cell (certificates and its cells row) and return its id.
+
+    ``certified_radius[i]`` is example i's certified radius: it is certified
+    at every radius up to it, and unknown (undecided) at the next one and
+    beyond; the examples in ``misclassified`` are clean misclassifications.
+    """
+    certified_radius = np.asarray(certified_radius, dtype=np.float64)
+    n, per = len(certified_radius), len(radii)
+    misclassified = set(misclassified)
+    statuses, margins, seconds = [], [], []
+    for i, radius in enumerate(certified_radius):
+        failed = False
+        for eps in radii:
+            if i in misclassified:
+                statuses.append(CertificateStatus.CLEAN_MISCLASSIFIED.value)
+                margins.append(np.nan)
+                seconds.append(0.0)
+            elif eps <= radius:
+                statuses.append(CertificateStatus.CERTIFIED.value)
+                margins.append(1.0)
+                seconds.append(seconds_per_radius)
+            else:
+                statuses.append(CertificateStatus.UNKNOWN.value)
+                margins.append(np.nan if failed else -1.0)  # evaluated at the first radius it fails only
+                seconds.append(0.0 if failed else seconds_per_radius)
+                failed = True
+    settings = {"certifier": certifier, "box": box, "time_limit": 20.0 if certifier == "milp" else None, "radius_rounds": 0}
+    cell_id = hashlib.sha256(repr((model, dataset, kernel_size, p, sorted(settings.items()), tuple(radii))).encode()).hexdigest()[:20]
+    ball = {"threat_model": BallKind.WASSERSTEIN.value, "ball_title": f"W{kernel_size}p{p:g} ball", "kernel_size": kernel_size, "p": p}
+    columns = {name: [value] * n * per for name, value in {**ball, **settings}.items()}
+    example = np.repeat(np.arange(n), per)
+    columns.update(
+        cell_id=[cell_id] * n * per, shard_id=[cell_id] * n * per, example_index=example, label=example % 10,
+        clean_prediction=np.where(np.isin(example, list(misclassified)), (example + 1) % 10, example % 10),
+        eps=np.tile(np.asarray(radii, dtype=np.float64), n), status=statuses, margin_lower=margins, seconds=seconds,
+        certified_radius=np.where(np.isin(np.arange(n), list(misclassified)), 0.0, certified_radius)[example],
+        radius_search_seconds=np.zeros(n * per),
+    )
+    write_shard(results_dir, Table.CERTIFICATES, dataset, model, cell_id, columns)
+    row = {name: [None] for name in CELLS_SCHEMA.names if name != "schema_version"}
+    row.update({name: [value] for name, value in {**ball, **settings}.items()})
+    row.update(
+        cell_id=[cell_id], final_eps=[radii[-1]], seed=[0], status=[CellStatus.COMPLETE.value], n_examples=[n],
+        seconds=[float(np.sum(seconds))], clean_accuracy=[0.99], robust_accuracy=[float(np.mean(certified_radius >= radii[-1]))],
+        trained_for=["none"], attack_summary=[f"certified lower bound: {certifier}"], box_handling=["the box"],
+        ball_description=[f"description of the W{kernel_size}p{p:g} ball"], config_json=["{}"],
+        package_versions_json=['{"torch": "2.15.0"}'], git_commit=["0123456789abcdef"], device=["cpu"],
+    )
+    write_shard(results_dir, Table.CELLS, dataset, model, cell_id, row)
     return cell_id

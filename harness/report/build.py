@@ -22,7 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures as plots
-from .leaderboard import LeaderboardTable, attack_label, leaderboard, solver_table, threat_groups
+from .leaderboard import (
+    LeaderboardTable, attack_label, certificate_table, certificate_violations, leaderboard, solver_table, threat_groups,
+)
 from .page import AttackNote, FigureEntry, figure_png, render_page
 from ..run.store import SCHEMA_VERSION, Table, read_table
 
@@ -46,9 +48,15 @@ class Report:
     figures: list[FigureEntry]
     attack_notes: dict[str, AttackNote]
     provenance: dict[str, str]
+    certificate_table: pd.DataFrame
+    """:func:`~harness.report.leaderboard.certificate_table` (empty without certificates)."""
+    violations: pd.DataFrame
+    """:func:`~harness.report.leaderboard.certificate_violations`: the page warns when it is not empty."""
 
     def html(self) -> str:
-        return render_page(self.tables, self.solvers, self.figures, self.attack_notes, self.provenance)
+        return render_page(
+            self.tables, self.solvers, self.figures, self.attack_notes, self.provenance, self.certificate_table, self.violations
+        )
 
 
 def _attack_notes(cells: pd.DataFrame) -> dict[str, AttackNote]:
@@ -59,18 +67,21 @@ def _attack_notes(cells: pd.DataFrame) -> dict[str, AttackNote]:
         attack_label(row["solver"], row["clamp"], None, row["step_rule"], row.get("suite"), row.get("suite_version")): AttackNote(
             text(row.get("attack_summary")), text(row.get("box_handling"))
         )
-        for row in cells.to_dict("records")
+        for row in cells[cells["certifier"].isna()].to_dict("records")
     }
 
 
-def _provenance(results_dir: Path, examples: pd.DataFrame, cells: pd.DataFrame) -> dict[str, str]:
+def _provenance(results_dir: Path, examples: pd.DataFrame, cells: pd.DataFrame, certificates: pd.DataFrame) -> dict[str, str]:
     commits = sorted({str(c)[:10] for c in cells["git_commit"].dropna()})
     torch_versions = sorted({json.loads(v).get("torch", "?") for v in cells["package_versions_json"].dropna()})
     devices = sorted(set(cells["device"].dropna()))
+    certified = certificates.drop_duplicates(["cell_id", "example_index"])
+    certified = {"examples certified": str(len(certified))} if len(certified) else {}
     return {
         "results": results_dir.name or str(results_dir),
-        "cells": str(examples["cell_id"].nunique()),
+        "cells": str(examples["cell_id"].nunique() + certificates["cell_id"].nunique()),
         "examples attacked": str(len(examples)),
+        **certified,
         "commits": ", ".join(commits) or "unknown",
         "torch": ", ".join(torch_versions) or "unknown",
         "devices": ", ".join(devices) or "unknown",
@@ -78,13 +89,14 @@ def _provenance(results_dir: Path, examples: pd.DataFrame, cells: pd.DataFrame) 
     }
 
 
-def _figures(examples, images, tables, solvers, palette) -> list[FigureEntry]:
+def _figures(examples, images, tables, solvers, certificates, palette) -> list[FigureEntry]:
     main_groups = plots.main_groups(tables)
     main_threats = {group.title for group in main_groups}
     wanted = [
         ("robust_accuracy", "Robust accuracy against radius from verified distances (paper Figures 4 and 5); "
-         "colour: model, line style: solver (worst case over its lambdas).",
-         lambda: plots.accuracy_against_radius(examples, main_groups, palette)),
+         "colour: model, line style: solver (worst case over its lambdas); shaded, for a model with certificates: "
+         "between its certified and its attacked robust accuracy, on the examples both ran on.",
+         lambda: plots.accuracy_against_radius(examples, main_groups, palette, certificates)),
         ("solvers", "Cost against strength: seconds per example and the robust accuracy each attack reached alone.",
          lambda: plots.solver_cost(solvers[solvers["threat"].isin(main_threats)], palette)),
         ("kernel_sizes", "Robust accuracy against radius for each kernel size (paper Figure 7).",
@@ -114,12 +126,16 @@ def _figures(examples, images, tables, solvers, palette) -> list[FigureEntry]:
 
 @dataclass
 class Scores:
-    """The store's examples and cells, and the leaderboard and solver tables computed from them."""
+    """The store's examples, cells and certificates, and the leaderboard, solver and certificate tables computed from them."""
 
     examples: pd.DataFrame
     cells: pd.DataFrame
     tables: list[LeaderboardTable]
     solvers: pd.DataFrame
+    certificates: pd.DataFrame
+    """The store's ``certificates`` table."""
+    certificate_table: pd.DataFrame
+    """:func:`~harness.report.leaderboard.certificate_table`."""
 
 
 def score(results_dir: str | os.PathLike) -> Scores:
@@ -136,8 +152,9 @@ def score(results_dir: str | os.PathLike) -> Scores:
         raise ReportError(f"{results_dir} holds no results (no {Table.EXAMPLES.value}/ table): run the benchmark first")
     examples = examples.drop_duplicates(["cell_id", "example_index"])
     cells = read_table(results_dir, Table.CELLS)
-    tables = [leaderboard(examples, cells, group) for group in threat_groups(examples, cells)]
-    return Scores(examples, cells, tables, solver_table(examples, tables))
+    certificates = read_table(results_dir, Table.CERTIFICATES).drop_duplicates(["cell_id", "example_index", "eps"])
+    tables = [leaderboard(examples, cells, group, certificates) for group in threat_groups(examples, cells)]
+    return Scores(examples, cells, tables, solver_table(examples, tables), certificates, certificate_table(examples, certificates))
 
 
 def build_report(results_dir: str | os.PathLike) -> Report:
@@ -150,9 +167,11 @@ def build_report(results_dir: str | os.PathLike) -> Report:
     return Report(
         tables=tables,
         solvers=solvers,
-        figures=_figures(examples, images, tables, solvers, palette),
+        figures=_figures(examples, images, tables, solvers, scores.certificates, palette),
         attack_notes=_attack_notes(cells),
-        provenance=_provenance(results_dir, examples, cells),
+        provenance=_provenance(results_dir, examples, cells, scores.certificates),
+        certificate_table=scores.certificate_table,
+        violations=certificate_violations(examples, scores.certificates),
     )
 
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ..vocabulary import VerificationStatus
-from .leaderboard import LeaderboardTable, ThreatGroup, attack_label, model_curves
+from .leaderboard import LeaderboardTable, ThreatGroup, attack_label, certified_radii, chosen_certificates, model_curves, worst_case
 
 _VERIFIED = VerificationStatus.VERIFIED.name
 
@@ -52,15 +52,23 @@ def _solver_name(examples: pd.DataFrame) -> list[str]:
     ]
 
 
-def accuracy_against_radius(examples: pd.DataFrame, groups: list[ThreatGroup], palette: dict) -> Figure | None:
+def accuracy_against_radius(
+    examples: pd.DataFrame, groups: list[ThreatGroup], palette: dict, certificates: pd.DataFrame | None = None
+) -> Figure | None:
     """Robust accuracy against radius from verified distances (paper Figures 4 and 5).
 
     One facet per group (the main ball of each data set), one colour per
-    model, one line style per solver (worst case over its lambdas).
+    model, one line style per solver (worst case over its lambdas). A model
+    with ``certificates`` on the group's ball gets a band of its colour
+    between its certified curve (the share whose certified radius is at
+    least eps) and its attacked one (worst case over its attacks), both on
+    the examples the two share: the true robust accuracy lies inside.
     """
     if not groups:
         return None
-    figure = _figure_with_legend(len(groups), examples["model"].nunique() + examples["solver"].nunique() + 2)
+    chosen = chosen_certificates(certificates) if certificates is not None else None
+    bands = chosen["model"].nunique() if chosen is not None and len(chosen) else 0
+    figure = _figure_with_legend(len(groups), examples["model"].nunique() + examples["solver"].nunique() + bands + 2)
     axes = figure.subplots(1, len(groups), squeeze=False)[0]
     for axis, group in zip(axes, groups):
         mine = examples[group.select(examples)]
@@ -70,9 +78,35 @@ def accuracy_against_radius(examples: pd.DataFrame, groups: list[ThreatGroup], p
             data=curves, x="eps", y="robust_accuracy", hue="model", hue_order=models, style="solver",
             style_order=sorted(curves["solver"].unique()), palette=palette, ax=axis, drawstyle="steps-post",
         )
+        if bands:
+            certified_here = chosen[group.select(chosen)]
+            for model in models:
+                model_certificates = certified_here[certified_here["model"] == model]
+                if len(model_certificates):
+                    _certified_band(axis, mine[mine["model"] == model], model_certificates, model, palette.get(model, "black"))
         axis.set(title=group.title, xlabel="radius eps", ylabel="robust accuracy (verified)", ylim=(-0.02, 1.02))
         _legend_outside(axis)
     return figure
+
+
+def _certified_band(axis, model_examples: pd.DataFrame, model_certificates: pd.DataFrame, model: str, colour) -> None:
+    """Shade between the certified and the attacked robust accuracy of one model, up to the attacks' search."""
+    per_example = worst_case(model_examples)
+    certified = certified_radii(model_certificates)
+    shared = per_example.index.intersection(certified.index)
+    if shared.empty:
+        return
+    reach = float(per_example.loc[shared, "reach"].min())
+    verified = per_example.loc[shared, "verified_distance"].to_numpy(dtype=np.float64)
+    radii = certified.loc[shared].to_numpy(dtype=np.float64)
+    # Both curves are step functions: evaluate them at every step, and just past each certified radius (where the
+    # certified share drops: a certificate at r covers r itself). From just above 0: a certified radius of 0 proves
+    # nothing, not even that the clean image is classified correctly.
+    steps = np.concatenate([np.linspace(0.0, reach, 120), verified, radii, np.nextafter(radii, np.inf)])
+    eps = np.unique(steps[(steps > 0) & (steps <= reach)])
+    attacked = (verified[None, :] > eps[:, None]).mean(axis=1)
+    proven = (radii[None, :] >= eps[:, None]).mean(axis=1)
+    axis.fill_between(eps, proven, attacked, step="post", color=colour, alpha=0.2, linewidth=0, label=f"{model}: certified to attacked")
 
 
 _LEGEND_ROWS = 22

@@ -9,6 +9,12 @@ example: example ``i`` is robust at radius ``r`` when no attack found a
 :mod:`harness.attack.verify`), and at least one attack searched up to ``r``. Where
 some unbroken example was never searched up to ``r``, the robust accuracy
 at ``r`` is unknown (NaN), never guessed.
+
+Certificates (the store's ``certificates`` table) bound the same number from
+below: example ``i`` is certified at ``r`` when its certified radius is at
+least ``r`` (a certificate at a radius covers every smaller ball). Where a
+model has them, its leaderboard row shows both bounds, and
+:func:`certificate_table` sets them side by side at the certified radii.
 """
 
 from __future__ import annotations
@@ -21,15 +27,22 @@ import pandas as pd
 
 import zoo
 
-from ..vocabulary import STANDARD_RADII, CellStatus, VerificationStatus
+from ..vocabulary import STANDARD_RADII, CellStatus, CertificateStatus, Certifier, VerificationStatus
 
 __all__ = [
+    "KNOWN_EXACTLY_TOLERANCE",
     "STANDARD_RADII",
     "ThreatGroup",
     "VerificationCounts",
     "attack_label",
     "cell_label",
+    "certificate_groups",
+    "certificate_table",
+    "certificate_violations",
+    "certified_radii",
+    "chosen_certificates",
     "headline_examples",
+    "known_exactly",
     "leaderboard",
     "model_curves",
     "radius_label",
@@ -103,6 +116,14 @@ def threat_groups(examples: pd.DataFrame, cells: pd.DataFrame | None = None) -> 
     return sorted(counts, key=lambda g: (g.dataset, -counts[g], g.threat_model, g.kernel_size or 0, g.p or 0))
 
 
+def certificate_groups(certificates: pd.DataFrame) -> list[ThreatGroup]:
+    """Every data set and ball of the ``certificates`` table, in sorted order."""
+    groups = []
+    for (dataset, threat, kernel_size, p), rows in certificates.groupby(["dataset", "threat_model", "kernel_size", "p"]):
+        groups.append(ThreatGroup(dataset, threat, int(kernel_size), float(p), ball_title=_first(rows["ball_title"]) or ""))
+    return groups
+
+
 def radius_label(value: float) -> str:
     """How a radius is written in tables: ``k/255`` for the small l_inf radii that are such, else ``%g``."""
     in_255ths = value * 255
@@ -127,6 +148,83 @@ def robust_accuracy_at(per_example: pd.DataFrame, radius: float) -> float:
     if (unbroken & (per_example["reach"] < radius)).any():
         return math.nan
     return float(unbroken.mean())
+
+
+KNOWN_EXACTLY_TOLERANCE = 0.1
+"""An example's minimal adversarial radius counts as known exactly when its certified radius is at least its
+verified radius divided by ``1 +`` this: the true minimal radius then lies in a bracket at most 10% wide."""
+
+
+def chosen_certificates(certificates: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one certify cell per model, ball and certifier: the one with the box where both ran, then the one
+    with most examples.
+
+    Certificates of the ball without the box hold in the boxed ball too (it is a larger set), but those of the boxed
+    ball, the one the attacks' verification checks, are the tighter.
+    """
+    if certificates.empty:
+        return certificates
+    keys = ["dataset", "model", "threat_model", "kernel_size", "p", "certifier"]
+    cells = certificates.groupby([*keys, "cell_id", "box"], as_index=False).agg(examples=("example_index", "nunique"))
+    cells = cells.sort_values(["box", "examples", "cell_id"], ascending=[False, False, True], kind="stable")
+    chosen = cells.drop_duplicates(keys)["cell_id"]
+    return certificates[certificates["cell_id"].isin(chosen)]
+
+
+def certified_radii(certificates: pd.DataFrame) -> pd.Series:
+    """Per example index, the largest radius these certificates prove (0 where none).
+
+    An example certified at a radius of a cell's ladder has a certified radius at least that large, so
+    ``certified_radii(rows) >= r`` is its certificate at ``r``, at the ladder's radii and between them.
+    """
+    return certificates.groupby("example_index")["certified_radius"].max()
+
+
+def known_exactly(certified: pd.Series, per_example: pd.DataFrame) -> float:
+    """Share of the examples in both ``certified`` (:func:`certified_radii`) and ``per_example`` (:func:`worst_case`)
+    whose minimal adversarial radius is bracketed within :data:`KNOWN_EXACTLY_TOLERANCE`; NaN when they share none."""
+    shared = certified.index.intersection(per_example.index)
+    if shared.empty:
+        return math.nan
+    verified = per_example.loc[shared, "verified_distance"]
+    return float((certified.loc[shared] >= verified / (1 + KNOWN_EXACTLY_TOLERANCE)).mean())
+
+
+def certificate_violations(examples: pd.DataFrame, certificates: pd.DataFrame) -> pd.DataFrame:
+    """Every certificate that a verified attack contradicts: a bug in a certifier or in the verification.
+
+    Parameters
+    ----------
+    examples : DataFrame
+        The ``examples`` table.
+    certificates : DataFrame
+        The ``certificates`` table.
+
+    Returns
+    -------
+    DataFrame
+        One row per (model, ball, example, radius the example is certified at, attack cell) where that attack has a
+        verified adversarial example within the radius (status VERIFIED, ``verified_distance <= eps``). The radii
+        are those of rows with status certified and each example's certified radius. Columns: ``dataset``,
+        ``model``, ``threat_model``, ``kernel_size``, ``p``, ``example_index``, ``eps``, ``certify_cell_id``,
+        ``certifier``, ``box``, ``attack_cell_id``, ``verified_distance``; empty when there is no contradiction.
+    """
+    ball = ["dataset", "model", "threat_model", "kernel_size", "p"]
+    columns = [*ball, "example_index", "eps", "certify_cell_id", "certifier", "box", "attack_cell_id", "verified_distance"]
+    if examples.empty or certificates.empty:
+        return pd.DataFrame(columns=columns)
+    proven_columns = [*ball, "example_index", "eps", "cell_id", "certifier", "box"]
+    at_ladder = certificates.loc[certificates["status"] == CertificateStatus.CERTIFIED.value, proven_columns]
+    radii = certificates.drop_duplicates(["cell_id", "example_index"])
+    radii = radii[radii["certified_radius"] > 0].assign(eps=radii["certified_radius"])[proven_columns]
+    proven = pd.concat([at_ladder, radii]).drop_duplicates().rename(columns={"cell_id": "certify_cell_id"})
+    broken = examples.loc[examples["verification_status"] == _VERIFIED, [*ball, "example_index", "cell_id", "verified_distance"]]
+    broken = broken.rename(columns={"cell_id": "attack_cell_id"})
+    # Kernel size is an integer column in one table and may hold nulls (l_p balls), so floats, in the other.
+    proven, broken = (frame.astype({"kernel_size": "float64", "p": "float64"}) for frame in (proven, broken))
+    joined = proven.merge(broken, on=[*ball, "example_index"])
+    violated = joined[joined["verified_distance"] <= joined["eps"]]
+    return violated[columns].sort_values([*ball, "example_index", "eps", "attack_cell_id"]).reset_index(drop=True)
 
 
 def attack_label(solver, clamp, lam, step_rule=None, suite=None, suite_version=None) -> str:
@@ -203,6 +301,8 @@ class LeaderboardTable:
     schedules: list[str]
     rows: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    certified: bool = False
+    """Whether some row has certificates: its ``certified`` column holds certified accuracy at each radius."""
 
 
 def _flags(examples: pd.DataFrame, cells: pd.DataFrame) -> list[tuple[str, str]]:
@@ -252,7 +352,9 @@ def _first(values: pd.Series):
     return present.iloc[0] if len(present) else None
 
 
-def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup) -> LeaderboardTable:
+def leaderboard(
+    examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup, certificates: pd.DataFrame | None = None
+) -> LeaderboardTable:
     """The leaderboard table of one threat group.
 
     Parameters
@@ -262,6 +364,13 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     cells : DataFrame
         The ``cells`` table (clean accuracy, model metadata, status).
     group : ThreatGroup
+    certificates : DataFrame, optional
+        The ``certificates`` table. A model with certificates on the group's
+        ball gets, beside its (attacked) robust accuracy at each radius,
+        ``certified``: the share of its certified examples certified at
+        each radius (the :func:`chosen_certificates`, each example counted
+        certified when any of them proves it), ``certified_examples`` and
+        ``known_exactly`` (:func:`known_exactly`).
 
     Returns
     -------
@@ -275,7 +384,9 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     """
     everything = examples[group.select(examples)]
     mine, suite = headline_examples(everything)
-    my_cells = cells[group.select(cells)] if len(cells) else cells
+    # Certify cells have rows of their own below; the attacks' flags and metadata come from attack cells.
+    my_cells = cells[group.select(cells) & cells["certifier"].isna()] if len(cells) else cells
+    my_certificates = chosen_certificates(certificates[group.select(certificates)]) if certificates is not None else None
     largest = float(mine["final_eps"].max())
     radii = group.radii(largest)
     rows, attacks_of = [], {}
@@ -302,6 +413,18 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
         }
         for radius in radii:
             row[radius] = robust_accuracy_at(per_example, radius)
+        certified = (
+            certified_radii(my_certificates[my_certificates["model"] == model]) if my_certificates is not None
+            else pd.Series(dtype=np.float64)
+        )
+        if len(certified):
+            row.update(
+                certified={radius: float((certified >= radius).mean()) for radius in radii},
+                certified_examples=len(certified),
+                known_exactly=known_exactly(certified, per_example),
+            )
+        else:
+            row.update(certified=None, certified_examples=0, known_exactly=math.nan)
         rows.append(row)
     known = [r for r in radii if all(not math.isnan(row[r]) for row in rows)]
     reference_radius = max(known) if known else None
@@ -338,7 +461,14 @@ def leaderboard(examples: pd.DataFrame, cells: pd.DataFrame, group: ThreatGroup)
     })
     if suite is not None:
         schedules.insert(0, f"{suite}: each member's schedule and budget are in the rows' suite_json (largest radius {largest:.3g})")
-    return LeaderboardTable(group, radii, reference_radius, largest, attacks, schedules, frame, notes)
+    certified = bool(frame["certified"].notna().any())
+    if certified:
+        notes.append(
+            "[certified, attacked]: a certified lower bound (the share of the certified examples that a certificate proves "
+            "robust at that radius) and the attacked upper bound; known exactly: the share of the examples both ran on "
+            f"whose certified radius is within {100 * KNOWN_EXACTLY_TOLERANCE:g}% of the verified one"
+        )
+    return LeaderboardTable(group, radii, reference_radius, largest, attacks, schedules, frame, notes, certified)
 
 
 def _main_finder(suite_examples: pd.DataFrame) -> str:
@@ -395,4 +525,60 @@ def solver_table(examples: pd.DataFrame, tables: list[LeaderboardTable]) -> pd.D
                 "examples": len(per_example),
                 "cell_id": cell_id,
             })
+    return pd.DataFrame(rows)
+
+
+def certificate_table(examples: pd.DataFrame, certificates: pd.DataFrame) -> pd.DataFrame:
+    """Certified and attacked robust accuracy at the certified radii: one row per ball, model and radius.
+
+    For each model and ball, the :func:`chosen_certificates` (one cell per
+    certifier) and the attacks of its leaderboard row (the headline suite,
+    or every attack) are compared on the examples all of them ran on.
+
+    Returns
+    -------
+    DataFrame
+        ``threat``, ``model``, ``radius``, ``examples``; for each
+        :class:`~harness.vocabulary.Certifier` ``c``, ``certified_<c>`` (the
+        share certified at the radius; NaN where ``c`` did not run) and
+        ``seconds_<c>`` (its mean seconds per example evaluated at that
+        radius); ``certified`` (by any of them), ``attacked`` (the share
+        whose verified radius exceeds the radius; NaN without attacks or
+        where they did not search that far), ``gap`` (attacked minus
+        certified: the share undecided) and ``known_exactly`` (the model's,
+        over all radii: :func:`known_exactly`).
+    """
+    rows = []
+    chosen = chosen_certificates(certificates)
+    for group in certificate_groups(chosen):
+        attacked = headline_examples(examples[group.select(examples)])[0] if len(examples) else examples
+        for model, model_certificates in chosen[group.select(chosen)].groupby("model"):
+            by_certifier = dict(tuple(model_certificates.groupby("certifier")))
+            model_attacks = attacked[attacked["model"] == model] if len(attacked) else attacked
+            per_example = worst_case(model_attacks) if len(model_attacks) else None
+            covered = [set(frame["example_index"]) for frame in by_certifier.values()]
+            covered += [set(per_example.index)] if per_example is not None else []
+            shared = sorted(set.intersection(*covered))
+            if not shared:
+                continue
+            radii_by_certifier = {name: certified_radii(frame).loc[shared] for name, frame in by_certifier.items()}
+            best = pd.concat(radii_by_certifier.values(), axis=1).max(axis=1)
+            exact = known_exactly(best, per_example) if per_example is not None else math.nan
+            for radius in sorted(model_certificates["eps"].unique()):
+                row = {"threat": group.title, "model": model, "radius": float(radius), "examples": len(shared)}
+                for certifier in Certifier:
+                    row[f"certified_{certifier.value}"] = row[f"seconds_{certifier.value}"] = math.nan
+                    frame = by_certifier.get(certifier.value)
+                    if frame is None:
+                        continue
+                    row[f"certified_{certifier.value}"] = float((radii_by_certifier[certifier.value] >= radius).mean())
+                    # Seconds of the examples the certifier evaluated at this radius (not those decided below it).
+                    evaluated = frame[(frame["eps"] == radius) & frame["example_index"].isin(shared) & frame["margin_lower"].notna()]
+                    if len(evaluated):
+                        row[f"seconds_{certifier.value}"] = float(evaluated["seconds"].mean())
+                row["certified"] = float((best >= radius).mean())
+                row["attacked"] = robust_accuracy_at(per_example.loc[shared], radius) if per_example is not None else math.nan
+                row["gap"] = row["attacked"] - row["certified"]
+                row["known_exactly"] = exact
+                rows.append(row)
     return pd.DataFrame(rows)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .leaderboard import LeaderboardTable, radius_label
+from ..vocabulary import Certifier
+from .leaderboard import KNOWN_EXACTLY_TOLERANCE, LeaderboardTable, radius_label
 
 __all__ = ["AttackNote", "FigureEntry", "figure_png", "render_page"]
 
@@ -74,6 +75,8 @@ tbody tr:hover { background: #eef3fb; }
 .unknown { color: var(--muted); }
 .flag { display: inline-block; border-radius: 3px; padding: 0 5px; margin-left: 3px; font-size: 12px; background: #fde8c8; color: #7a4300; }
 .flag.ok { background: #dff3e3; color: #1e6b34; }
+.alarm { border: 2px solid #b3261e; background: #fde2e1; color: #7a1010; padding: 10px 14px; margin: 18px 0; }
+.alarm ul { margin: 6px 0 0; padding-left: 18px; font-weight: normal; }
 figure { margin: 24px 0; }
 figure img { max-width: 100%; border: 1px solid var(--line); }
 """
@@ -151,9 +154,34 @@ def _table(table_id: str, columns: list[_Column], rows: list[list[str]]) -> str:
     )
 
 
+_KNOWN_EXACTLY_HELP = (
+    f"share of the examples both certified and attacked whose minimal adversarial radius is bracketed: certified radius "
+    f">= verified radius / {1 + KNOWN_EXACTLY_TOLERANCE:g} (tolerance {100 * KNOWN_EXACTLY_TOLERANCE:g}%)"
+)
+
+
+def _robust_cell(row: dict, radius: float) -> str:
+    """Attacked robust accuracy at ``radius``, or ``[certified, attacked]`` for a row with certificates (sorted by the attacked)."""
+    attacked = row[radius]
+    unknown = "" if not math.isnan(attacked) else f"not searched up to {radius:g} for every example"
+    if row["certified"] is None:
+        return _cell(_percent(attacked), _number(attacked), title=unknown)
+    certified = row["certified"][radius]
+    title = (
+        f"certified (lower bound): {100 * certified:.1f}% of {row['certified_examples']} certified examples; attacked "
+        f"(upper bound): {'unknown, ' + unknown if unknown else f'{100 * attacked:.1f}%'}"
+    )
+    attacked_shown = "–" if math.isnan(attacked) else f"{100 * attacked:.1f}"
+    return _cell(f"[{100 * certified:.1f}, {attacked_shown}]", _number(attacked), title=title)
+
+
 def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) -> str:
     group = table.group
-    radii_columns = [_Column(f"robust @ {_radius(r)}", f"verified robust accuracy at eps = {r:g}") for r in table.radii]
+    robust_help = "verified robust accuracy at eps = {r:g}" + (
+        "; [certified, attacked] where the model has certificates: certified lower bound, attacked upper bound" if table.certified else ""
+    )
+    radii_columns = [_Column(f"robust @ {_radius(r)}", robust_help.format(r=r)) for r in table.radii]
+    certified_columns = [_Column("known exactly", _KNOWN_EXACTLY_HELP)] if table.certified else []
     columns = [
         _Column("rank", "1 = most robust; ties share a rank"),
         _Column("model", text=True),
@@ -163,6 +191,7 @@ def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) 
         _Column("evaluation", "what the row's numbers come from: an evaluation suite and its version, or the worst case over single attacks", text=True),
         *radii_columns,
         _Column("median radius", "median over examples of the smallest verified adversarial distance (0 if misclassified clean)"),
+        *certified_columns,
         _Column("examples", "test examples attacked"),
         _Column("verified", "claimed successes that passed exact verification"),
         _Column(
@@ -186,11 +215,9 @@ def _leaderboard_section(table: LeaderboardTable, notes: dict[str, AttackNote]) 
             _cell(html.escape(_short(row["paper"])), row["paper"] or "", css="text long", title=row["paper"] or ""),
             _cell(_percent(row["clean_accuracy"]), _number(row["clean_accuracy"])),
             _cell(html.escape(row["evaluation"]), row["evaluation"], css="text"),
-            *[
-                _cell(_percent(row[r]), _number(row[r]), title="" if not math.isnan(row[r]) else f"not searched up to {r:g} for every example")
-                for r in table.radii
-            ],
+            *[_robust_cell(row, r) for r in table.radii],
             _cell(median_shown, _number(median)),
+            *([_cell(_percent(row["known_exactly"]), _number(row["known_exactly"]))] if table.certified else []),
             _cell(str(row["examples"]), str(row["examples"])),
             _cell(verified, _number(row["fraction_verified"]), title="claimed successes that passed exact verification"),
             _cell(html.escape(row["best_attack"]), row["best_attack"], css="text wrap"),
@@ -277,17 +304,85 @@ def _solver_section(solvers: pd.DataFrame) -> str:
     )
 
 
+def _seconds(value: float) -> str:
+    return _cell("–" if math.isnan(value) else f"{value:.3f}", _number(value))
+
+
+def _certificates_section(certificates: pd.DataFrame) -> str:
+    def certifier_name(certifier: Certifier) -> str:
+        return certifier.value.replace("_", " ")
+
+    columns = [
+        _Column("threat model", text=True),
+        _Column("model", text=True),
+        _Column("radius", "a radius the certify cells report"),
+        _Column("examples", "examples every certifier and the attacks ran on; every number of the row is over these"),
+        *[_Column(f"certified ({certifier_name(c)})", f"share proven robust at this radius by {c.value}") for c in Certifier],
+        _Column("attacked", "verified robust accuracy of the model's leaderboard row: share whose verified radius exceeds this one"),
+        _Column("gap", "attacked minus certified (by any certifier): the share whose robustness at this radius neither side decides"),
+        _Column("known exactly", _KNOWN_EXACTLY_HELP + "; the model's, over all radii"),
+        *[_Column(f"s / example ({certifier_name(c)})", f"{c.value} seconds per example evaluated at this radius") for c in Certifier],
+    ]
+    rows = []
+    for row in certificates.to_dict("records"):
+        rows.append([
+            _cell(html.escape(row["threat"]), row["threat"], css="text"),
+            _cell(html.escape(row["model"]), row["model"], css="text"),
+            _cell(f"{row['radius']:g}", _number(row["radius"])),
+            _cell(str(row["examples"]), str(row["examples"])),
+            *[_cell(_percent(row[f"certified_{c.value}"]), _number(row[f"certified_{c.value}"])) for c in Certifier],
+            _cell(_percent(row["attacked"]), _number(row["attacked"])),
+            _cell(_percent(row["gap"]), _number(row["gap"])),
+            _cell(_percent(row["known_exactly"]), _number(row["known_exactly"])),
+            *[_seconds(row[f"seconds_{c.value}"]) for c in Certifier],
+        ])
+    return (
+        '<section id="certificates"><h2>Certificates</h2><p class="lede">Certified lower bounds beside the attacked upper '
+        "bounds, at the radii the certify cells report: the true robust accuracy of each model lies between "
+        "<i>certified</i> (every image of the ball provably keeps the prediction) and <i>attacked</i> (no verified "
+        "adversarial example within the radius); <i>gap</i> is what neither side decides. Each row counts the same examples "
+        "for every column.</p>"
+        f"{_table('certificates-table', columns, rows)}</section>"
+    )
+
+
+def _violations_alarm(violations: pd.DataFrame) -> str:
+    """A warning at the top of the page: certificates that verified attacks contradict, which no sound pair of tools can produce."""
+    shown = violations.head(10).to_dict("records")
+    items = "".join(
+        f"<li>{html.escape(str(v['model']))}, example {v['example_index']}: certified at eps {v['eps']:g} by "
+        f"{html.escape(str(v['certifier']))} (cell {html.escape(str(v['certify_cell_id']))}), broken at "
+        f"{v['verified_distance']:.4g} by cell {html.escape(str(v['attack_cell_id']))}</li>"
+        for v in shown
+    )
+    more = f"<li>and {len(violations) - len(shown)} more</li>" if len(violations) > len(shown) else ""
+    return (
+        f'<div class="alarm" role="alert"><b>Warning: {len(violations)} certificate(s) contradicted by verified attacks.</b> '
+        "An example proven robust at a radius has a verified adversarial example within it: a certifier or the "
+        f"verification is unsound, and neither bound on these models can be trusted.<ul>{items}{more}</ul></div>"
+    )
+
+
 def render_page(
     tables: list[LeaderboardTable],
     solvers: pd.DataFrame,
     figures: list[FigureEntry],
     attack_notes: dict[str, AttackNote],
     provenance: dict[str, str],
+    certificates: pd.DataFrame | None = None,
+    violations: pd.DataFrame | None = None,
 ) -> str:
-    """The whole page as one HTML string."""
+    """The whole page as one HTML string.
+
+    ``certificates`` (:func:`~harness.report.leaderboard.certificate_table`) adds the certificates section;
+    ``violations`` (:func:`~harness.report.leaderboard.certificate_violations`), when not empty, a warning at the top.
+    """
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    has_certificates = certificates is not None and not certificates.empty
     nav = "".join(f'<a href="#{t.group.slug}">{html.escape(t.group.title)}</a>' for t in tables)
+    nav += '<a href="#certificates">Certificates</a>' if has_certificates else ""
     nav += '<a href="#solvers">Solvers</a><a href="#figures">Figures</a>'
+    alarm = _violations_alarm(violations) if violations is not None and not violations.empty else ""
     meta = " · ".join(f"{html.escape(k)}: {html.escape(v)}" for k, v in provenance.items())
     figures_html = "".join(
         f'<figure id="figure-{html.escape(f.name)}"><img alt="{html.escape(f.caption)}" '
@@ -304,7 +399,8 @@ within the radius whose exact distance (an LP over the local transport plan) is 
 [0, 1] and mass conserved. A model's row takes the worst case over every attack in its table, example by example.
 A dash means the attacks did not search that far for every example. Click a column header to sort.</p>
 <nav>{nav}</nav></header>
-<main>{''.join(_leaderboard_section(t, attack_notes) for t in tables)}
+<main>{alarm}{''.join(_leaderboard_section(t, attack_notes) for t in tables)}
+{_certificates_section(certificates) if has_certificates else ''}
 {_solver_section(solvers)}
 <section id="figures"><h2>Figures</h2>{figures_html or '<p class="lede">No figures: nothing to draw yet.</p>'}</section></main>
 <script>{_SCRIPT}</script></body></html>

@@ -36,7 +36,8 @@ def _summary(report: RunReport) -> str:
         model = json.loads(row["config_json"])["model"]
         robust = row["robust_accuracy"]
         suite = f"{row['suite']} v{row['suite_version']}" if row.get("suite") else None
-        solver = str(row["solver"] or suite or "-") + (" +clamp" if row["clamp"] else "")
+        certifier = f"{row['certifier']} {'box' if row['box'] else 'no box'}" if row.get("certifier") else None
+        solver = str(row["solver"] or suite or certifier or "-") + (" +clamp" if row["clamp"] else "")
         lam = row["lam"]
         lines.append(
             f"{model:<30} {row['ball_title']:<46} {solver:<24} {'-' if lam is None else f'{lam:g}':>6} {row['n_examples']:>5} "

@@ -11,6 +11,13 @@ A block that sets ``suite`` (see :data:`harness.attack.suite.SUITES`) runs
 that evaluation suite instead of one attack: it names data set, models,
 ball, examples and seed, and the suite supplies every attack setting.
 
+A block that sets ``certifier`` (a :class:`~harness.vocabulary.Certifier`
+value, or a list of them: an axis) computes certified lower bounds on robust
+accuracy instead of attacking (:mod:`harness.certify`): it names data set,
+models, the Wasserstein ball, the ``radii`` reported (one list, not an
+axis), ``box``, ``time_limit`` (the complete certifier's), ``radius_rounds``,
+examples and seed; an attack setting beside it is refused.
+
 A block may set the general settings of :data:`BLOCK_SETTINGS` and every
 hyperparameter its solvers declare (``lam``, ``tol``, ``max_iter``, ...; see
 :class:`zoo.Hyperparameter`). A name that no cell of the block uses (a
@@ -30,7 +37,7 @@ import json
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import zoo
 from solvers.iterate import BallIterate, StepRule
@@ -38,9 +45,12 @@ from solvers.iterate import BallIterate, StepRule
 from ..attack.ball import Ball
 from ..attack.pgd import PROTOCOLS, EpsSchedule, Loss
 from ..attack.suite import AttackSuite, attack_suite
-from ..vocabulary import BallKind
+from ..vocabulary import BallKind, Certifier
 
-__all__ = ["BLOCK_SETTINGS", "Cell", "GridError", "Shard", "expand_blocks"]
+if TYPE_CHECKING:
+    from ..certify.run import CertifySettings
+
+__all__ = ["BLOCK_SETTINGS", "CERTIFY_RADII", "Cell", "GridError", "Shard", "certify_config", "expand_blocks"]
 
 
 class GridError(ValueError):
@@ -50,10 +60,14 @@ class GridError(ValueError):
 BLOCK_SETTINGS = (
     "dataset", "model", "threat_model", "solver", "protocol", "kernel_size", "p",
     "eps_initial", "eps_factor", "eps_every", "eps_increment", "iterations", "step_rule", "step_size", "clamp",
-    "loss", "restarts", "seed", "n_examples", "suite",
+    "loss", "restarts", "seed", "n_examples", "suite", "certifier", "radii", "box", "time_limit", "radius_rounds",
 )
-"""The general names a block may set (each to a value or a list of values); solver
-hyperparameters come on top."""
+"""The general names a block may set (each to a value or a list of values, except ``radii``: one list);
+solver hyperparameters come on top."""
+
+CERTIFY_RADII = {"mnist": (0.001, 0.01, 0.05, 0.1), "cifar10": (0.0001, 0.001, 0.005, 0.01)}
+"""The radii a certify block reports when it sets none: small, since certificates of the networks here
+stop far below the attacks' radii (each data set's ladder ends at its smallest standard radius)."""
 
 _DEFAULTS = {
     "threat_model": BallKind.WASSERSTEIN.value, "clamp": False, "loss": Loss.CROSS_ENTROPY.value, "restarts": 1, "seed": 0,
@@ -80,6 +94,10 @@ class Cell:
     suite : str or None
         An evaluation suite run instead of one attack (then ``solver`` is
         None and ``schedule`` is the suite's first member's).
+    certify : CertifySettings or None
+        Certificates computed instead of an attack (then ``solver`` and
+        ``schedule`` are None, and ``clamp``, ``loss`` and ``restarts``
+        keep their defaults, unused).
     """
 
     dataset: str
@@ -87,7 +105,7 @@ class Cell:
     ball: Ball
     solver: str | None
     hyperparameters: tuple[tuple[str, Any], ...]
-    schedule: EpsSchedule
+    schedule: EpsSchedule | None
     step_rule: StepRule | None
     step_size: float | None
     clamp: bool
@@ -96,6 +114,7 @@ class Cell:
     seed: int
     n_examples: int
     suite: str | None = None
+    certify: "CertifySettings | None" = None
 
     @property
     def solver_spec(self) -> zoo.SolverSpec | None:
@@ -107,13 +126,18 @@ class Cell:
 
     @property
     def final_eps(self) -> float:
-        """The largest radius the cell searches."""
+        """The largest radius the cell searches (a certify cell: the largest radius it reports)."""
+        if self.certify is not None:
+            return self.certify.radii[-1]
         suite = self.attack_suite
         return suite.final_eps if suite is not None else self.schedule.final_eps
 
     @property
     def label(self) -> str:
-        """What attacks the cell's model, in a few words: the suite, the solver or the ball."""
+        """What attacks (or certifies) the cell's model, in a few words: the suite, the solver, the certifier or the ball."""
+        if self.certify is not None:
+            certifier = self.certify.certifier.value.replace("_", " ")
+            return f"certified ({certifier}, {'box' if self.certify.box else 'no box'})"
         suite = self.attack_suite
         return suite.label if suite is not None else self.solver or self.ball.kind.value
 
@@ -125,8 +149,20 @@ class Cell:
         """The cell as plain JSON values (enums by value, the schedule flattened).
 
         ``eps_increment`` and ``suite`` appear only when set, so cells without
-        them keep the ids they had before these settings existed.
+        them keep the ids they had before these settings existed. A certify
+        cell has none of the attack's keys and its settings under
+        ``certify`` (``time_limit`` only for the complete certifier, the
+        one that uses it).
         """
+        if self.certify is not None:
+            return {
+                "dataset": self.dataset,
+                "model": self.model,
+                **self.ball.config(),
+                "certify": certify_config(self.certify),
+                "seed": self.seed,
+                "n_examples": self.n_examples,
+            }
         suite = self.attack_suite
         optional = {
             "eps_increment": self.schedule.increment or None, "suite": self.suite,
@@ -162,6 +198,17 @@ class Cell:
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise ValueError(f"shard_size={shard_size!r} is invalid: it must be an integer >= 1")
         return [Shard(self, start, min(start + shard_size, self.n_examples)) for start in range(0, self.n_examples, shard_size)]
+
+
+def certify_config(settings: "CertifySettings") -> dict[str, Any]:
+    """Certify settings as plain JSON values; ``time_limit`` only where the certifier has one to keep."""
+    config = {
+        "certifier": settings.certifier.value, "radii": list(settings.radii), "box": settings.box,
+        "radius_rounds": settings.radius_rounds,
+    }
+    if settings.certifier is Certifier.MILP:
+        config["time_limit"] = settings.time_limit
+    return config
 
 
 @dataclass(frozen=True)
@@ -270,6 +317,14 @@ def _cell(point: Mapping[str, Any], problems: list[str], where: str) -> tuple[Ce
     settings = {**_DEFAULTS, **{k: v for k, v in point.items() if v is not None}}
     used: set[str] = set()
     _check_model(settings, problems, where)
+    if "certifier" in settings:
+        return _certify_cell(settings, problems, where, before)
+    certify_only = sorted(_CERTIFY_ONLY & set(settings))
+    if certify_only:
+        problems.append(
+            f"{where}: {', '.join(map(repr, certify_only))} are certify settings, in a block without certifier: set "
+            f"certifier ({', '.join(repr(c.value) for c in Certifier)}), or leave them out of an attack block"
+        )
     if "suite" in settings:
         return _suite_cell(settings, problems, where, before)
     presets = _protocol_presets(settings, problems, where)
@@ -376,11 +431,78 @@ def _suite_cell(settings: Mapping[str, Any], problems: list[str], where: str, be
     return cell, {"kernel_size", "p"}
 
 
+_CERTIFY_SETTINGS = {
+    "dataset", "model", "threat_model", "protocol", "kernel_size", "p", "certifier", "radii", "box", "time_limit",
+    "radius_rounds", "seed", "n_examples",
+}
+"""What a certify block may set; a protocol supplies only the ball's kernel size and p."""
+_CERTIFY_ONLY = {"radii", "box", "time_limit", "radius_rounds"}
+"""Settings that mean nothing without a certifier."""
+
+
+def _certify_cell(settings: Mapping[str, Any], problems: list[str], where: str, before: int) -> tuple[Cell | None, set[str]]:
+    """The cell of a block that certifies; ``problems[before:]`` are the point's problems found so far."""
+    attack_settings = sorted(set(settings) - _CERTIFY_SETTINGS - set(_DEFAULTS))
+    attack_settings += sorted(name for name in ("clamp", "loss", "restarts") if settings[name] != _DEFAULTS[name])
+    if attack_settings:
+        problems.append(
+            f"{where}: {', '.join(map(repr, attack_settings))} cannot be set beside certifier: they are attack settings; "
+            f"a certify block sets {', '.join(sorted(_CERTIFY_SETTINGS))}"
+        )
+    certifier = _enum_value(Certifier, "certifier", settings["certifier"], problems, where)
+    presets = _protocol_presets(settings, problems, where)
+    ball = _ball(settings, {name: presets[name] for name in ("kernel_size", "p") if name in presets}, problems, where)
+    if ball is not None and ball.kind is not BallKind.WASSERSTEIN:
+        problems.append(f"{where}: certificates are for the Wasserstein ball, not threat_model={ball.kind.value!r}")
+    radii = _radii(settings.get("radii", CERTIFY_RADII.get(settings.get("dataset"))), problems, where)
+    box = settings.get("box", True)
+    if not isinstance(box, bool):
+        problems.append(f"{where}: box={box!r} is invalid: it must be true or false")
+    # Unset, they keep CertifySettings' defaults.
+    optional = {}
+    if "time_limit" in settings:
+        optional["time_limit"] = _number("time_limit", settings["time_limit"], problems, where, low=0, low_open=True)
+    if "radius_rounds" in settings:
+        optional["radius_rounds"] = _number("radius_rounds", settings["radius_rounds"], problems, where, integer=True, low=0)
+    seed = _number("seed", settings["seed"], problems, where, integer=True, low=0)
+    n_examples = _number("n_examples", settings.get("n_examples", 1), problems, where, integer=True, low=1)
+    used = {"kernel_size", "p"} | ({"time_limit"} if certifier is Certifier.MILP else set())
+    if len(problems) > before:
+        return None, used
+    from ..certify.run import CertifySettings  # only grids that certify load the certifiers
+
+    settings_of_cell = CertifySettings(certifier, radii, box, **optional)
+    cell = Cell(
+        dataset=settings["dataset"], model=settings["model"], ball=ball, solver=None, hyperparameters=(), schedule=None,
+        step_rule=None, step_size=None, clamp=False, loss=Loss(settings["loss"]), restarts=1, seed=seed,
+        n_examples=n_examples, certify=settings_of_cell,
+    )
+    return cell, used
+
+
+def _radii(value, problems: list[str], where: str) -> tuple[float, ...] | None:
+    """A certify block's ``radii``: one number or a list of them, positive, finite, distinct and increasing."""
+    if value is None:
+        problems.append(f"{where}: radii is not set (no default ladder for this data set): give a list, e.g. [0.001, 0.01, 0.1]")
+        return None
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    numeric = all(not isinstance(r, bool) and isinstance(r, numbers.Real) and math.isfinite(float(r)) and r > 0 for r in values)
+    if not values or not numeric or values != sorted(set(values)):
+        problems.append(
+            f"{where}: radii={value!r} is invalid: give one list of positive, finite, distinct radii in increasing order "
+            f"(e.g. {list(CERTIFY_RADII['mnist'])}); it is not an axis"
+        )
+        return None
+    return tuple(float(r) for r in values)
+
+
 def _hyperparameter_names() -> set[str]:
     return {h.name for spec in zoo.solver_specs() for h in spec.hyperparameters}
 
 
 def _allowed_in(block: Mapping[str, Any]) -> str:
+    if "certifier" in block:
+        return f"{', '.join(sorted(_CERTIFY_SETTINGS))} (time_limit with certifier milp only)"
     registered = {spec.name for spec in zoo.solver_specs()}
     solvers = [name for name in _as_axis(block.get("solver")) if isinstance(name, str) and name in registered]
     text = ", ".join(BLOCK_SETTINGS)
@@ -419,7 +541,8 @@ def expand_blocks(blocks: Iterable[Mapping[str, Any]], overrides: Mapping[str, A
         if unknown:
             problems.append(f"{where}: unknown setting(s) {', '.join(map(repr, unknown))}; allowed: {_allowed_in(block)}")
             continue
-        axes = {name: _as_axis(value) for name, value in {**block, **overrides}.items()}
+        # The radii of a certify block are one list reported together, not an axis of cells.
+        axes = {name: [value] if name == "radii" else _as_axis(value) for name, value in {**block, **overrides}.items()}
         empty = [name for name, values in axes.items() if not values]
         if empty:
             problems.append(f"{where}: empty axis {', '.join(map(repr, empty))}: give at least one value")
@@ -433,7 +556,7 @@ def expand_blocks(blocks: Iterable[Mapping[str, Any]], overrides: Mapping[str, A
             used |= used_here
             if cell is not None:
                 cells.setdefault(cell.cell_id, cell)
-        conditional = (set(block) - set(BLOCK_SETTINGS)) | ({"kernel_size", "p", "step_rule", "step_size"} & set(block))
+        conditional = (set(block) - set(BLOCK_SETTINGS)) | ({"kernel_size", "p", "step_rule", "step_size", "time_limit"} & set(block))
         unused = sorted(conditional - used)
         if unused and len(problems) == problems_before:
             problems.append(

@@ -4,7 +4,8 @@
 ``conf/config.yaml``, the grid under ``grid``) and checks, in order: the
 plugins (imported first, since they register the models and solvers a grid
 names), the settings (executor, batch size, device, ``ray.*`` options), the
-grid (its includes, blocks and cells), the models' weights and the data sets
+grid (its includes, blocks and cells), that the certifiers can read the
+models of certify cells, the models' weights and the data sets
 (each cell's ``n_examples`` against its test split), that the results folder
 can be created and written, and, for the Ray executor with an address, that
 a cluster answers there. Each check is cheap or bounded by a short timeout,
@@ -29,7 +30,7 @@ import torch
 
 import zoo
 
-from ..data import load_dataset
+from ..data import DATASET_SHAPES, load_dataset
 from .grid import Cell, GridError, expand_blocks
 from .scheduler import Executor, RayOptions
 
@@ -246,6 +247,7 @@ def preflight(config: Mapping[str, Any]) -> Preflight:
                 cells = expand_blocks(blocks, {"n_examples": config.get("n_examples"), "seed": config.get("seed")})
         except (BenchmarkError, GridError) as error:
             problems.append(str(error))
+    problems += _certify_problems(cells)
     training: list[TrainingRequest] = []
     skipped: list[str] = []
     weights_dir, download = config.get("weights_dir"), bool(config.get("download"))
@@ -356,6 +358,23 @@ def _ray_options(settings: Any) -> tuple[RayOptions | None, list[str]]:
     if problems:
         return None, problems
     return RayOptions(address=address, gpus_per_actor=gpus, cpus_per_actor=cpus, max_retries=retries, num_cpus=num_cpus), []
+
+
+def _certify_problems(cells: list[Cell]) -> list[str]:
+    """Models of certify cells with a layer no certificate rule covers, found from their architecture alone."""
+    names = sorted({cell.model for cell in cells if cell.certify is not None})
+    if not names:
+        return []
+    from ..certify.network import PiecewiseLinearNetwork, UnsupportedNetwork
+
+    problems = []
+    for name in names:
+        spec = zoo.model_spec(name)
+        try:
+            PiecewiseLinearNetwork.of(spec.build(), DATASET_SHAPES[spec.dataset.value])
+        except UnsupportedNetwork as error:
+            problems.append(f"model {name!r} cannot be certified: {error}; drop it from the certify blocks")
+    return problems
 
 
 def _weights_and_data_problems(

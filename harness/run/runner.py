@@ -3,14 +3,15 @@
 A :class:`ShardRunner` belongs to one worker process (an in-process executor
 or a long-lived Ray actor); it keeps the models and data it has loaded, so a
 worker pays for each only once. :meth:`ShardRunner.run_shard` attacks and
-verifies one shard and writes its rows to the store; a shard already on disk
-is skipped, so running a shard twice (a retry, a resumed run) changes
-nothing. :meth:`ShardRunner.finish_cell` summarizes a cell from the rows that
-landed on disk.
+verifies one shard (or, for a certify cell, certifies it) and writes its rows
+to the store; a shard already on disk is skipped, so running a shard twice
+(a retry, a resumed run) changes nothing. :meth:`ShardRunner.finish_cell`
+summarizes a cell from the rows that landed on disk.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import importlib.metadata
 import json
@@ -34,13 +35,13 @@ from ..attack.pgd import AttackProgress
 from ..attack.suite import evaluate_batch
 from ..attack.verify import VerificationStatus, robust_accuracy
 from ..data import load_dataset, test_subset
-from ..vocabulary import CellStatus
-from .grid import Cell, Shard
-from .store import EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, shard_exists, write_shard
+from ..vocabulary import CellStatus, CertificateStatus, Certifier
+from .grid import Cell, Shard, certify_config
+from .store import CELLS_SCHEMA, EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, shard_exists, write_shard
 
 __all__ = [
-    "RunContext", "ShardOutcome", "ShardProgress", "ShardRunner", "cell_columns", "default_batch_size", "default_verify_workers",
-    "resolve_device", "training_summary",
+    "RunContext", "ShardOutcome", "ShardProgress", "ShardRunner", "cell_columns", "certify_columns", "default_batch_size",
+    "default_verify_workers", "resolve_device", "training_summary",
 ]
 
 _PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pyarrow", "pandas", "ray", "hydra-core")
@@ -155,12 +156,24 @@ def training_summary(spec: zoo.ModelSpec, weights_dir: str | None) -> str:
     )
 
 
+_CONFIG_COLUMNS = [
+    name for name in EXAMPLES_SCHEMA.names if name in CELLS_SCHEMA.names and name not in ("schema_version", "cell_id", "gradient_mode")
+]
+"""The configuration columns that examples and cells share (:func:`cell_columns` fills them)."""
+
+
 def cell_columns(cell: Cell) -> dict:
     """The cell's configuration as the store's columns (:data:`~harness.run.store.EXAMPLES_SCHEMA`).
 
     ``step_rule`` and ``step_size`` are the attack's step, or for a solver
     that steps by its own rule, that rule's hyperparameters of the same names.
+    A certify cell fills only its ball, seed and largest radius (its own
+    settings are :func:`certify_columns`).
     """
+    if cell.certify is not None:
+        columns = dict.fromkeys(_CONFIG_COLUMNS)
+        columns.update(cell.ball.config(), ball_title=cell.ball.title, final_eps=cell.final_eps, seed=cell.seed)
+        return columns
     config = cell.config()
     hyperparameters = config.pop("hyperparameters")
     columns = {name: value for name, value in config.items() if name in EXAMPLES_SCHEMA.names}
@@ -180,6 +193,15 @@ def cell_columns(cell: Cell) -> dict:
     return columns
 
 
+def certify_columns(cell: Cell) -> dict:
+    """A certify cell's settings as the store's columns (``certifier``, ``box``, ``time_limit``, ``radius_rounds``);
+    all None for an attack cell."""
+    if cell.certify is None:
+        return {"certifier": None, "box": None, "time_limit": None, "radius_rounds": None}
+    config = certify_config(cell.certify)
+    return {name: config.get(name) for name in ("certifier", "box", "time_limit", "radius_rounds")}
+
+
 _SUITE_COLUMNS = ("schedule_radius", "found_by", "refined_by", "rejected_claims")
 """Examples columns only a suite cell fills."""
 
@@ -195,6 +217,31 @@ def _suite_summary(cell: Cell) -> str:
     )
 
 
+_CERTIFIER_SUMMARY = {
+    Certifier.LINEAR_BOUNDS: (
+        "certified lower bound, incomplete: exact support-function bounds over the ball, back-substituted through "
+        "linear ReLU relaxations"
+    ),
+    Certifier.MILP: (
+        "certified lower bound, complete: the verification problem as a mixed-integer program (ReLUs as in Tjeng et al. "
+        "2019) after the linear bounds, {time_limit:g} s per example and radius"
+    ),
+}
+
+
+def _certify_summary(cell: Cell) -> str:
+    settings = cell.certify
+    radii = ", ".join(f"{radius:g}" for radius in settings.radii)
+    refinement = f"; then {settings.radius_rounds} rounds of bisection of each example's certified radius" if settings.radius_rounds else ""
+    return _CERTIFIER_SUMMARY[settings.certifier].format(time_limit=settings.time_limit) + f", at radii {radii}{refinement}"
+
+
+def _certify_box(cell: Cell) -> str:
+    if cell.certify.box:
+        return "the certified ball keeps pixels in [0, 1], as the attacks' verification does"
+    return "the certified ball ignores the pixel bound 1: a larger ball, so its certificates hold with the box too"
+
+
 class ShardRunner:
     """Runs shards for one worker, caching models, test sets and clean accuracies."""
 
@@ -204,6 +251,7 @@ class ShardRunner:
         self.verify_workers = default_verify_workers(self.device) if context.verify_workers is None else context.verify_workers
         self._verify_pool: ProcessPoolExecutor | None = None
         self._models: dict[str, torch.nn.Module] = {}
+        self._cpu_models: dict[str, torch.nn.Module] = {}
         self._clean_accuracy: dict[str, float] = {}
         self._test_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -240,6 +288,14 @@ class ShardRunner:
             self._models[name] = loaded
         return self._models[name]
 
+    def cpu_model(self, name: str) -> torch.nn.Module:
+        """The model on the CPU, where the certifiers compute (in float64)."""
+        if self.device.type == "cpu":
+            return self.model(name)
+        if name not in self._cpu_models:
+            self._cpu_models[name] = copy.deepcopy(self.model(name)).cpu()
+        return self._cpu_models[name]
+
     def clean_accuracy(self, cell: Cell) -> float:
         """Accuracy of the cell's model on the full test split of its data set."""
         if cell.model not in self._clean_accuracy:
@@ -253,6 +309,8 @@ class ShardRunner:
         ``on_progress`` gets a :class:`ShardProgress` after every attack step.
         """
         cell, context = shard.cell, self.context
+        if cell.certify is not None:
+            return self._certify_shard(shard, on_progress)
         if shard_exists(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id):
             return ShardOutcome(shard.shard_id, cell.cell_id, shard.stop - shard.start, 0.0, skipped=True)
         started = time.perf_counter()
@@ -292,6 +350,52 @@ class ShardRunner:
         # Images first: the examples file is what marks the shard done.
         self._write_images(shard, images, columns["adversarial"])
         write_shard(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id, record)
+        return ShardOutcome(shard.shard_id, cell.cell_id, rows, time.perf_counter() - started, skipped=False)
+
+    def _certify_shard(self, shard: Shard, on_progress: Callable[[ShardProgress], None] | None) -> ShardOutcome:
+        """A certify cell's shard: :func:`~harness.certify.run.certify_batch` on its images, one certificates row per
+        example and radius (skipped when its file exists)."""
+        from ..certify.run import certify_batch  # attack-only workers never load the certifiers
+
+        cell, context = shard.cell, self.context
+        rows = shard.stop - shard.start
+        if shard_exists(context.results_dir, Table.CERTIFICATES, cell.dataset, cell.model, shard.shard_id):
+            return ShardOutcome(shard.shard_id, cell.cell_id, rows, 0.0, skipped=True)
+        started = time.perf_counter()
+        radii = cell.certify.radii
+
+        def report(done: bool) -> None:  # the certifier reports nothing while it runs: the shard's start and end
+            if on_progress is not None:
+                stage = "certified" if done else f"certifying at {len(radii)} radii"
+                on_progress(ShardProgress(
+                    shard.shard_id, cell.cell_id, rows if done else 0, rows, 0, 1, radii[-1], time.perf_counter() - started, stage,
+                ))
+
+        report(done=False)
+        images, labels = self._examples(shard)
+        model = self.cpu_model(cell.model)
+        batch = certify_batch(model, images.cpu(), labels.cpu(), cell.ball.transport, cell.certify)
+        # What the ladder's timings do not cover (the bisection of the certified radius, reading the network), per example.
+        rest = max(time.perf_counter() - started - float(batch.seconds.sum()), 0.0) / rows
+        settings = {**certify_columns(cell), **cell.ball.config(), "ball_title": cell.ball.title}
+        count = rows * len(radii)  # rows of the table: example-major, radii in increasing order
+        record = {name: [value] * count for name, value in settings.items()}
+        per_example = np.repeat(np.arange(rows), len(radii))
+        record.update(
+            cell_id=[cell.cell_id] * count,
+            shard_id=[shard.shard_id] * count,
+            example_index=shard.start + per_example,
+            label=labels.cpu().numpy()[per_example],
+            clean_prediction=batch.prediction[per_example],
+            eps=np.tile(np.asarray(radii, dtype=np.float64), rows),
+            status=[status.value for statuses in batch.status for status in statuses],
+            margin_lower=batch.margin.ravel(),
+            seconds=batch.seconds.ravel(),
+            certified_radius=batch.certified_radius[per_example],
+            radius_search_seconds=np.full(count, rest),
+        )
+        write_shard(context.results_dir, Table.CERTIFICATES, cell.dataset, cell.model, shard.shard_id, record)
+        report(done=True)
         return ShardOutcome(shard.shard_id, cell.cell_id, rows, time.perf_counter() - started, skipped=False)
 
     @staticmethod
@@ -334,33 +438,44 @@ class ShardRunner:
         write_shard(self.context.results_dir, Table.IMAGES, cell.dataset, cell.model, shard.shard_id, record)
 
     def finish_cell(self, cell: Cell, started_at: datetime.datetime) -> dict:
-        """Write the cell's row from its examples on disk; returns the row.
+        """Write the cell's row from its examples (a certify cell: its certificates) on disk; returns the row.
 
         ``seconds`` is the compute time of the examples on disk (attack and
-        verification), so a rerun that only finds finished shards leaves it
-        unchanged; ``started_at`` is when this run began the cell.
+        verification, or certification), so a rerun that only finds finished
+        shards leaves it unchanged; ``started_at`` is when this run began the
+        cell. A certify cell's ``robust_accuracy`` is its certified accuracy
+        at its largest radius.
         """
         context = self.context
-        examples = read_table(context.results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)])
-        examples = examples.drop_duplicates("example_index")
         spec = zoo.model_spec(cell.model)
-        row = {name: [value] for name, value in cell_columns(cell).items()}
-        complete = len(examples) == cell.n_examples
+        if cell.certify is not None:
+            examples, seconds, robust = self._certified_outcome(cell)
+            summary, box_handling, gradient_mode = _certify_summary(cell), _certify_box(cell), None
+        else:
+            found = read_table(context.results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)])
+            found = found.drop_duplicates("example_index")
+            examples, seconds = len(found), float((found["attack_seconds"] + found["verify_seconds"]).sum())
+            robust = robust_accuracy(found["verified_distance"], cell.final_eps) if examples else None
+            summary = _suite_summary(cell) if cell.suite else cell.ball.attack_summary(cell.solver_spec, cell.step_rule)
+            box_handling = _SUITE_BOX if cell.suite else cell.ball.box_handling(cell.solver_spec, cell.clamp)
+            gradient_mode = spec.gradient_mode.value
+        row = {name: [value] for name, value in {**cell_columns(cell), **certify_columns(cell)}.items()}
+        complete = examples == cell.n_examples
         row.update(
             cell_id=[cell.cell_id],
-            gradient_mode=[spec.gradient_mode.value],
+            gradient_mode=[gradient_mode],
             status=[(CellStatus.COMPLETE if complete else CellStatus.INCOMPLETE).value],
-            n_examples=[len(examples)],
+            n_examples=[examples],
             started_at=[started_at],
             finished_at=[datetime.datetime.now(datetime.timezone.utc)],
-            seconds=[float((examples["attack_seconds"] + examples["verify_seconds"]).sum())],
+            seconds=[seconds],
             clean_accuracy=[self.clean_accuracy(cell)],
-            robust_accuracy=[robust_accuracy(examples["verified_distance"], cell.final_eps) if len(examples) else None],
+            robust_accuracy=[robust],
             trained_for=[spec.trained_for.value],
             model_training=[training_summary(spec, context.weights_dir)],
             model_paper=[spec.paper],
-            attack_summary=[_suite_summary(cell) if cell.suite else cell.ball.attack_summary(cell.solver_spec, cell.step_rule)],
-            box_handling=[_SUITE_BOX if cell.suite else cell.ball.box_handling(cell.solver_spec, cell.clamp)],
+            attack_summary=[summary],
+            box_handling=[box_handling],
             ball_description=[cell.ball.description],
             config_json=[json.dumps(cell.config(), sort_keys=True)],
             package_versions_json=[json.dumps(package_versions(), sort_keys=True)],
@@ -369,3 +484,13 @@ class ShardRunner:
         )
         write_shard(context.results_dir, Table.CELLS, cell.dataset, cell.model, cell.cell_id, row)
         return {name: values[0] for name, values in row.items()}
+
+    def _certified_outcome(self, cell: Cell) -> tuple[int, float, float | None]:
+        """Examples with certificates on disk, their certification seconds, and the certified accuracy at the largest radius."""
+        certificates = read_table(self.context.results_dir, Table.CERTIFICATES, filters=[("cell_id", "==", cell.cell_id)])
+        certificates = certificates.drop_duplicates(["example_index", "eps"])
+        per_example = certificates.drop_duplicates("example_index")
+        seconds = float(certificates["seconds"].sum() + per_example["radius_search_seconds"].sum())
+        largest = certificates[certificates["eps"] == cell.final_eps]
+        robust = float((largest["status"] == CertificateStatus.CERTIFIED.value).mean()) if len(largest) else None
+        return len(per_example), seconds, robust

@@ -5,6 +5,7 @@ Layout under ``results_dir``::
     examples/dataset=mnist/model=mnist%2Fstandard/shard-<shard id>.parquet
     images/dataset=mnist/model=mnist%2Fstandard/shard-<shard id>.parquet
     cells/dataset=mnist/model=mnist%2Fstandard/shard-<cell id>.parquet
+    certificates/dataset=mnist/model=mnist%2Fstandard/shard-<shard id>.parquet
 
 Hive-partitioned by data set and model (partition values URI-encoded, so
 registry names with ``/`` stay one folder). A shard is written to a hidden
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "CELLS_SCHEMA",
+    "CERTIFICATES_SCHEMA",
     "EXAMPLES_SCHEMA",
     "IMAGES_SCHEMA",
     "PARTITION_SCHEMA",
@@ -46,7 +48,7 @@ __all__ = [
     "write_shard",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped whenever a table or column is added, removed or changes meaning.
 
 Version 2 added the ``images`` table, and to ``cells`` the model's
@@ -61,7 +63,11 @@ and empty otherwise. Version 4 added, to ``examples`` and ``cells``,
 ``eps_increment`` (the additive growth of a schedule; 0 in older rows) and
 the evaluation suite of a suite cell (``suite``, ``suite_version``,
 ``suite_json``; empty for single attacks), and to ``examples`` the suite's
-``schedule_radius``, ``found_by``, ``refined_by`` and ``rejected_claims``."""
+``schedule_radius``, ``found_by``, ``refined_by`` and ``rejected_claims``.
+Version 5 added the ``certificates`` table (one row per example and radius
+of a certify cell) and, to ``cells``, a certify cell's settings
+(``certifier``, ``box``, ``time_limit``, ``radius_rounds``; empty for attack
+cells, and in older rows)."""
 
 TYPED_HYPERPARAMETERS = {
     "lam": pa.float64(),
@@ -84,6 +90,8 @@ class Table(enum.Enum):
     """One row per grid cell."""
     IMAGES = "images"
     """Clean and adversarial images of the first examples of each cell (galleries)."""
+    CERTIFICATES = "certificates"
+    """One row per certified example and radius."""
 
 
 PARTITION_SCHEMA = pa.schema([pa.field("dataset", pa.string()), pa.field("model", pa.string())])
@@ -115,6 +123,14 @@ _CELL_CONFIG = [
     pa.field("suite", pa.string()),
     pa.field("suite_version", pa.int32()),
     pa.field("suite_json", pa.string()),
+]
+
+# The settings of a certify cell (null for attack cells).
+_CERTIFY_CONFIG = [
+    pa.field("certifier", pa.string()),
+    pa.field("box", pa.bool_()),
+    pa.field("time_limit", pa.float64()),
+    pa.field("radius_rounds", pa.int32()),
 ]
 
 EXAMPLES_SCHEMA = pa.schema(
@@ -153,6 +169,7 @@ EXAMPLES_SCHEMA = pa.schema(
 CELLS_SCHEMA = pa.schema(
     [pa.field("schema_version", pa.int16(), nullable=False)]
     + _CELL_CONFIG
+    + _CERTIFY_CONFIG
     + [
         pa.field("status", pa.string(), nullable=False),
         pa.field("n_examples", pa.int64()),
@@ -173,7 +190,11 @@ CELLS_SCHEMA = pa.schema(
         pa.field("device", pa.string()),
     ]
 )
-"""Columns of the ``cells`` table: the cell's configuration, outcome, model and provenance."""
+"""Columns of the ``cells`` table: the cell's configuration, outcome, model and provenance.
+
+For a certify cell ``robust_accuracy`` is the certified accuracy at its
+largest radius (``final_eps``), and ``attack_summary`` and ``box_handling``
+describe the certifier."""
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -193,7 +214,43 @@ IMAGES_SCHEMA = pa.schema(
 Join with ``examples`` on ``cell_id`` and ``example_index`` for labels,
 predictions and verified distances."""
 
-_SCHEMAS = {Table.EXAMPLES: EXAMPLES_SCHEMA, Table.CELLS: CELLS_SCHEMA, Table.IMAGES: IMAGES_SCHEMA}
+CERTIFICATES_SCHEMA = pa.schema(
+    [
+        pa.field("schema_version", pa.int16(), nullable=False),
+        pa.field("cell_id", pa.string(), nullable=False),
+        pa.field("threat_model", pa.string(), nullable=False),
+        pa.field("ball_title", pa.string()),
+        pa.field("kernel_size", pa.int32()),
+        pa.field("p", pa.float64()),
+    ]
+    + _CERTIFY_CONFIG
+    + [
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("example_index", pa.int64(), nullable=False),
+        pa.field("label", pa.int16()),
+        pa.field("clean_prediction", pa.int16()),
+        pa.field("eps", pa.float64(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("margin_lower", pa.float64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("certified_radius", pa.float64()),
+        pa.field("radius_search_seconds", pa.float64()),
+    ]
+)
+"""Columns of the ``certificates`` table: one row per example and radius of a certify cell.
+
+``status`` is a :class:`~harness.vocabulary.CertificateStatus` value;
+``margin_lower`` the proven lower bound on the smallest logit margin over
+the ball (null where that radius was not evaluated: the example was decided
+at a smaller one); ``seconds`` the certifier's time on the example at that
+radius. ``certified_radius`` (the largest radius proven, the bisection after
+the ladder included; 0 when none) and ``radius_search_seconds`` (the
+example's share of the rest of its shard's time: that bisection, reading the
+network) belong to the example and repeat on each of its rows."""
+
+_SCHEMAS = {
+    Table.EXAMPLES: EXAMPLES_SCHEMA, Table.CELLS: CELLS_SCHEMA, Table.IMAGES: IMAGES_SCHEMA, Table.CERTIFICATES: CERTIFICATES_SCHEMA,
+}
 _PARTITIONING = pads.partitioning(PARTITION_SCHEMA, flavor="hive")
 
 
@@ -320,7 +377,8 @@ def read_table(
         return frame if columns is None else frame[columns]
     dataset = pads.dataset(str(root), format="parquet", partitioning=_PARTITIONING, schema=full, ignore_prefixes=[".", "_"])
     expression = pq.filters_to_expression(filters) if filters else None
-    upgraded = table is not Table.IMAGES
+    # The tables that existed before version 3; the others have every column from their first version.
+    upgraded = table in (Table.EXAMPLES, Table.CELLS)
     read = None if columns is None else list(dict.fromkeys([*columns, *(_UPGRADE_INPUTS if upgraded else ())]))
     frame = dataset.to_table(columns=read, filter=expression).to_pandas()
     frame = _upgrade(frame) if upgraded else frame

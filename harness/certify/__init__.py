@@ -1,0 +1,16 @@
+"""Certified lower bounds on Wasserstein robust accuracy.
+
+Every figure an attack produces is an upper bound on robust accuracy; a
+certificate proves that no image of the ball changes the prediction, which
+bounds it from below. Two certifiers (:class:`~harness.vocabulary.Certifier`):
+
+``linear_bounds`` (:mod:`.bounds`)
+    Incomplete and fast: the first layer's pre-activations bounded exactly by
+    the support function of the ball (:mod:`solvers.support`), then linear
+    ReLU relaxations back-substituted to the input and concretized over the
+    ball again (CROWN, Zhang et al. 2018, with the ball in place of a box).
+``milp`` (:mod:`.milp`)
+    Complete for small networks and radii: the ball as a polytope of local
+    plans and each unstable ReLU as a binary variable (Tjeng, Xiao, Tedrake
+    2019), solved by HiGHS with a time limit per example.
+"""

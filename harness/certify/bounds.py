@@ -1,0 +1,330 @@
+r"""Incomplete certificates: linear relaxation bounds with the Wasserstein ball as the input set.
+
+For a network :math:`f = A_L \circ \mathrm{ReLU} \circ \dots \circ \mathrm{ReLU} \circ A_1`
+(affine blocks :math:`A_l`) and a linear functional :math:`\Lambda` of one
+layer's pre-activations, back-substitution (CROWN, Zhang et al. 2018)
+replaces each ReLU by linear bounds valid on its input interval
+:math:`[l, u]`,
+
+.. math::
+
+    \alpha z \le \mathrm{ReLU}(z) \le \frac{u}{u - l}(z - l)
+    \quad (l < 0 < u), \qquad \alpha = [u > -l],
+
+choosing per coefficient sign the side that keeps a lower bound, until the
+functional is affine in the input image: :math:`\Lambda \cdot z \ge
+\langle a, x'\rangle + c`. Over the ball the minimum of
+:math:`\langle a, x'\rangle` is :math:`-h(-a)`, the support function of
+:mod:`solvers.support`: a linear maximization over local plans, exact
+without the box and a dual bound with it. So the first layer's bounds are
+exact, and every later layer is bounded by one such maximization per neuron
+and direction, layer by layer, each using the intervals of the layers
+before. An example is certified at :math:`\varepsilon` when the lower bound
+of every margin :math:`f_y - f_k` is positive.
+
+A binarizing preprocessing is piecewise constant: each pixel's range over
+the ball (two support-function values) decides whether its bit can flip,
+and the network after it is bounded on the box of bits that can.
+
+Soundness is that of the relaxations and of weak duality, in float64; the
+network's own float32 rounding is not modelled (as in the bound-propagation
+literature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from solvers.geometry import LocalTransport
+from solvers.support import wasserstein_support
+from zoo.architectures import Normalize
+
+from .network import PiecewiseLinearNetwork, apply_affine
+
+__all__ = ["LinearBounds", "linear_bounds"]
+
+_CHUNK = 2048
+"""Specifications bounded at once (the support function holds about 100 float64 values per pixel and specification)."""
+
+_EXAMPLES_AT_ONCE = 4
+"""Examples bounded together (each holds a coefficient image per first-layer neuron and direction)."""
+
+
+@dataclass
+class LinearBounds:
+    """Bounds over the ball, per example.
+
+    Attributes
+    ----------
+    pre_activation : list of (Tensor, Tensor)
+        ``(lower, upper)`` on the input of each ReLU, shape ``(B, *layer shape)``.
+    margin : Tensor (B, classes)
+        Lower bounds on :math:`f_y - f_k` (``+inf`` at ``k = y``).
+    """
+
+    pre_activation: list[tuple[torch.Tensor, torch.Tensor]]
+    margin: torch.Tensor
+
+    @property
+    def worst_margin(self) -> torch.Tensor:
+        """Lower bound on the smallest margin over the wrong classes: certified where positive."""
+        return self.margin.amin(1)
+
+
+def _backward(layer: nn.Module, weights: torch.Tensor, input_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pull a functional ``weights`` (S, *output shape) of the layer's output back to its input.
+
+    Returns the input coefficients (S, *input shape) and the constant (S,)
+    contributed by the layer's bias.
+    """
+    specs = weights.shape[0]
+    if isinstance(layer, nn.Conv2d):
+        pulled = torch.nn.grad.conv2d_input(
+            (specs, *input_shape), layer.weight.double(), weights, layer.stride, layer.padding, layer.dilation, layer.groups
+        )
+        constant = (weights.sum((2, 3)) @ layer.bias.double()) if layer.bias is not None else weights.new_zeros(specs)
+        return pulled, constant
+    if isinstance(layer, nn.Linear):
+        constant = weights @ layer.bias.double() if layer.bias is not None else weights.new_zeros(specs)
+        return weights @ layer.weight.double(), constant
+    if isinstance(layer, nn.Flatten):
+        return weights.reshape(specs, *input_shape), weights.new_zeros(specs)
+    if isinstance(layer, Normalize):
+        std, mean = layer.std.double(), layer.mean.double()
+        return weights / std, -(weights * (mean / std)).flatten(1).sum(1)
+    raise AssertionError(f"no backward rule for {type(layer).__name__}")
+
+
+@dataclass
+class _Relaxation:
+    """The linear bounds of one ReLU layer, per example: ``slope_low z <= relu(z) <= slope_up z + intercept_up``."""
+
+    slope_low: torch.Tensor
+    slope_up: torch.Tensor
+    intercept_up: torch.Tensor
+
+    @classmethod
+    def of(cls, lower: torch.Tensor, upper: torch.Tensor) -> "_Relaxation":
+        unstable = (lower < 0) & (upper > 0)
+        active = (lower >= 0).double()
+        slope_up = torch.where(unstable, upper / (upper - lower).clamp_min(1e-300), active)
+        intercept_up = torch.where(unstable, -slope_up * lower, torch.zeros_like(lower))
+        slope_low = torch.where(unstable, (upper > -lower).double(), active)
+        return cls(slope_low, slope_up, intercept_up)
+
+    def pull(self, weights: torch.Tensor, example: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace ``weights . relu(z)`` by a linear lower bound in ``z``, for specs of one example."""
+        negative = weights.clamp_max(0)
+        low = self.slope_low[example]
+        pulled = weights * low + negative * (self.slope_up[example] - low)
+        constant = (negative * self.intercept_up[example]).flatten(1).sum(1)
+        return pulled, constant
+
+    def interval(self, lower: torch.Tensor, upper: torch.Tensor, example: int):
+        """The ReLU's output interval for its input interval (for interval arithmetic on the next block)."""
+        return lower[example].clamp_min(0), upper[example].clamp_min(0)
+
+
+class _InputSet:
+    """Minima of linear functionals over the set the network's first block sees: the ball, or the box of possible bits."""
+
+    def __init__(self, network, x, eps, transport, box, capacity_rounds):
+        self.x, self.eps, self.transport, self.box, self.rounds = x.double(), eps, transport, box, capacity_rounds
+        self.bits = None
+        if network.binarized:
+            self.bits = self._bit_ranges(network.preprocess.threshold)
+
+    def _bit_ranges(self, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each pixel's possible bits over the ball: low = 1 if it cannot fall below the threshold, high = 1 if it can reach it."""
+        batch, pixels = self.x.shape[0], self.x[0].numel()
+        unit = torch.eye(pixels, dtype=torch.float64).view(pixels, *self.x.shape[1:])
+        coefficients = torch.cat([unit, -unit]).repeat(batch, 1, 1, 1)
+        example = torch.arange(batch).repeat_interleave(2 * pixels)
+        def crossing(minima):
+            # The box can only move a bit whose unboxed range crosses the threshold.
+            pairs = minima.view(batch, 2, pixels)
+            open_ = (pairs[:, 0] < threshold) & (-pairs[:, 1] >= threshold)
+            return open_[:, None, :].expand(-1, 2, -1).reshape(-1)
+
+        minima = self.refined(coefficients, example, torch.zeros(coefficients.shape[0], dtype=torch.float64), crossing)
+        minima = minima.view(batch, 2, *self.x.shape[1:])
+        lowest, highest = minima[:, 0], -minima[:, 1]
+        return (lowest >= threshold).double(), (highest >= threshold).double()
+
+    def _support(self, coefficients, example, box: bool):
+        values = []
+        for start in range(0, coefficients.shape[0], _CHUNK):
+            stop = start + _CHUNK
+            values.append(wasserstein_support(
+                coefficients[start:stop], self.x, example[start:stop], self.eps, self.transport,
+                box=box, capacity_rounds=self.rounds,
+            ).value)
+        return torch.cat(values) if values else coefficients.new_zeros(0)
+
+    def minimum(self, coefficients: torch.Tensor, example: torch.Tensor, box: bool = False) -> torch.Tensor:
+        """Lower bounds on ``min <a_s, input>`` (S,) for coefficient images of the first block's input."""
+        if self.bits is None:
+            return -self._support(-coefficients, example, box)
+        low, high = self.bits[0][example], self.bits[1][example]
+        return (coefficients.clamp_min(0) * low + coefficients.clamp_max(0) * high).flatten(1).sum(1)
+
+    def refined(self, coefficients, example, constant, needs_box) -> torch.Tensor:
+        """``constant + min <a_s, input>``: over the unboxed ball first, then, with the box, again for the
+        specifications ``needs_box`` selects from those values (the boxed ball is smaller, so both bounds hold)."""
+        values = constant + self.minimum(coefficients, example)
+        if self.box and self.bits is None:
+            chosen = needs_box(values).nonzero().flatten()
+            if chosen.numel():
+                boxed = constant[chosen] + self.minimum(coefficients[chosen], example[chosen], box=True)
+                values[chosen] = torch.maximum(values[chosen], boxed)
+        return values
+
+
+def _NO_BOX(values: torch.Tensor) -> torch.Tensor:
+    """Deeper layers' neurons are bounded over the unboxed ball (a superset): the box's prices cost a re-solve per
+    round, and measured where it matters least, after the first layer's exact boxed bounds."""
+    return torch.zeros_like(values, dtype=torch.bool)
+
+
+def _unstable_pairs(neurons: int):
+    """For specifications ``[+z; -z]`` of ``neurons`` neurons (per example): both entries of every neuron left unstable."""
+
+    def select(minima: torch.Tensor) -> torch.Tensor:
+        pairs = minima.view(-1, 2, neurons)
+        unstable = (pairs[:, 0] < 0) & (pairs[:, 1] < 0)  # lower < 0 < upper
+        return unstable[:, None, :].expand(-1, 2, -1).reshape(-1)
+
+    return select
+
+
+def _linear_form(weights, constant, level, example: int, blocks, shapes, relaxations):
+    """``weights . h + constant`` (``h`` the output of ReLU ``level``) bounded below by an affine function of the input."""
+    for depth in range(level, -1, -1):
+        weights, extra = relaxations[depth].pull(weights, example)
+        constant = constant + extra
+        for layer, shape in zip(reversed(blocks[depth]), reversed(shapes[depth])):
+            weights, extra = _backward(layer, weights, shape)
+            constant = constant + extra
+    return weights, constant
+
+
+def _interval_forward(block, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interval arithmetic through an affine block (a cheap first bound; the linear bounds refine what it leaves open)."""
+    centre, radius = (upper + lower) / 2, (upper - lower) / 2
+    for layer in block:
+        if isinstance(layer, nn.Conv2d):
+            centre = apply_affine(layer, centre)
+            radius = layer._conv_forward(radius, layer.weight.double().abs(), None)
+        elif isinstance(layer, nn.Linear):
+            centre = apply_affine(layer, centre)
+            radius = nn.functional.linear(radius, layer.weight.double().abs())
+        else:
+            centre, radius = layer(centre), layer(radius)
+    return centre - radius, centre + radius
+
+
+def _first_layer_bounds(network: PiecewiseLinearNetwork, batch, inputs: _InputSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds on the first ReLU's input: one support-function value per neuron and direction (exact without the box)."""
+    coefficients, bias = network.jacobian(0)
+    neurons = coefficients.shape[0]
+    spec = torch.cat([coefficients, -coefficients])
+    example = torch.arange(batch).repeat_interleave(2 * neurons)
+    constant = torch.cat([bias, -bias]).repeat(batch)
+    minima = inputs.refined(spec.repeat(batch, 1, 1, 1), example, constant, _unstable_pairs(neurons)).view(batch, 2, neurons)
+    return minima[:, 0], -minima[:, 1]
+
+
+@torch.no_grad()
+def linear_bounds(
+    network: PiecewiseLinearNetwork,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    eps,
+    transport: LocalTransport,
+    *,
+    box: bool,
+    capacity_rounds: int = 5,
+) -> LinearBounds:
+    """Bounds on every ReLU input and on the logit margins over the Wasserstein ball.
+
+    Parameters
+    ----------
+    network : PiecewiseLinearNetwork
+    x : Tensor (B, C, H, W)
+        Clean images in [0, 1].
+    labels : Tensor (B,)
+    eps : float or Tensor (B,)
+        Radii in normalized units.
+    transport : LocalTransport
+    box : bool
+        Whether the ball keeps pixels at most 1 (the benchmark's boxed attacks do).
+    capacity_rounds : int, default 5
+        With the box: price updates of each support-function bound (see :mod:`solvers.support`).
+
+    Returns
+    -------
+    LinearBounds
+    """
+    if x.shape[0] > _EXAMPLES_AT_ONCE:
+        # Memory grows with examples x neurons x pixels: groups of a few examples keep it bounded.
+        eps = torch.as_tensor(eps, dtype=torch.float64).expand(x.shape[0])
+        parts = [
+            linear_bounds(network, x[start : start + _EXAMPLES_AT_ONCE], labels[start : start + _EXAMPLES_AT_ONCE],
+                          eps[start : start + _EXAMPLES_AT_ONCE], transport, box=box, capacity_rounds=capacity_rounds)
+            for start in range(0, x.shape[0], _EXAMPLES_AT_ONCE)
+        ]
+        return LinearBounds(
+            [(torch.cat([part.pre_activation[i][0] for part in parts]), torch.cat([part.pre_activation[i][1] for part in parts]))
+             for i in range(len(parts[0].pre_activation))],
+            torch.cat([part.margin for part in parts]),
+        )
+    batch = x.shape[0]
+    inputs = _InputSet(network, x, eps, transport, box, capacity_rounds)
+    blocks, shapes = network.blocks, network.layer_input_shapes
+    intervals: list[tuple[torch.Tensor, torch.Tensor]] = []
+    relaxations: list[_Relaxation] = []
+
+    def lower_bounds(weights, constant, level, example, needs_box):
+        forms = [
+            _linear_form(weights[start : start + _CHUNK], constant[start : start + _CHUNK], level, example, blocks, shapes, relaxations)
+            for start in range(0, weights.shape[0], _CHUNK)
+        ]
+        coefficients, constant = torch.cat([form[0] for form in forms]), torch.cat([form[1] for form in forms])
+        return inputs.refined(coefficients, torch.full((coefficients.shape[0],), example), constant, needs_box)
+
+    for depth in range(len(blocks) - 1):
+        if depth == 0:
+            lower, upper = _first_layer_bounds(network, batch, inputs)
+        else:
+            previous = intervals[-1]
+            lower, upper = _interval_forward(blocks[depth], previous[0].clamp_min(0), previous[1].clamp_min(0))
+            coefficients, bias = network.jacobian(depth)
+            for index in range(batch):
+                # Only the neurons interval arithmetic leaves unstable need the linear bounds.
+                open_ = ((lower[index] < 0) & (upper[index] > 0)).flatten().nonzero().flatten()
+                if open_.numel() == 0:
+                    continue
+                weights = torch.cat([coefficients[open_], -coefficients[open_]])
+                constant = torch.cat([bias[open_], -bias[open_]])
+                minima = lower_bounds(weights, constant, depth - 1, index, _NO_BOX).view(2, -1)
+                flat_lower, flat_upper = lower[index].flatten(), upper[index].flatten()
+                flat_lower[open_] = torch.maximum(flat_lower[open_], minima[0])
+                flat_upper[open_] = torch.minimum(flat_upper[open_], -minima[1])
+        lower, upper = lower.reshape(batch, *shapes[depth + 1][0]), upper.reshape(batch, *shapes[depth + 1][0])
+        intervals.append((lower, upper))
+        relaxations.append(_Relaxation.of(lower, upper))
+    last = network.layers[-1]
+    if not isinstance(last, nn.Linear):
+        raise ValueError("the logits layer must be Linear")
+    classes = last.out_features
+    coefficients, bias = network.jacobian(len(blocks) - 1)
+    margin = torch.full((batch, classes), float("inf"), dtype=torch.float64)
+    for index in range(batch):
+        label = int(labels[index])
+        wrong = torch.tensor([k for k in range(classes) if k != label])
+        weights = coefficients[label][None] - coefficients[wrong]
+        margin[index, wrong] = lower_bounds(weights, bias[label] - bias[wrong], len(blocks) - 2, index, lambda values: values <= 0)
+    return LinearBounds(intervals, margin)

@@ -1,0 +1,219 @@
+"""Soundness of the incomplete certificates: the support function against exact LPs, bounds against sampled
+points of the ball, and certified examples against every attack in the project.
+
+Problems are generated: small convolutional networks that are not in the zoo,
+on 8x8 digit-like images. Points of the ball come from random plans projected
+onto it (:func:`solvers.plan_space.project_plans`), so they share no code
+with the bounds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from harness.attack.ball import Ball
+from harness.attack.pgd import EpsSchedule, PGDAttack
+from harness.certify.bounds import linear_bounds
+from harness.certify.network import PiecewiseLinearNetwork, UnsupportedNetwork
+from harness.certify.run import CertifySettings, certify_batch
+from harness.vocabulary import CertificateStatus, Certifier, VerificationStatus
+from solvers.exact import linear_maximization
+from solvers.geometry import LocalTransport
+from solvers.iterate import StepRule
+from solvers.plan_space import plan_image, plan_linear_maximization, plan_gradient, project_plans, window_layout
+from solvers.support import wasserstein_support
+from zoo.architectures import Binarize, ClassifierWithPreprocessing
+from conftest import digit_batch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TRANSPORT = LocalTransport(3, 1.0)
+SHAPE = (1, 8, 8)
+
+
+def _network(seed: int, preprocess: nn.Module | None = None) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=1, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 12), nn.ReLU(), nn.Linear(12, 3),
+    ).double()
+    return ClassifierWithPreprocessing(preprocess or nn.Identity(), net).eval()
+
+
+def _ball_points(x: torch.Tensor, eps: float, box: bool, seed: int, count: int) -> torch.Tensor:
+    """``count`` points of the ball around each image (B * count, C, H, W): random plans, projected."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = x.repeat_interleave(count, 0)
+    cost, valid = window_layout(TRANSPORT, *x.shape[2:], dtype=x.dtype)
+    # Plans far from the identity, so that the projection lands on the ball's boundary as well as inside.
+    raw = torch.rand(centres.shape[0], 1, x[0].numel(), cost.numel(), generator=generator, dtype=x.dtype) ** 4
+    raw = raw * valid * centres.flatten(1)[:, None, :, None] * 3
+    projection = project_plans(raw, centres, cost, valid, eps, box=box)
+    return plan_image(projection.plan, *x.shape[2:]).view_as(centres)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.as_tensor(digit_batch(11, 6, SHAPE))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.02, 0.1, 0.4])
+def test_unboxed_support_is_the_exact_linear_maximum(images, eps):
+    a = torch.randn(images.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    bound = wasserstein_support(a, images, torch.arange(images.shape[0]), eps, TRANSPORT)
+    exact = np.array([linear_maximization(images[i], a[i], eps, 3, 1.0)[0] for i in range(images.shape[0])])
+    assert bound.value.numpy() == pytest.approx(exact, rel=1e-6, abs=1e-7)
+    assert bool(bound.exact.all())
+    assert bool((bound.lower <= bound.value + 1e-12).all())
+
+
+@pytest.mark.parametrize("eps", [0.02, 0.1, 0.4])
+def test_boxed_support_brackets_the_boxed_maximum(images, eps):
+    a = torch.randn(images.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    example = torch.arange(images.shape[0])
+    unboxed = wasserstein_support(a, images, example, eps, TRANSPORT)
+    boxed = wasserstein_support(a, images, example, eps, TRANSPORT, box=True, capacity_rounds=30)
+    cost, valid = window_layout(TRANSPORT, 8, 8, dtype=torch.float64)
+    reference = plan_linear_maximization(plan_gradient(a, 3), images, cost, valid, eps, box=True, max_iter=300)
+    assert bool(reference.converged.all())
+    # The reference's plan is a point of the boxed ball: no upper bound may fall below it.
+    assert bool((boxed.value >= reference.value.double() - 1e-9).all())
+    assert bool((boxed.value <= unboxed.value + 1e-12).all())
+    finite = torch.isfinite(boxed.lower)
+    assert bool((boxed.lower[finite] <= reference.value.double()[finite] + 1e-6).all())
+    # Exactness is claimed only where the bracket closed.
+    assert bool((boxed.value[boxed.exact] - reference.value.double()[boxed.exact] <= 1e-6).all())
+
+
+def test_support_bounds_every_sampled_point_of_the_ball(images):
+    a = torch.randn(images.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for box in (False, True):
+        points = _ball_points(images, 0.1, box, seed=4, count=40)
+        values = (points * a.repeat_interleave(40, 0)).flatten(1).sum(1).view(images.shape[0], 40)
+        bound = wasserstein_support(a, images, torch.arange(images.shape[0]), 0.1, TRANSPORT, box=box)
+        assert bool((values.amax(1) <= bound.value + 1e-9).all())
+
+
+def test_support_rejects_bad_input(images):
+    a = torch.zeros_like(images)
+    with pytest.raises(ValueError, match="eps=.*invalid"):
+        wasserstein_support(a, images, torch.arange(6), -0.1, TRANSPORT)
+    with pytest.raises(ValueError, match="example has shape"):
+        wasserstein_support(a, images, torch.arange(5), 0.1, TRANSPORT)
+    with pytest.raises(ValueError, match="at most 1 with box=True"):
+        wasserstein_support(a, images * 2, torch.arange(6), 0.1, TRANSPORT, box=True)
+
+
+@pytest.mark.parametrize("box", [False, True])
+def test_every_bound_holds_on_sampled_points_of_the_ball(images, box):
+    model = _network(5)
+    network = PiecewiseLinearNetwork.of(model, SHAPE)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    eps, count = 0.05, 30
+    bounds = linear_bounds(network, images, labels, eps, TRANSPORT, box=box)
+    points = _ball_points(images, eps, box, seed=6, count=count)
+    with torch.no_grad():
+        h, relu_index = points, 0
+        for layer in network.layers:
+            if isinstance(layer, nn.ReLU):
+                lower, upper = (bound.repeat_interleave(count, 0) for bound in bounds.pre_activation[relu_index])
+                assert bool((h >= lower - 1e-9).all()) and bool((h <= upper + 1e-9).all())
+                relu_index += 1
+            h = layer(h)
+        margins = h.gather(1, labels.repeat_interleave(count)[:, None]) - h
+    # At the true class the margin is 0 and its bound +inf by convention: only the wrong classes count.
+    wrong = torch.isfinite(bounds.margin).repeat_interleave(count, 0)
+    assert bool((margins[wrong] >= bounds.margin.repeat_interleave(count, 0)[wrong] - 1e-9).all())
+    # Not vacuous: some neurons are proven stable and some margins proven positive.
+    first_lower, first_upper = bounds.pre_activation[0]
+    assert bool(((first_lower > 0) | (first_upper < 0)).any())
+    assert bool((bounds.worst_margin > 0).any())
+
+
+def test_the_box_only_tightens_and_a_larger_ball_only_loosens(images):
+    model = _network(7)
+    network = PiecewiseLinearNetwork.of(model, SHAPE)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    unboxed = linear_bounds(network, images, labels, 0.05, TRANSPORT, box=False).pre_activation[0]
+    boxed = linear_bounds(network, images, labels, 0.05, TRANSPORT, box=True).pre_activation[0]
+    larger = linear_bounds(network, images, labels, 0.2, TRANSPORT, box=False).pre_activation[0]
+    assert bool((boxed[0] >= unboxed[0] - 1e-12).all()) and bool((boxed[1] <= unboxed[1] + 1e-12).all())
+    assert bool((boxed[1] < unboxed[1] - 1e-6).any())  # the box binds on saturated pixels
+    assert bool((larger[0] <= unboxed[0] + 1e-12).all()) and bool((larger[1] >= unboxed[1] - 1e-12).all())
+
+
+def test_binarized_inputs_are_bounded_through_the_bits_that_can_flip(images):
+    model = _network(8, Binarize(0.5).double())
+    network = PiecewiseLinearNetwork.of(model, SHAPE)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    eps, count = 0.005, 30
+    bounds = linear_bounds(network, images, labels, eps, TRANSPORT, box=True)
+    points = _ball_points(images, eps, True, seed=9, count=count)
+    with torch.no_grad():
+        logits = model(points)
+    margins = logits.gather(1, labels.repeat_interleave(count)[:, None]) - logits
+    wrong = torch.isfinite(bounds.margin).repeat_interleave(count, 0)
+    assert bool((margins[wrong] >= bounds.margin.repeat_interleave(count, 0)[wrong] - 1e-9).all())
+    assert bool((bounds.worst_margin > 0).any())
+
+
+def test_unsupported_layers_are_named():
+    with pytest.raises(UnsupportedNetwork, match="MaxPool2d"):
+        PiecewiseLinearNetwork.of(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 2)), SHAPE)
+    with pytest.raises(UnsupportedNetwork, match="must end in a Linear"):
+        PiecewiseLinearNetwork.of(nn.Sequential(nn.Flatten(), nn.Linear(64, 2), nn.ReLU()), SHAPE)
+
+
+@pytest.fixture(scope="module")
+def certified_problem(images):
+    model = _network(12)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    labels[0] = (labels[0] + 1) % 3  # one clean misclassification
+    settings = CertifySettings(Certifier.LINEAR_BOUNDS, (0.01, 0.05, 0.2), box=True, radius_rounds=2)
+    return model, labels, settings, certify_batch(model, images, labels, TRANSPORT, settings)
+
+
+def test_the_radius_ladder_reports_what_it_proved(images, certified_problem):
+    model, labels, settings, batch = certified_problem
+    assert batch.status[0] == [CertificateStatus.CLEAN_MISCLASSIFIED] * 3 and batch.certified_radius[0] == 0
+    for i in range(1, images.shape[0]):
+        for j, eps in enumerate(settings.radii):
+            certified = batch.status[i][j] is CertificateStatus.CERTIFIED
+            assert certified == (batch.certified_radius[i] >= eps)
+            if certified:
+                assert batch.margin[i, j] > 0
+    assert any(CertificateStatus.CERTIFIED in row for row in batch.status)
+    assert any(CertificateStatus.UNKNOWN in row for row in batch.status)
+    # The bisection reached radii between the ladder's rungs.
+    assert set(np.round(batch.certified_radius, 9)) - {0.0, *settings.radii}
+    with pytest.raises(ValueError, match="radii=\\[0.1, 0.05\\] are invalid"):
+        CertifySettings(Certifier.LINEAR_BOUNDS, (0.1, 0.05), box=True)
+
+
+def test_no_attack_in_the_project_breaks_a_certified_example(images, certified_problem):
+    model, labels, settings, batch = certified_problem
+    ball = Ball.wasserstein(TRANSPORT.kernel_size, TRANSPORT.p)
+    certified = np.flatnonzero(batch.certified_radius > 0)
+    assert certified.size
+    # Each certified example attacked at its certified radius, and (to show the attacks bite) at 0.5.
+    at_certificate = torch.as_tensor(batch.certified_radius[certified], dtype=images.dtype)
+    x = torch.cat([images[certified], images[certified]])
+    y = torch.cat([labels[certified], labels[certified]])
+    radius = torch.cat([at_certificate, torch.full_like(at_certificate, 0.5)])
+    broken_beyond = 0
+    for spec in zoo.solver_specs():
+        steps = (StepRule.LINF_SIGN, 0.1) if spec.kind.attack_steps else (None, None)
+        iterate = ball.iterate(spec, {}, *steps)
+        result = PGDAttack(model, iterate, EpsSchedule.fixed(1.0, 10)).run(x, y, radius_scale=radius)
+        verified = np.asarray(ball.verify(model, x, y, result).status) == int(VerificationStatus.VERIFIED)
+        assert not verified[: certified.size].any(), f"{spec.name} broke a certified example"
+        broken_beyond += int(verified[certified.size :].sum())
+    assert broken_beyond > 0
