@@ -217,3 +217,19 @@ def test_no_attack_in_the_project_breaks_a_certified_example(images, certified_p
         assert not verified[: certified.size].any(), f"{spec.name} broke a certified example"
         broken_beyond += int(verified[certified.size :].sum())
     assert broken_beyond > 0
+
+
+def test_the_complete_certifier_decides_what_the_linear_bounds_leave_open(images, certified_problem):
+    model, labels, _, _ = certified_problem
+    radii = (0.002, 0.01, 0.03)
+    incomplete = certify_batch(model, images, labels, TRANSPORT, CertifySettings(Certifier.LINEAR_BOUNDS, radii, box=True, radius_rounds=0))
+    complete = certify_batch(model, images, labels, TRANSPORT, CertifySettings(Certifier.MILP, radii, box=True, time_limit=5, radius_rounds=0))
+    # The complete certifier starts from the linear bounds, so it proves at least as much, and here more.
+    assert bool((complete.certified_radius >= incomplete.certified_radius).all())
+    assert bool((complete.certified_radius > incomplete.certified_radius).any())
+    ball = Ball.wasserstein(TRANSPORT.kernel_size, TRANSPORT.p)
+    for i, image in complete.counterexamples.items():
+        radius = radii[[s is CertificateStatus.COUNTEREXAMPLE for s in complete.status[i]].index(True)]
+        verdict = ball.verify_claims(model, images[i : i + 1], labels[i : i + 1], image[None].to(images.dtype),
+                                     torch.tensor([True]), torch.tensor([radius], dtype=images.dtype))
+        assert int(verdict.status[0]) == int(VerificationStatus.VERIFIED)

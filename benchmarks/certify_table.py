@@ -1,0 +1,75 @@
+"""Certified against attacked robust accuracy, per model and radius, from a store that ran ``grid=certify``.
+
+Usage::
+
+    python benchmarks/certify_table.py RESULTS_DIR
+
+Prints one Markdown table per certify cell (certifier and box): for each model
+and radius the certified share, the attack's verified robust accuracy on the
+same examples, the gap between them, the mean seconds per example evaluated
+at that radius, and the share of examples whose minimal adversarial radius
+is known exactly (certified radius within 10% of the verified one). Exits
+with status 1, listing them, if any certificate is contradicted by a
+verified attack.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+
+from harness.report.leaderboard import (
+    KNOWN_EXACTLY_TOLERANCE, certificate_violations, certified_radii, known_exactly, robust_accuracy_at, worst_case,
+)
+from harness.run.store import Table, read_table
+
+
+def cell_table(certificates: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
+    """One certify cell's rows against the worst case of the attacks on its examples."""
+    rows = []
+    for model, frame in certificates.groupby("model", observed=True):
+        attacks = worst_case(examples[examples["model"] == model])
+        shared = sorted(set(frame["example_index"]) & set(attacks.index))
+        radii = certified_radii(frame).loc[shared]
+        exact = known_exactly(radii, attacks)
+        for radius in sorted(frame["eps"].unique()):
+            evaluated = frame[(frame["eps"] == radius) & frame["margin_lower"].notna()]
+            certified = float((radii >= radius).mean())
+            attacked = robust_accuracy_at(attacks.loc[shared], radius)
+            rows.append({
+                "model": model, "eps": radius, "examples": len(shared),
+                "certified %": 100 * certified, "attacked %": 100 * attacked, "gap": 100 * (attacked - certified),
+                "s / example": evaluated["seconds"].mean() if len(evaluated) else float("nan"),
+                "timeouts": int((frame.loc[frame["eps"] == radius, "status"] == "timeout").sum()),
+                "known exactly %": 100 * exact,
+            })
+    return pd.DataFrame(rows)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    def shown(value):
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + " --- |" * len(frame.columns)]
+    lines += ["| " + " | ".join(shown(value) for value in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def main(results_dir: str) -> int:
+    certificates = read_table(results_dir, Table.CERTIFICATES)
+    examples = read_table(results_dir, Table.EXAMPLES)
+    for (certifier, box), cell in certificates.groupby(["certifier", "box"], observed=True):
+        print(f"\n### {certifier}, {'with' if box else 'without'} the box "
+              f"(known exactly: certified radius >= verified radius / {1 + KNOWN_EXACTLY_TOLERANCE:g})\n")
+        print(_markdown(cell_table(cell, examples)))
+    violations = certificate_violations(examples, certificates)
+    if len(violations):
+        print(f"\n{len(violations)} certificates contradicted by a verified attack:\n{violations.to_string()}")
+        return 1
+    print("\nNo certificate is contradicted by any verified attack in the store.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
