@@ -11,6 +11,8 @@ Feasibility is always judged by the *independent* exact LP of
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -149,3 +151,12 @@ def world(tmp_path_factory):
     synthetic_world = make_world(tmp_path_factory.mktemp("world"))
     zoo.import_plugins([str(synthetic_world.plugin)])
     return synthetic_world
+
+
+@pytest.fixture(scope="module")
+def published_folders():
+    """``(DATA_ROOT, WEIGHTS_DIR)``: MNIST and the paper's published weights; the test skips without them."""
+    missing = [variable for variable in ("DATA_ROOT", "WEIGHTS_DIR") if not os.environ.get(variable)]
+    if missing:
+        pytest.skip(f"set {' and '.join(missing)} to run on the paper's published MNIST models")
+    return os.environ["DATA_ROOT"], os.environ["WEIGHTS_DIR"]

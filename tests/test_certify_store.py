@@ -9,7 +9,6 @@ test chose; the round trip through the runner certifies real MNIST images of
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -126,16 +125,8 @@ def test_the_certificates_table_reads_empty_and_older_cells_read_without_a_certi
     assert cells["certifier"].isna().all() and cells["box"].isna().all() and cells["cell_id"].tolist() == ["old"]
 
 
-@pytest.fixture(scope="module")
-def real_folders():
-    missing = [variable for variable in ("DATA_ROOT", "WEIGHTS_DIR") if not os.environ.get(variable)]
-    if missing:
-        pytest.skip(f"set {' and '.join(missing)} to certify the paper's MNIST model")
-    return os.environ["DATA_ROOT"], os.environ["WEIGHTS_DIR"]
-
-
-def test_a_certify_cell_runs_through_the_local_executor_and_a_rerun_skips_it(real_folders, tmp_path):
-    data_root, weights_dir = real_folders
+def test_a_certify_cell_runs_through_the_local_executor_and_a_rerun_skips_it(published_folders, tmp_path):
+    data_root, weights_dir = published_folders
     cells = expand_blocks([{**CERTIFY, "box": False, "radii": [0.001, 0.002], "radius_rounds": 0, "n_examples": 2}])
     context = RunContext(data_root=data_root, results_dir=str(tmp_path), weights_dir=weights_dir)
     report = run_cells(cells, context, shard_size=2, progress=False)

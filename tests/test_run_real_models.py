@@ -8,7 +8,6 @@ need MNIST under ``DATA_ROOT`` and the published weights under
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,16 +24,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def folders():
-    missing = [variable for variable in ("DATA_ROOT", "WEIGHTS_DIR") if not os.environ.get(variable)]
-    if missing:
-        pytest.skip(f"set {' and '.join(missing)} to run the benchmark on the paper's models")
-    return os.environ["DATA_ROOT"], os.environ["WEIGHTS_DIR"]
-
-
-def test_local_run_of_two_paper_models(tmp_path, folders):
-    data_root, weights_dir = folders
+def test_local_run_of_two_paper_models(tmp_path, published_folders):
+    data_root, weights_dir = published_folders
     config = {
         "grid": {"name": "tiny", "blocks": [{
             "dataset": "mnist", "model": ["mnist/standard", "mnist/linf_certified"],
@@ -58,8 +49,8 @@ def test_local_run_of_two_paper_models(tmp_path, folders):
         assert np.array_equal(np.asarray(row.original).reshape(1, 28, 28), clean[row.example_index].numpy())
 
 
-def test_hydra_entry_point_smoke(tmp_path, folders):
-    data_root, weights_dir = folders
+def test_hydra_entry_point_smoke(tmp_path, published_folders):
+    data_root, weights_dir = published_folders
     results = tmp_path / "out"
     command = [
         sys.executable, "run_benchmark.py", "grid=smoke", "executor=ray", "ray.num_cpus=2", "n_examples=2",
