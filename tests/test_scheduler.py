@@ -241,7 +241,7 @@ def test_a_killed_actor_is_replaced_and_every_shard_lands_once(world, tmp_path):
     examples = _rows(results)
     assert len(examples) == 12 and not examples.duplicated(["cell_id", "example_index"]).any()
     files = {table: len(list((results / table.value).rglob("shard-*.parquet"))) for table in Table}
-    assert files == {Table.EXAMPLES: 4, Table.CELLS: 1, Table.IMAGES: 1}  # gallery_examples=2: the first shard only
+    assert files == {Table.EXAMPLES: 4, Table.CELLS: 1, Table.IMAGES: 1, Table.CERTIFICATES: 0}  # gallery_examples=2: the first shard only
 
 
 def test_a_shard_that_keeps_failing_is_retried_then_reported(world, tmp_path):
