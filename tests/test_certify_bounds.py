@@ -56,6 +56,15 @@ def _ball_points(x: torch.Tensor, eps: float, box: bool, seed: int, count: int) 
     return plan_image(projection.plan, *x.shape[2:]).view_as(centres)
 
 
+def _assert_margins_hold(logits: torch.Tensor, labels: torch.Tensor, margin_bounds: torch.Tensor, count: int) -> None:
+    """Every sampled point's margins are at least their bounds (``count`` points per example, in order)."""
+    margins = logits.gather(1, labels.repeat_interleave(count)[:, None]) - logits
+    # At the true class the margin is 0 and its bound +inf by convention: only the wrong classes count.
+    bounds = margin_bounds.repeat_interleave(count, 0)
+    wrong = torch.isfinite(bounds)
+    assert bool((margins[wrong] >= bounds[wrong] - 1e-9).all())
+
+
 @pytest.fixture(scope="module")
 def images():
     return torch.as_tensor(digit_batch(11, 6, SHAPE))
@@ -125,10 +134,7 @@ def test_every_bound_holds_on_sampled_points_of_the_ball(images, box):
                 assert bool((h >= lower - 1e-9).all()) and bool((h <= upper + 1e-9).all())
                 relu_index += 1
             h = layer(h)
-        margins = h.gather(1, labels.repeat_interleave(count)[:, None]) - h
-    # At the true class the margin is 0 and its bound +inf by convention: only the wrong classes count.
-    wrong = torch.isfinite(bounds.margin).repeat_interleave(count, 0)
-    assert bool((margins[wrong] >= bounds.margin.repeat_interleave(count, 0)[wrong] - 1e-9).all())
+    _assert_margins_hold(h, labels, bounds.margin, count)
     # Not vacuous: some neurons are proven stable and some margins proven positive.
     first_lower, first_upper = bounds.pre_activation[0]
     assert bool(((first_lower > 0) | (first_upper < 0)).any())
@@ -158,9 +164,7 @@ def test_binarized_inputs_are_bounded_through_the_bits_that_can_flip(images):
     points = _ball_points(images, eps, True, seed=9, count=count)
     with torch.no_grad():
         logits = model(points)
-    margins = logits.gather(1, labels.repeat_interleave(count)[:, None]) - logits
-    wrong = torch.isfinite(bounds.margin).repeat_interleave(count, 0)
-    assert bool((margins[wrong] >= bounds.margin.repeat_interleave(count, 0)[wrong] - 1e-9).all())
+    _assert_margins_hold(logits, labels, bounds.margin, count)
     assert bool((bounds.worst_margin > 0).any())
 
 

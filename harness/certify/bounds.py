@@ -42,7 +42,8 @@ from solvers.geometry import LocalTransport
 from solvers.support import wasserstein_support
 from zoo.architectures import Normalize
 
-from .network import PiecewiseLinearNetwork, apply_affine
+from ..train.certified import interval_bounds
+from .network import PiecewiseLinearNetwork
 
 __all__ = ["LinearBounds", "linear_bounds"]
 
@@ -183,7 +184,7 @@ class _InputSet:
         return values
 
 
-def _NO_BOX(values: torch.Tensor) -> torch.Tensor:
+def _never_boxed(values: torch.Tensor) -> torch.Tensor:
     """Deeper layers' neurons are bounded over the unboxed ball (a superset): the box's prices cost a re-solve per
     round, and measured where it matters least, after the first layer's exact boxed bounds."""
     return torch.zeros_like(values, dtype=torch.bool)
@@ -209,21 +210,6 @@ def _linear_form(weights, constant, level, example: int, blocks, shapes, relaxat
             weights, extra = _backward(layer, weights, shape)
             constant = constant + extra
     return weights, constant
-
-
-def _interval_forward(block, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interval arithmetic through an affine block (a cheap first bound; the linear bounds refine what it leaves open)."""
-    centre, radius = (upper + lower) / 2, (upper - lower) / 2
-    for layer in block:
-        if isinstance(layer, nn.Conv2d):
-            centre = apply_affine(layer, centre)
-            radius = layer._conv_forward(radius, layer.weight.double().abs(), None)
-        elif isinstance(layer, nn.Linear):
-            centre = apply_affine(layer, centre)
-            radius = nn.functional.linear(radius, layer.weight.double().abs())
-        else:
-            centre, radius = layer(centre), layer(radius)
-    return centre - radius, centre + radius
 
 
 def _first_layer_bounds(network: PiecewiseLinearNetwork, batch, inputs: _InputSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +286,10 @@ def linear_bounds(
             lower, upper = _first_layer_bounds(network, batch, inputs)
         else:
             previous = intervals[-1]
-            lower, upper = _interval_forward(blocks[depth], previous[0].clamp_min(0), previous[1].clamp_min(0))
+            # Interval arithmetic first: a cheap bound that the linear bounds refine where it leaves a neuron open.
+            lower, upper = previous[0].clamp_min(0), previous[1].clamp_min(0)
+            for layer in blocks[depth]:
+                lower, upper = interval_bounds(layer, lower, upper)
             coefficients, bias = network.jacobian(depth)
             for index in range(batch):
                 # Only the neurons interval arithmetic leaves unstable need the linear bounds.
@@ -309,7 +298,7 @@ def linear_bounds(
                     continue
                 weights = torch.cat([coefficients[open_], -coefficients[open_]])
                 constant = torch.cat([bias[open_], -bias[open_]])
-                minima = lower_bounds(weights, constant, depth - 1, index, _NO_BOX).view(2, -1)
+                minima = lower_bounds(weights, constant, depth - 1, index, _never_boxed).view(2, -1)
                 flat_lower, flat_upper = lower[index].flatten(), upper[index].flatten()
                 flat_lower[open_] = torch.maximum(flat_lower[open_], minima[0])
                 flat_upper[open_] = torch.minimum(flat_upper[open_], -minima[1])

@@ -116,10 +116,19 @@ class PiecewiseLinearNetwork:
     def block_input_shape(self, depth: int) -> tuple[int, ...]:
         return self.layer_input_shapes[depth][0]
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cached_property
+    def _jacobians(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        # Per network, so that they go with it (a cache on the method would keep every network alive).
+        return {}
+
     @torch.no_grad()
     def jacobian(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``depth`` as coefficient images ``(outputs, *input shape)`` and biases ``(outputs,)``, in float64."""
+        if depth not in self._jacobians:
+            self._jacobians[depth] = self._block_jacobian(depth)
+        return self._jacobians[depth]
+
+    def _block_jacobian(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = self.block_input_shape(depth)
         pixels = math.prod(shape)
         basis = torch.cat([torch.zeros(1, pixels, dtype=torch.float64), torch.eye(pixels, dtype=torch.float64)]).view(-1, *shape)

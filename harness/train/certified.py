@@ -43,12 +43,15 @@ def interval_bounds(module: nn.Module, lower: torch.Tensor, upper: torch.Tensor)
         return lower, upper
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         centre, radius = (upper + lower) / 2, (upper - lower) / 2
+        # In the bounds' precision (float64 for certificates), whatever the layer's.
+        weight = module.weight.to(centre.dtype)
+        bias = None if module.bias is None else module.bias.to(centre.dtype)
         if isinstance(module, nn.Linear):
-            out_centre = F.linear(centre, module.weight, module.bias)
-            out_radius = F.linear(radius, module.weight.abs())
+            out_centre = F.linear(centre, weight, bias)
+            out_radius = F.linear(radius, weight.abs())
         else:
-            out_centre = module._conv_forward(centre, module.weight, module.bias)
-            out_radius = module._conv_forward(radius, module.weight.abs(), None)
+            out_centre = module._conv_forward(centre, weight, bias)
+            out_radius = module._conv_forward(radius, weight.abs(), None)
         return out_centre - out_radius, out_centre + out_radius
     if isinstance(module, WongResidualBlock):
         # relu(skip(x) + conv_b(relu(conv_a(x)))): each branch is bounded on the same input box, then summed.
