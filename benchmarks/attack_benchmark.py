@@ -155,6 +155,21 @@ def markdown(rows, args, eps_grid) -> str:
     return "\n".join(lines) + "\n"
 
 
+BLOCK_KINDS = ("markdown",)
+
+
+def generate(kind: str, folders, options: dict) -> str:
+    """A generated block (``benchmarks/regenerate_results.py``): ``markdown``, the ``--markdown`` file this script
+    wrote into the folder (option ``file``, default ``attack_benchmark.md``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generated_blocks import read_markdown
+
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"{Path(__file__).name} writes no block of kind {kind!r} (kinds: {', '.join(BLOCK_KINDS)})")
+    (folder,) = folders
+    return read_markdown(folder, options.get("file", "attack_benchmark.md"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT"), help="folder containing MNIST/raw (default $DATA_ROOT)")
@@ -190,6 +205,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     rows = run(args)
     if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(markdown(rows, args, args.eps))
         print(f"wrote {args.markdown}")
     return 0

@@ -56,6 +56,68 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# Generated blocks of a results page (benchmarks/regenerate_results.py): kinds "cells" (the tables main prints),
+# "time" (seconds per example per model and certify cell) and "median-radius" (certified against attacked radii).
+BLOCK_KINDS = ("cells", "time", "median-radius")
+
+
+def _cell_name(cell: pd.DataFrame) -> str:
+    first = cell.iloc[0]
+    rounds = "" if pd.isna(first["radius_rounds"]) else f", {int(first['radius_rounds'])} bisection rounds"
+    limit = "" if pd.isna(first["time_limit"]) else f", {first['time_limit']:g} s limit"
+    return f"{first['certifier']}, {'box' if first['box'] else 'no box'}{rounds}{limit}"
+
+
+def generate(kind: str, folders, options: dict) -> str:
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"certify_table.py writes no block of kind {kind!r} (kinds: {', '.join(BLOCK_KINDS)})")
+    (folder,) = folders
+    certificates = read_table(folder.path, Table.CERTIFICATES).drop_duplicates(["cell_id", "example_index", "eps"])
+    examples = read_table(folder.path, Table.EXAMPLES)
+    if certificates.empty:
+        raise ValueError(f"no certificates in {folder.shown}")
+    cells = sorted(certificates.groupby("cell_id"), key=lambda item: _cell_name(item[1]))
+    if kind == "cells":
+        parts = []
+        for (certifier, box), cell in certificates.groupby(["certifier", "box"], observed=True):
+            parts.append(f"### {certifier}, {'with' if box else 'without'} the box "
+                         f"(known exactly: certified radius >= verified radius / {1 + KNOWN_EXACTLY_TOLERANCE:g})")
+            parts.append(_markdown(cell_table(cell, examples)))
+        violations = certificate_violations(examples, certificates)
+        parts.append(f"{len(violations)} certificates are contradicted by a verified attack in the store." if len(violations)
+                     else "No certificate is contradicted by any verified attack in the store.")
+        return "\n\n".join(parts)
+    rows = []
+    for model in sorted(certificates["model"].astype(str).unique()):
+        row = {"model": model}
+        attacks = worst_case(examples[examples["model"].astype(str) == model])
+        for _, cell in cells:
+            mine = cell[cell["model"].astype(str) == model]
+            if mine.empty:
+                continue
+            per_example = mine.drop_duplicates("example_index")
+            if kind == "time":
+                seconds = (mine["seconds"].sum() + per_example["radius_search_seconds"].sum()) / len(per_example)
+                row[_cell_name(cell)] = f"{seconds:.1f} s"
+                row.setdefault("_seconds", 0.0)
+                row["_seconds"] += seconds
+            else:
+                radii = certified_radii(mine)
+                shared = radii.index.intersection(attacks.index)
+                row[f"median certified radius: {_cell_name(cell)}"] = f"{radii.median():.2g}"
+                row[f"largest: {_cell_name(cell)}"] = f"{radii.max():.2g}"
+                row["median verified attack radius, same examples"] = (
+                    f"{attacks.loc[shared, 'verified_distance'].median():.2g}" if len(shared) else "–")
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    lines = _markdown(frame.drop(columns=["_seconds"], errors="ignore").fillna("–"))
+    if kind == "time" and options.get("estimate_n"):
+        n = int(options["estimate_n"])
+        hours = n * frame["_seconds"].sum() / 3600
+        lines += f"\n\nAt these rates, {n} images per model and certify cell take {hours:.1f} core-hours in all."
+    return lines
+
+
 def main(results_dir: str) -> int:
     certificates = read_table(results_dir, Table.CERTIFICATES)
     examples = read_table(results_dir, Table.EXAMPLES)

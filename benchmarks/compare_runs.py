@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/compare_runs.py BEFORE_DIR AFTER_DIR
+    python benchmarks/compare_runs.py BEFORE_DIR AFTER_DIR --verdicts   # list every changed verdict
 
 Rows are matched on what an example *is* (data set, model, ball, solver,
 lambda, clamp, schedule, seed, example index), not on cell or shard ids,
@@ -71,11 +72,46 @@ def compare(before_dir: str, after_dir: str, stream=sys.stdout) -> int:
     return 1 if differing else 0
 
 
+def verdict_changes(before_dir: str, after_dir: str, stream=sys.stdout) -> int:
+    """A Markdown table of every example whose verification status changed, and a count of moved distances.
+
+    Returns 0 when no status changed, 1 otherwise, 2 when the rows do not match up.
+    """
+    columns = ["verification_status", "verified_distance"]
+    left = read_table(before_dir, Table.EXAMPLES).astype({"model": str, "dataset": str}).set_index(KEY)[columns]
+    right = read_table(after_dir, Table.EXAMPLES).astype({"model": str, "dataset": str}).set_index(KEY)[columns]
+    if not left.index.sort_values().equals(right.index.sort_values()):
+        stream.write(f"the rows do not match up: {len(left)} before, {len(right)} after\n")
+        return 2
+    joined = left.join(right, suffixes=("_before", "_after"))
+    status_changed = joined["verification_status_before"].astype(str) != joined["verification_status_after"].astype(str)
+    moved = ~status_changed & ~_same(joined["verified_distance_before"], joined["verified_distance_after"])
+    stream.write(f"{len(joined)} examples; status changed: {int(status_changed.sum())}; "
+                 f"same status, verified distance moved: {int(moved.sum())}\n\n")
+    if moved.any():
+        finite = moved & np.isfinite(joined["verified_distance_before"]) & np.isfinite(joined["verified_distance_after"])
+        ratio = (joined.loc[finite, "verified_distance_after"] / joined.loc[finite, "verified_distance_before"]).to_numpy()
+        if ratio.size:
+            stream.write(f"moved distances, after / before: min {ratio.min():.6g}, median {np.median(ratio):.6g}, max {ratio.max():.6g}\n\n")
+    if status_changed.any():
+        changed = joined[status_changed].reset_index()
+        stream.write("| model | solver | ball | example | before | verified before | after | verified after |\n")
+        stream.write("| :--- | :--- | :--- | ---: | :--- | ---: | :--- | ---: |\n")
+        for row in changed.itertuples(index=False):
+            ball = f"{row.kernel_size}x{row.kernel_size}, p = {row.p:g}"
+            stream.write(f"| {row.model} | {row.solver} | {ball} | {row.example_index} | {row.verification_status_before} | "
+                         f"{row.verified_distance_before:.6g} | {row.verification_status_after} | {row.verified_distance_after:.6g} |\n")
+    return 1 if status_changed.any() else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("before")
     parser.add_argument("after")
+    parser.add_argument("--verdicts", action="store_true", help="list every example whose verification status changed")
     arguments = parser.parse_args(argv)
+    if arguments.verdicts:
+        return verdict_changes(arguments.before, arguments.after)
     return compare(arguments.before, arguments.after)
 
 

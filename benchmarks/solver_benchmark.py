@@ -356,6 +356,21 @@ def parse_args(argv=None):
     return args
 
 
+BLOCK_KINDS = ("markdown",)
+
+
+def generate(kind: str, folders, options: dict) -> str:
+    """A generated block (``benchmarks/regenerate_results.py``): ``markdown``, the ``--markdown`` file this script
+    wrote into the folder (option ``file``, default ``solver_benchmark.md``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generated_blocks import read_markdown
+
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"{Path(__file__).name} writes no block of kind {kind!r} (kinds: {', '.join(BLOCK_KINDS)})")
+    (folder,) = folders
+    return read_markdown(folder, options.get("file", "solver_benchmark.md"))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
@@ -415,6 +430,7 @@ def main(argv=None) -> int:
             legend(args),
             f"Total wall time of the script: {total:.0f} s.",
         ])
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(text + "\n")
         print(f"markdown table written to {args.markdown}")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["BallKind", "CellStatus", "CertificateStatus", "Certifier", "STANDARD_RADII", "VerificationStatus"]
+__all__ = ["BallKind", "CellStatus", "CertificateStatus", "Certifier", "ModelCheck", "STANDARD_RADII", "VerificationStatus"]
 
 
 class BallKind(enum.Enum):
@@ -81,6 +81,68 @@ class CertificateStatus(enum.Enum):
     @property
     def decided(self) -> bool:
         return self in (CertificateStatus.CERTIFIED, CertificateStatus.COUNTEREXAMPLE, CertificateStatus.CLEAN_MISCLASSIFIED)
+
+
+class ModelCheck(enum.Enum):
+    """A check on the model under attack (:mod:`harness.attack.model_checks`); a failed one is stored by value.
+
+    Each names a property of the model that makes an attack's numbers
+    overstate robustness, or describe another model than the one handed
+    over; :attr:`consequence` says how.
+    """
+
+    RANDOMIZED_OUTPUTS = "randomized_outputs"
+    """Two identical calls on the same images give different outputs."""
+    PROBABILITY_OUTPUTS = "probability_outputs"
+    """Every output row is non-negative and sums to 1: probabilities, not logits."""
+    LOG_PROBABILITY_OUTPUTS = "log_probability_outputs"
+    """Every output row's logsumexp is 0: log-probabilities, not logits."""
+    ZERO_INPUT_GRADIENT = "zero_input_gradient"
+    """The attack loss's gradient with respect to the input is exactly zero for some clean image."""
+    NONFINITE_INPUT_GRADIENT = "nonfinite_input_gradient"
+    """That gradient has a NaN or infinite entry for some clean image."""
+    TRAINING_MODE = "training_mode"
+    """The model, or one of its modules, was handed over in training mode."""
+    ZERO_GRADIENT_STEPS = "zero_gradient_steps"
+    """Attack steps met an exactly zero input gradient (the attack's own tally, not a check before it)."""
+
+    @property
+    def consequence(self) -> str:
+        """Why a failure makes the numbers unreliable, in words (warnings, the leaderboard's flags)."""
+        return _MODEL_CHECK_CONSEQUENCES[self]
+
+
+_MODEL_CHECK_CONSEQUENCES = {
+    ModelCheck.RANDOMIZED_OUTPUTS: (
+        "each attack step follows the gradient of one random draw and a success on one draw need not repeat on the "
+        "next, so attacks find fewer adversarial examples than exist (a randomized model needs an attack on the "
+        "expected output)"
+    ),
+    ModelCheck.PROBABILITY_OUTPUTS: (
+        "the attack's cross-entropy applies a second softmax to values in [0, 1], whose gradient is small and vanishes "
+        "where the model is confident, so gradient attacks stall; return logits"
+    ),
+    ModelCheck.LOG_PROBABILITY_OUTPUTS: (
+        "a log-softmax leaves cross-entropy and logit margins unchanged, but computed as the log of a softmax it "
+        "saturates where the model is confident (a probability rounded to 1 has a zero gradient, one rounded to 0 an "
+        "infinite log); return logits"
+    ),
+    ModelCheck.ZERO_INPUT_GRADIENT: (
+        "a gradient attack cannot move from an image whose gradient is zero (a step function, quantization or "
+        "saturated outputs: gradient masking), so robustness is overstated; attack such a model through a "
+        "differentiable approximation (BPDA) or without gradients"
+    ),
+    ModelCheck.NONFINITE_INPUT_GRADIENT: (
+        "the attack's steps are undefined where the gradient is NaN or infinite, so its numbers measure no robustness"
+    ),
+    ModelCheck.TRAINING_MODE: (
+        "dropout draws random masks and batch norm normalizes by the batch in training mode; the attacks and the "
+        "verification switch the model to eval mode, so the numbers hold for the eval-mode model, not the one handed over"
+    ),
+    ModelCheck.ZERO_GRADIENT_STEPS: (
+        "a step with a zero gradient cannot move the image (gradient masking), so robustness is overstated"
+    ),
+}
 
 
 STANDARD_RADII = {

@@ -70,6 +70,7 @@ from scipy.optimize import linprog
 
 __all__ = [
     "ExactSolverError",
+    "HIGHS_TOLERANCE",
     "TransportResult",
     "ProjectionInfo",
     "local_ot_distance",
@@ -364,7 +365,8 @@ def _compress(index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 # HiGHS helper
 # --------------------------------------------------------------------------
 
-_HIGHS_TOL = 1e-10
+HIGHS_TOLERANCE = 1e-10
+"""HiGHS's primal and dual feasibility tolerance here, on masses scaled to at most 1."""
 
 
 def _highs(c, A_ub=None, b_ub=None, A_eq=None, b_eq=None, what: str = "LP"):
@@ -377,8 +379,8 @@ def _highs(c, A_ub=None, b_ub=None, A_eq=None, b_eq=None, what: str = "LP"):
         bounds=(0, None),
         method="highs",
         options={
-            "primal_feasibility_tolerance": _HIGHS_TOL,
-            "dual_feasibility_tolerance": _HIGHS_TOL,
+            "primal_feasibility_tolerance": HIGHS_TOLERANCE,
+            "dual_feasibility_tolerance": HIGHS_TOLERANCE,
             "presolve": True,
         },
     )
@@ -455,7 +457,7 @@ def local_ot_distance(
     The LP has one variable per in-window pair whose source has
     :math:`x_i > 0` and whose destination has :math:`z_j > 0`, and a sparse
     constraint matrix; it is solved by HiGHS (``scipy.optimize.linprog``,
-    ``method='highs'``, feasibility tolerances ``1e-9``) after rescaling the
+    ``method='highs'``, feasibility tolerances ``HIGHS_TOLERANCE`` = ``1e-10``) after rescaling the
     masses by :math:`\max(m(x), m(z_+))` (HiGHS tolerances are absolute);
     results are scaled back.  Tolerance-level overshoots of the row/column
     bounds are removed by scaling rows/columns of the plan down, so the

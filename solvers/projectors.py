@@ -131,7 +131,7 @@ class ExactProjection:
     """Exact Euclidean projection by a convex QP (Clarabel), one example at a time.
 
     A reference for small images (up to a few thousand pixels): seconds per
-    MNIST image, on the CPU. Needs the ``test`` extra (clarabel).
+    MNIST image, on the CPU, with Clarabel (a dependency of the package).
     """
 
     def __init__(self, kernel_size: int = 5, p: float = 2.0, box: bool = False):

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from .geometry import LocalTransport, check_images, check_nonnegative_eps
 from .info import SolveInfo, SolveStatus
 from .lambertw import lambertw_exp
+from .rounding import summation_bound
 from .device import sync_interval
 
 # Defaults shared by the functions and the solver classes. tol = 1e-3 keeps the
@@ -75,7 +76,6 @@ _INITIAL_PSI = 1.0
 _RELAX_START = 0.5
 # Stand-in for -inf where potentials are blended (avoids inf - inf).
 _FINITE_MIN = -1e30
-_INSIDE_MASS_TOL = 1e-6
 _COMPACT_FRACTION = 0.25
 
 
@@ -515,18 +515,21 @@ def _greedy_local_moves(supply, capacity, transport):
 def _certify_inside(x, w, eps, transport, mass, work, box):
     """The examples of ``work`` whose ``w`` is certifiably in the ball already.
 
-    ``w`` must be non-negative, have the mass of ``x`` up to rounding (a
-    relative ``max(100 eps_dtype, 1e-6)``, which also covers float32 data
-    held in float64), be at most 1 with the box, and, keeping the mass both
+    ``w`` must be non-negative, have the mass of ``x`` up to the rounding of
+    one sum over the image (:func:`solvers.rounding.summation_bound`: what
+    the exact verification of an attack allows), be at most 1 with the box, and, keeping the mass both
     share in place, :func:`_greedy_local_moves` must deliver all
     of x's surplus within the windows at a cost of at most eps. Such a ``w``
     is its own projection and is returned unchanged.
 
     Returns the certified indices and the normalized costs of their plans.
     """
-    tol = max(100 * torch.finfo(x.dtype).eps, _INSIDE_MASS_TOL)
+    tol = summation_bound(x.dtype, x[0].numel())
     sub_x, sub_w, sub_mass = x[work], w[work], mass[work]
-    candidate = (sub_w >= 0).flatten(1).all(1) & ((sub_w.flatten(1).sum(1) - sub_mass).abs() <= tol * sub_mass)
+    # In float64, as the verification sums: a float32 sum could hide as much error again as it allows.
+    exact_mass = sub_x.double().flatten(1).sum(1)
+    mass_error = (sub_w.double().flatten(1).sum(1) - exact_mass).abs()
+    candidate = (sub_w >= 0).flatten(1).all(1) & (mass_error <= tol * exact_mass)
     if box:
         candidate &= (sub_w <= 1).flatten(1).all(1)
     sent, _, cost = _greedy_local_moves((sub_x - sub_w).clamp_min(0), (sub_w - sub_x).clamp_min(0), transport)
@@ -534,6 +537,28 @@ def _certify_inside(x, w, eps, transport, mass, work, box):
     cost = cost / sub_mass
     certified = candidate & (leftover <= tol * sub_mass) & (cost <= eps[work])
     return work[certified], cost[certified]
+
+
+def _match_mass(z: torch.Tensor, x: torch.Tensor, box: bool) -> torch.Tensor:
+    """``z`` with the mass of ``x`` to one rounding of each pixel (computed in float64).
+
+    The columns of the solver's plan come from log-sum-exps whose rounding
+    grows with the exponents (up to lam times the costs), so their total can
+    miss the rows' by more than the rounding of a sum; an image whose mass
+    changed by more than that lies in no ball. A surplus leaves every pixel in
+    proportion to its mass; a shortfall goes to the pixels that hold mass,
+    in proportion to it and never past the box.
+    """
+    image = z.double()
+    target = x.double().flatten(1).sum(1)
+    current = image.flatten(1).sum(1)
+    shrink = torch.where(current > target, target / current.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(current))
+    image = image * shrink[:, None, None, None]
+    shortfall = (target - image.flatten(1).sum(1)).clamp_min(0)
+    share = image.clamp_max((1 - image).clamp_min(0)) if box else image
+    total = share.flatten(1).sum(1).clamp_min(torch.finfo(torch.float64).tiny)
+    image = image + share * (shortfall / total).clamp_max(1)[:, None, None, None]
+    return image.to(z.dtype)
 
 
 def _run(x, image, eps, transport, lam, tol, max_iter, relaxation, *, objective, box):
@@ -569,7 +594,7 @@ def _run(x, image, eps, transport, lam, tol, max_iter, relaxation, *, objective,
     problem, initial_beta = _normalized_problem(x, image, eps_tensor, transport, lam, work, mass, objective, box)
     solver = _SinkhornSolver(transport, lam, tol, max_iter, relaxation, objective)
     z_work, out = solver.solve(problem, initial_beta)
-    z[work] = z_work * mass[work][:, None, None, None]
+    z[work] = _match_mass(z_work * mass[work][:, None, None, None], x[work], box)
     for name, values in out.to_dict().items():
         getattr(info, name)[work] = values
     return z, info

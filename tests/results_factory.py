@@ -80,14 +80,18 @@ def write_cell(
     trained_for: str = "none",
     seconds_per_example: float = 0.1,
     images: np.ndarray | None = None,
+    failed_model_checks=(),
 ) -> str:
     """Write one cell (examples, cells row, optional images) and return its id.
 
     ``distances[i]`` is example i's verified distance: 0 for a clean
     misclassification, inf for no verified adversarial example. ``statuses``
     overrides the verdicts (a claimed success rejected by verification has
-    an infinite distance and a status such as ``OUTSIDE_BOX``).
+    an infinite distance and a status such as ``OUTSIDE_BOX``). ``failed_model_checks``
+    (:class:`~harness.vocabulary.ModelCheck` values) land on every row; None
+    writes the nulls of a store older than version 6.
     """
+    checks = None if failed_model_checks is None else list(failed_model_checks)
     distances = np.asarray(distances, dtype=np.float64)
     n = len(distances)
     statuses = list(statuses) if statuses is not None else [_status(d) for d in distances]
@@ -102,7 +106,7 @@ def write_cell(
         mass_error=np.zeros(n), box_violation=np.zeros(n), unreachable_mass=np.zeros(n),
         steps=np.full(n, 100), restart=np.zeros(n, dtype=int), solver_iterations=np.full(n, 3000),
         unconverged_steps=np.full(n, unconverged), failed_steps=np.zeros(n, dtype=int),
-        zero_gradient_steps=np.full(n, zero_gradients),
+        zero_gradient_steps=np.full(n, zero_gradients), failed_model_checks=[checks] * n,
         attack_seconds=np.full(n, seconds_per_example * 0.75), verify_seconds=np.full(n, seconds_per_example * 0.25),
     )
     is_suite = config.get("suite") is not None
@@ -117,7 +121,7 @@ def write_cell(
     row.update(
         cell_id=[cell_id], gradient_mode=[gradient_mode], status=[CellStatus.COMPLETE.value], n_examples=[n], started_at=[None],
         finished_at=[None], seconds=[seconds_per_example * n], clean_accuracy=[clean_accuracy],
-        robust_accuracy=[float(np.mean(distances > 1.83))], trained_for=[trained_for],
+        robust_accuracy=[float(np.mean(distances > 1.83))], failed_model_checks=[checks], trained_for=[trained_for],
         model_training=[f"training recipe of {model}"], model_paper=[f"paper of {model}"],
         attack_summary=[f"summary of {config['solver'] or config['threat_model']}"],
         box_handling=["clamped" if config["clamp"] else f"box of {config['solver']}"],
@@ -188,7 +192,8 @@ def write_certificates(
     columns.update(
         cell_id=[cell_id] * n * per, shard_id=[cell_id] * n * per, example_index=example, label=example % 10,
         clean_prediction=np.where(np.isin(example, list(misclassified)), (example + 1) % 10, example % 10),
-        eps=np.tile(np.asarray(radii, dtype=np.float64), n), status=statuses, margin_lower=margins, seconds=seconds,
+        eps=np.tile(np.asarray(radii, dtype=np.float64), n), status=statuses, margin_lower=margins,
+        safety_margin=np.where(np.isnan(margins), np.nan, 1e-6), seconds=seconds,
         certified_radius=np.where(np.isin(np.arange(n), list(misclassified)), 0.0, certified_radius)[example],
         radius_search_seconds=np.zeros(n * per),
     )

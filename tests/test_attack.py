@@ -277,7 +277,8 @@ def test_verification_rejects_planted_invalid_examples():
     ]
     assert verdict.verified_distance[2] == pytest.approx(legal, rel=1e-9)
     assert np.isinf(verdict.verified_distance[[0, 1, 3, 4, 5]]).all()
-    assert verdict.unreachable_mass[0] == pytest.approx(0.8 / 1.2, rel=1e-6)
+    # Counted where it is missing and where it is left over.
+    assert verdict.unreachable_mass[0] == pytest.approx(2 * 0.8 / 1.2, rel=1e-6)
     assert verdict.mass_error[1] == pytest.approx(0.1 / 1.2, rel=1e-6)
     assert verdict.box_violation[4] == pytest.approx(0.2, rel=1e-6)
     assert robust_accuracy(verdict.verified_distance, 1.0) == pytest.approx(5 / 6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import math
 from html.parser import HTMLParser
@@ -15,6 +16,7 @@ from results_factory import attack, norm_attack, suite_evaluation, write_cell
 from harness.report.leaderboard import ThreatGroup, leaderboard, model_curves, solver_table, threat_groups
 from harness.report import ReportError, build_report, main, write_report
 from harness.run.store import Table, read_table
+from harness.vocabulary import ModelCheck
 
 INF = math.inf
 BOX = attack("projected_sinkhorn_box")
@@ -233,3 +235,22 @@ def test_command_line_writes_page_and_figures(store, tmp_path, capsys):
     assert (tmp_path / "out" / "leaderboard.html").is_file()
     assert (tmp_path / "out" / "figures" / "robust_accuracy.png").is_file()
     assert "leaderboard.html" in capsys.readouterr().out
+
+
+def test_failed_model_checks_are_flags_with_their_consequence(tmp_path):
+    write_cell(tmp_path, "mnist/alpha", BOX, [0.2, 0.4, INF], failed_model_checks=["randomized_outputs", "training_mode"])
+    write_cell(tmp_path, "mnist/alpha", FREE_LAM_100, [0.3, INF, INF], failed_model_checks=["probability_outputs"])
+    write_cell(tmp_path, "mnist/beta", BOX, [0.2, 0.4, INF], zero_gradients=3, failed_model_checks=["zero_gradient_steps"])
+    write_cell(tmp_path, "mnist/gamma", BOX, [0.2, 0.4, INF], failed_model_checks=None)  # a store older than version 6
+    examples, cells = read_table(tmp_path), read_table(tmp_path, Table.CELLS)
+    (group,) = threat_groups(examples, cells)
+    rows = leaderboard(examples, cells, group).rows.set_index("model")
+    flags = {model: dict(rows.loc[model, "flags"]) for model in rows.index}
+    # Every check that failed in any of the model's cells, in the order of ModelCheck.
+    assert list(flags["mnist/alpha"]) == ["randomized outputs", "probability outputs", "training mode"]
+    assert flags["mnist/alpha"]["training mode"] == f"model check training_mode failed: {ModelCheck.TRAINING_MODE.consequence}"
+    # The attack's zero-gradient steps keep their one flag, with the count.
+    assert list(flags["mnist/beta"]) == ["zero gradients"] and flags["mnist/beta"]["zero gradients"].startswith("9 attack steps")  # 3 per example
+    assert flags["mnist/gamma"] == {}
+    page = write_report(tmp_path, tmp_path / "report").read_text(encoding="utf-8")
+    assert '">randomized outputs</span>' in page and html.escape(ModelCheck.RANDOMIZED_OUTPUTS.consequence, quote=True) in page

@@ -88,6 +88,17 @@ def test_each_attack_has_its_own_row(page):
     assert box[2:5] == ["33.3%", "0.550", "4/4"]
 
 
+def test_page_is_a_provenance_and_a_leaderboard_block(page):
+    import generated_blocks as blocks  # benchmarks/ is on the path once results_page.py is loaded
+
+    parsed = blocks.parse_blocks(page)
+    assert [(block.name, block.generator) for block in parsed] == [
+        ("provenance", "benchmarks/results_page.py"), ("leaderboard", "benchmarks/results_page.py")]
+    assert f"`{COMMAND}`" in parsed[0].body
+    assert all(block.stamp.generated for block in parsed)
+    assert blocks.tables_outside_blocks(page) == []
+
+
 def test_stdout_without_output_and_refusal_of_an_empty_folder(store, tmp_path, capsys):
     assert results_page.main([str(store), "--command", COMMAND]) == 0
     assert "mnist/alpha" in capsys.readouterr().out

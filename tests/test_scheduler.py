@@ -125,6 +125,8 @@ def test_local_run_writes_every_shard_once_and_a_rerun_resumes(world, tmp_path, 
     assert set(examples["model"]) == {world.model}
     cells = read_table(config["results_dir"], Table.CELLS)
     assert len(cells) == 2 and (cells["status"] == "complete").all()
+    # The model checks ran on every shard and the tiny network passed them all: empty lists, not nulls.
+    assert all(list(names) == [] for names in [*examples["failed_model_checks"], *cells["failed_model_checks"]])
     assert set(zip(cells["solver"], cells["box_handling"])) == {
         ("projected_sinkhorn_box", "kept in [0, 1] by the solver"),
         ("projected_sinkhorn", "none: images may leave [0, 1], and such claims fail verification"),

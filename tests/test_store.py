@@ -169,3 +169,21 @@ def test_version_2_stores_read_with_the_derivable_columns_filled(tmp_path):
     cells = read_table(tmp_path, Table.CELLS)
     assert cells["ball_description"].tolist() == ["not recorded (store version 2)"]
     assert read_table(tmp_path, columns=["final_eps"]).shape == (5, 1)
+
+
+def test_version_5_stores_read_with_the_model_checks_empty(tmp_path):
+    """Rows written before version 6 have no ``failed_model_checks``: null, not an empty list (which means all passed)."""
+    old = example_columns("old", rows=2)
+    older = pa.schema([field for field in EXAMPLES_SCHEMA if field.name != "failed_model_checks"])
+    arrow = pa.table({"schema_version": pa.array([5, 5], pa.int16()), **{name: old[name] for name in older.names[1:]}}, schema=older)
+    path = shard_path(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "old")
+    path.parent.mkdir(parents=True)
+    pq.write_table(arrow, path)
+    new = example_columns("new", rows=2)
+    new.update(failed_model_checks=[[], ["probability_outputs", "zero_gradient_steps"]])
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "new", new)
+    frame = read_table(tmp_path).sort_values(["schema_version", "example_index"])
+    assert frame["schema_version"].tolist() == [5, 5, 6, 6] and store.SCHEMA_VERSION == 6
+    checks = frame["failed_model_checks"].tolist()
+    assert checks[:2] == [None, None] and list(checks[2]) == [] and list(checks[3]) == ["probability_outputs", "zero_gradient_steps"]
+    assert EXAMPLES_SCHEMA.field("failed_model_checks").type == CELLS_SCHEMA.field("failed_model_checks").type == pa.list_(pa.string())

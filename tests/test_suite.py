@@ -133,19 +133,21 @@ def test_only_better_verified_claims_are_kept_and_rejected_ones_are_counted(prob
     best = suite_module._Best(x[:3], y[:3], y[:3])
     codes = VerificationStatus
 
-    def verdict(statuses, distances):
+    def verdict(statuses, distances, images):
         n = len(statuses)
         return Verification(
             status=np.array([int(s) for s in statuses]), verified_distance=np.array(distances, dtype=float),
             distance=np.array(distances, dtype=float), mass_error=np.zeros(n), box_violation=np.zeros(n),
-            unreachable_mass=np.zeros(n), prediction=np.array([7] * n),
+            unreachable_mass=np.zeros(n), prediction=np.array([7] * n), image=images,
         )
 
     images = x[:3] * 0.5
-    first = verdict([codes.VERIFIED, codes.RADIUS_EXCEEDED, codes.NOT_FOUND], [0.3, math.inf, math.inf])
-    assert best.absorb(np.arange(3), images, first, "a", suite_module.RefinementStep.NONE).tolist() == [True, False, False]
-    second = verdict([codes.VERIFIED, codes.VERIFIED], [0.4, 0.2])
-    assert best.absorb(np.array([0, 1]), images[:2], second, "b", suite_module.RefinementStep.SEGMENT).tolist() == [False, True]
+    first = verdict([codes.VERIFIED, codes.RADIUS_EXCEEDED, codes.NOT_FOUND], [0.3, math.inf, math.inf], images)
+    assert best.absorb(np.arange(3), first, "a", suite_module.RefinementStep.NONE).tolist() == [True, False, False]
+    second = verdict([codes.VERIFIED, codes.VERIFIED], [0.4, 0.2], images[:2] * 0.5)
+    assert best.absorb(np.array([0, 1]), second, "b", suite_module.RefinementStep.SEGMENT).tolist() == [False, True]
+    # The kept image is the verified (stored) one of the claim that won.
+    assert torch.equal(best.image[0], images[0]) and torch.equal(best.image[1], images[1] * 0.5) and torch.equal(best.image[2], x[2])
     assert best.radius.tolist() == [0.3, 0.2, math.inf] and best.rejected_claims.tolist() == [0, 1, 0]
     # A refinement keeps the member that found the example (none yet for example 1) and says it refined it.
     assert best.found_by.tolist() == ["a", "", ""] and best.refined_by.tolist() == ["none", "segment", "none"]

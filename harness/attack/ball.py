@@ -182,7 +182,7 @@ class Ball:
         y: torch.Tensor,
         result: AttackResult,
         targets: torch.Tensor | None = None,
-        tolerances: Tolerances = Tolerances(),
+        tolerances: Tolerances | None = None,
         distances: ExactDistances | None = None,
     ) -> Verification:
         """Check the attack's claims exactly (:mod:`harness.attack.verify`): the exact LP for
@@ -199,7 +199,7 @@ class Ball:
         success: torch.Tensor,
         eps_found: torch.Tensor,
         targets: torch.Tensor | None = None,
-        tolerances: Tolerances = Tolerances(),
+        tolerances: Tolerances | None = None,
         distances: ExactDistances | None = None,
     ) -> Verification:
         """:meth:`verify` for claims that come from no single attack run: images, whether each is

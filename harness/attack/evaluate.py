@@ -113,7 +113,7 @@ def attack_and_verify(
             batch[renamed.get(name, name)] = value
         batch["attack_seconds"] = np.full(x.shape[0], result.seconds / x.shape[0])
         batch["verify_seconds"] = np.full(x.shape[0], verify_seconds / x.shape[0])
-        batch["adversarial"] = result.adversarial.detach().cpu().numpy()
+        batch["adversarial"] = verdict.image.cpu().numpy()
         for name, value in batch.items():
             columns.setdefault(name, []).append(value)
     return {name: np.concatenate(parts) for name, parts in columns.items()}

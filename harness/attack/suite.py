@@ -44,6 +44,7 @@ from solvers.iterate import StepRule
 from ..data import DATASET_SHAPES
 from ..vocabulary import STANDARD_RADII, BallKind, VerificationStatus
 from .ball import Ball
+from .model_checks import check_model
 from .pgd import AttackResult, EpsSchedule, Loss, PGDAttack
 from .verify import Verification, robust_accuracy
 
@@ -302,9 +303,7 @@ class _Best:
         self.found_by[wrong] = CLEAN
         self.status[wrong] = int(VerificationStatus.CLEAN_MISCLASSIFIED)
 
-    def absorb(
-        self, indices: np.ndarray, images: torch.Tensor, verdict: Verification, found_by: str, refined_by: RefinementStep
-    ) -> np.ndarray:
+    def absorb(self, indices: np.ndarray, verdict: Verification, found_by: str, refined_by: RefinementStep) -> np.ndarray:
         """Keep the verified claims that beat the best radius so far; returns which did (a mask over ``indices``).
 
         A member's improvement makes it the example's ``found_by``; a refinement's keeps the member and sets ``refined_by``.
@@ -314,7 +313,7 @@ class _Best:
         better = (verdict.status == int(VerificationStatus.VERIFIED)) & (verdict.verified_distance < self.radius[indices])
         chosen = indices[better]
         self.radius[chosen] = verdict.verified_distance[better]
-        self.image[torch.as_tensor(chosen, device=self.image.device)] = images[torch.as_tensor(better, device=images.device)]
+        self.image[torch.as_tensor(chosen, device=self.image.device)] = verdict.image[torch.as_tensor(better, device=verdict.image.device)]
         if refined_by is RefinementStep.NONE:
             self.found_by[chosen] = found_by
         self.refined_by[chosen] = refined_by.value
@@ -475,7 +474,7 @@ class _SuiteRun:
         verifying = time.perf_counter()
         verdict = self.ball.verify_claims(self.model, self.x[chosen], self.y[chosen], images, success, claimed)
         self.verify_seconds += time.perf_counter() - verifying
-        improved = self.best.absorb(indices, images, verdict, name, refined_by)
+        improved = self.best.absorb(indices, verdict, name, refined_by)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
         return improved
 
@@ -542,8 +541,12 @@ def evaluate(
         verification: a reliability count), ``seconds`` (the batch's
         time shared by its examples), and ``suite``, ``suite_version``,
         ``suite_json`` (the full definition). ``frame.attrs`` holds the
-        summary of :func:`summarize` at the suite's standard radii and the
-        seconds each member took.
+        summary of :func:`summarize` at the suite's standard radii, the
+        seconds each member took, and ``model_checks``: ``{check: what was
+        measured}`` for each :func:`~harness.attack.model_checks.check_model`
+        check that failed on the clean images (with ``zero_gradient_steps``
+        where the attacks met such steps); each failure is also warned about
+        (:class:`~harness.attack.model_checks.ModelCheckWarning`).
 
     Raises
     ------
@@ -560,6 +563,8 @@ def evaluate(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: it must be an integer >= 1")
     definition = attack_suite(suite, dataset or _dataset_of(images))
+    # Before the attacks; the checks change no state they read (random generators included).
+    checks = check_model(model, images, labels, batch_size=batch_size)
     parts, seconds = [], {}
     for start in range(0, images.shape[0], batch_size):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
@@ -580,4 +585,7 @@ def evaluate(
     frame["suite_version"] = definition.version
     frame["suite_json"] = definition.definition_json()
     frame.attrs.update(summarize(frame, definition.radii), suite=definition.label, member_seconds=seconds)
+    checks = checks.with_zero_gradient_steps(int(frame["zero_gradient_steps"].sum()))
+    frame.attrs["model_checks"] = checks.as_dict()
+    checks.warn(stacklevel=2)
     return frame

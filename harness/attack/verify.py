@@ -27,39 +27,84 @@ import numpy as np
 import torch
 from torch import nn
 
-from solvers.exact import TransportResult, local_ot_distance
+from solvers.exact import HIGHS_TOLERANCE, TransportResult, local_ot_distance
 from solvers.iterate import Norm
+from solvers.rounding import summation_bound
 
 from ..vocabulary import VerificationStatus
 
 __all__ = [
-    "ExactDistances", "Tolerances", "Verification", "VerificationStatus", "robust_accuracy", "verify_norm", "verify_wasserstein",
+    "ExactDistances", "Tolerances", "Verification", "VerificationStatus", "robust_accuracy", "verify_norm",
+    "verify_wasserstein",
 ]
 
 
 @dataclass(frozen=True)
 class Tolerances:
-    """Slack of the checks.
+    r"""Slack of the checks: float rounding, nothing more.
 
     Attributes
     ----------
     box : float
         Absolute slack of ``0 <= z <= 1``.
     mass : float
-        Relative slack of the mass (and of the mass the exact plan cannot
-        deliver), as a fraction of the clean image's mass.
+        Relative slack, as a fraction of the clean image's mass
+        :math:`m(x)`, of the mass error :math:`|m(z) - m(x)|` and of the
+        repair :math:`\|z^\star - z\|_1` that turns the stored image into
+        an exact member of the ball (see :func:`verify_wasserstein`).
     radius : float
         Relative slack of ``distance <= eps``.
+    repair_cost : float
+        Absolute slack of ``distance <= eps`` (normalized units): the cost of
+        moving the mass slack across a window. Both radius slacks decide only
+        whether a claim is accepted: a counted example's radius is its exact
+        distance.
+
+    Use :meth:`for_images` for the slack that a problem's dtype and size allow.
     """
 
-    box: float = 1e-6
-    mass: float = 1e-4
-    radius: float = 1e-4
+    box: float
+    mass: float
+    radius: float
+    repair_cost: float = 0.0
+
+    @classmethod
+    def for_images(cls, images: torch.Tensor, kernel_size: int = 1, p: float = 1.0) -> Tolerances:
+        r"""The rounding slack of images like ``images`` (their dtype and pixel count ``n``).
+
+        * **mass**: an attack that keeps its image in the ball renormalizes
+          or sums it over all ``n`` pixels in the image's dtype, so its mass
+          is right to :math:`\gamma_{\lceil\log_2 n\rceil + 2}\, m(x)`
+          (:func:`solvers.rounding.summation_bound`). The exact LP adds at
+          most its feasibility tolerance on each of its ``2n`` scaled row and
+          column constraints. Float32, 28x28: ``8.7e-7``; 3x32x32: ``1.4e-6``.
+        * **box**: a pixel carries the relative error of the mass it is a
+          share of, so a pixel of at most 1 is off by at most the
+          renormalization's bound.
+        * **radius**: the attack's transport cost is a sum over at most
+          :math:`n k^2` plan entries, :math:`\gamma_{\lceil\log_2 n k^2\rceil + 2}`
+          relative; and the mass slack, wherever it sits, moves within a
+          window at most :math:`c_{\max} = (2 \lfloor k/2 \rfloor^2)^{p/2}`
+          per unit: ``repair_cost`` :math:`= c_{\max}` times the mass slack.
+
+        A mass change of ``1e-5 m(x)``, about a tenth of one 8-bit grey
+        level on an MNIST digit, is far outside all of them.
+        """
+        pixels = math.prod(images.shape[1:])
+        renormalization = summation_bound(images.dtype, pixels)
+        mass = renormalization + 2 * pixels * HIGHS_TOLERANCE
+        longest_move = (2 * (kernel_size // 2) ** 2) ** (p / 2)
+        return cls(
+            box=renormalization,
+            mass=mass,
+            radius=summation_bound(images.dtype, pixels * kernel_size**2),
+            repair_cost=longest_move * mass,
+        )
 
 
 @dataclass
 class Verification:
-    """Per-example verification results; every field is a ``(B,)`` numpy array.
+    """Per-example verification results; every field but ``image`` is a ``(B,)`` numpy array.
 
     Attributes
     ----------
@@ -72,14 +117,18 @@ class Verification:
         The exact distance of the stored image whatever the verdict (``nan``
         where it was not computed: no claim, or a clean misclassification).
     mass_error : float array
-        ``|m(z) - m(x)| / m(x)``.
+        ``|m(z) - m(x)| / m(x)`` of the attack's image.
     box_violation : float array
-        Largest distance of a pixel outside [0, 1].
+        Largest distance of a pixel of the stored image outside [0, 1].
     unreachable_mass : float array
-        Mass the exact plan cannot move within the windows, relative to
-        ``m(x)`` (``nan`` where not computed, 0 for norm balls).
+        The repair the Wasserstein check made, ``||z* - z||_1 / m(x)``: mass
+        no in-window plan delivers, counted where it is missing and where it
+        is left over (``nan`` where not computed, 0 for norm balls).
     prediction : int array
         The model's prediction on the stored image.
+    image : Tensor
+        The stored images (B, C, H, W): where the Wasserstein check repaired a
+        claim, the repaired image in the attack's dtype; elsewhere the attack's.
     """
 
     status: np.ndarray
@@ -89,6 +138,7 @@ class Verification:
     box_violation: np.ndarray
     unreachable_mass: np.ndarray
     prediction: np.ndarray
+    image: torch.Tensor
 
     def status_names(self) -> list[str]:
         return [VerificationStatus(int(code)).name for code in self.status]
@@ -99,7 +149,8 @@ class Verification:
         return dict(zip(names.tolist(), counts.tolist()))
 
     def to_dict(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The per-example columns (everything but ``image``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}
 
 
 class ExactDistances:
@@ -129,7 +180,7 @@ class ExactDistances:
     def submit(self, index: int, x: np.ndarray, z: np.ndarray) -> None:
         """Start the LP from clean image ``x`` to claimed image ``z`` (float64 arrays) of example ``index``."""
         z = np.array(z, dtype=np.float64)
-        self._pending[int(index)] = (z, self.executor.submit(local_ot_distance, np.asarray(x, dtype=np.float64), z, self.kernel_size, self.p))
+        self._pending[int(index)] = (z, self.executor.submit(_transport, np.asarray(x, dtype=np.float64), z, self.kernel_size, self.p))
 
     def results(self, indices, xs: np.ndarray, zs: np.ndarray) -> list[TransportResult]:
         """The distances of examples ``indices`` from ``xs[b]`` to ``zs[b]``; missing or stale ones are submitted now."""
@@ -148,7 +199,20 @@ def robust_accuracy(verified_distance, eps) -> float:
     return float(np.mean(distances > eps))
 
 
+def _transport(x: np.ndarray, z: np.ndarray, kernel_size: int, p: float) -> TransportResult:
+    return local_ot_distance(x, z, kernel_size, p, return_plan=True)
+
+
+def _ball_member(x: np.ndarray, result: TransportResult) -> np.ndarray:
+    """The image the exact plan reaches when the mass it leaves unshipped stays where it is: in the ball, exactly."""
+    plan = result.plan
+    left = x.ravel() - np.asarray(plan.sum(axis=1)).ravel()
+    return (np.asarray(plan.sum(axis=0)).ravel() + np.maximum(left, 0.0)).reshape(x.shape)
+
+
 def _predictions(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    if images.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
     was_training = model.training
     model.eval()
     try:
@@ -156,6 +220,17 @@ def _predictions(model: nn.Module, images: torch.Tensor, batch_size: int = 500) 
             return torch.cat([model(chunk).argmax(1) for chunk in images.split(batch_size)]).cpu().numpy()
     finally:
         model.train(was_training)
+
+
+def _box_violation(images: np.ndarray) -> np.ndarray:
+    if images.shape[0] == 0:
+        return np.zeros(0)
+    flat = images.reshape(images.shape[0], -1)
+    return np.maximum(np.maximum(-flat, flat - 1.0).max(axis=1), 0.0)
+
+
+def _fooled(prediction: np.ndarray, labels: np.ndarray, goal: np.ndarray | None) -> np.ndarray:
+    return prediction == goal if goal is not None else prediction != labels
 
 
 def _common_checks(model, x, y, adversarial, success, targets, tolerances):
@@ -169,11 +244,11 @@ def _common_checks(model, x, y, adversarial, success, targets, tolerances):
     clean_prediction = _predictions(model, x)
     labels = y.cpu().numpy()
     goal = targets.cpu().numpy() if targets is not None else None
-    fooled = prediction == goal if goal is not None else prediction != labels
-    clean_fooled = clean_prediction == goal if goal is not None else clean_prediction != labels
+    fooled = _fooled(prediction, labels, goal)
+    clean_fooled = _fooled(clean_prediction, labels, goal)
     xa = x.detach().cpu().double().numpy().reshape(batch, -1)
     za = adversarial.detach().cpu().double().numpy().reshape(batch, -1)
-    box_violation = np.maximum(np.maximum(-za, za - 1.0).max(axis=1), 0.0)
+    box_violation = _box_violation(za)
     mass_x = xa.sum(1)
     mass_error = np.abs(za.sum(1) - mass_x) / np.maximum(mass_x, np.finfo(np.float64).tiny)
     status = np.full(batch, int(VerificationStatus.NOT_FOUND))
@@ -193,10 +268,24 @@ def verify_wasserstein(
     kernel_size: int,
     p: float,
     targets: torch.Tensor | None = None,
-    tolerances: Tolerances = Tolerances(),
+    tolerances: Tolerances | None = None,
     distances: ExactDistances | None = None,
 ) -> Verification:
-    """Verify claimed Wasserstein adversarial examples exactly.
+    r"""Verify claimed Wasserstein adversarial examples exactly.
+
+    A claim ``z`` counts only as the rounding of an image :math:`z^\star`
+    that lies in the ball exactly. The exact plan :math:`P` of
+    :func:`solvers.exact.local_ot_distance` delivers as much of ``z`` as
+    in-window transport can, at least cost; :math:`z^\star` is what it
+    reaches when the mass of ``x`` it leaves unshipped stays in place:
+    :math:`z^\star = P^\top \mathbf 1 + (x - P \mathbf 1)`, computed in
+    float64. Its distance from ``x`` is at most :math:`\langle c, P\rangle
+    / m(x)`, the verified distance, which thus never understates. The
+    repair :math:`\|z^\star - z\|_1` (every unit of mass created,
+    destroyed or moved out of its window counts) must be within float
+    rounding of ``m(x)`` (:meth:`Tolerances.for_images`); ``z*`` rounded to
+    the attack's dtype is then the stored image (:attr:`Verification.image`),
+    and the box and the model's prediction are checked again on exactly it.
 
     Parameters
     ----------
@@ -210,7 +299,8 @@ def verify_wasserstein(
         The ball's transport window and cost exponent.
     targets : Tensor, optional
         Target classes of a targeted attack.
-    tolerances : Tolerances
+    tolerances : Tolerances, optional
+        Default: :meth:`Tolerances.for_images` of ``adversarial``.
     distances : ExactDistances, optional
         Run the exact LPs there (in parallel, with the claims the attack
         already submitted); default: one after another in this process.
@@ -222,6 +312,7 @@ def verify_wasserstein(
         :class:`VerificationStatus` and the first failure is reported. The
         exact distance is computed for every claim past the box check.
     """
+    tolerances = tolerances or Tolerances.for_images(adversarial, kernel_size, p)
     status, candidates, clean_fooled, prediction, mass_error, box_violation = _common_checks(
         model, x, y, adversarial, success, targets, tolerances
     )
@@ -233,7 +324,7 @@ def verify_wasserstein(
     zs = adversarial.detach().cpu().double().numpy()
     checked = np.flatnonzero(candidates & (eps > 0))
     if distances is None:
-        exact = [local_ot_distance(xs[b], zs[b], kernel_size, p) for b in checked]
+        exact = [_transport(xs[b], zs[b], kernel_size, p) for b in checked]
     else:
         if (distances.kernel_size, distances.p) != (kernel_size, p):
             raise ValueError(
@@ -241,19 +332,35 @@ def verify_wasserstein(
                 f"this ball is {kernel_size}x{kernel_size}, p = {p}"
             )
         exact = distances.results(checked, xs, zs)
+    stored = adversarial.detach().clone()
+    repaired = []
     for b, result in zip(checked, exact):
         distance[b] = result.cost
-        mass = max(result.mass_x, np.finfo(np.float64).tiny)
-        unreachable[b] = max(result.undelivered_mass, result.unused_mass) / mass
+        member = _ball_member(xs[b], result)
+        unreachable[b] = np.abs(member - zs[b]).sum() / max(result.mass_x, np.finfo(np.float64).tiny)
         if mass_error[b] > tolerances.mass:
             status[b] = int(VerificationStatus.MASS_NOT_CONSERVED)
         elif unreachable[b] > tolerances.mass:
             status[b] = int(VerificationStatus.UNREACHABLE_MASS)
-        elif result.cost > eps[b] * (1 + tolerances.radius):
+        else:
+            stored[b] = torch.from_numpy(member).to(stored)
+            repaired.append(b)
+    repaired = np.asarray(repaired, dtype=np.int64)
+    index = torch.as_tensor(repaired, device=stored.device)
+    box_violation[repaired] = _box_violation(stored[index].detach().cpu().double().numpy())
+    prediction[repaired] = _predictions(model, stored[index])
+    goal = None if targets is None else targets.cpu().numpy()[repaired]
+    fooled = _fooled(prediction[repaired], y.cpu().numpy()[repaired], goal)
+    for b, still_fooled in zip(repaired, fooled):
+        if not still_fooled:
+            status[b] = int(VerificationStatus.PREDICTION_UNCHANGED)
+        elif box_violation[b] > tolerances.box:
+            status[b] = int(VerificationStatus.OUTSIDE_BOX)
+        elif distance[b] > eps[b] * (1 + tolerances.radius) + tolerances.repair_cost:
             status[b] = int(VerificationStatus.RADIUS_EXCEEDED)
         else:
             status[b] = int(VerificationStatus.VERIFIED)
-    return _finish(status, candidates, clean_fooled, eps, distance, mass_error, box_violation, unreachable, prediction)
+    return _finish(status, candidates, clean_fooled, eps, distance, mass_error, box_violation, unreachable, prediction, stored)
 
 
 def verify_norm(
@@ -265,11 +372,12 @@ def verify_norm(
     eps_found: torch.Tensor,
     norm: Norm,
     targets: torch.Tensor | None = None,
-    tolerances: Tolerances = Tolerances(),
+    tolerances: Tolerances | None = None,
 ) -> Verification:
     """Verify claimed l_inf or l_2 adversarial examples (prediction, box, norm of the perturbation)."""
     if not isinstance(norm, Norm):
         raise ValueError(f"norm={norm!r} is invalid: allowed {[n.value for n in Norm]}")
+    tolerances = tolerances or Tolerances.for_images(adversarial)
     status, candidates, clean_fooled, prediction, mass_error, box_violation = _common_checks(
         model, x, y, adversarial, success, targets, tolerances
     )
@@ -280,15 +388,17 @@ def verify_norm(
     eps = eps_found.detach().cpu().double().numpy()
     check = candidates & (eps > 0)
     distance = np.where(check, norms, np.nan)
-    # float32 images resolve a perturbation only to about one float32 ulp of 1.
+    # A pixel of the perturbation is known only to the rounding of the pixel it is added to.
     within = norms <= eps * (1 + tolerances.radius) + tolerances.box
     status[check & within] = int(VerificationStatus.VERIFIED)
     status[check & ~within] = int(VerificationStatus.RADIUS_EXCEEDED)
     unreachable = np.where(check, 0.0, np.nan)
-    return _finish(status, candidates, clean_fooled, eps, distance, mass_error, box_violation, unreachable, prediction)
+    return _finish(
+        status, candidates, clean_fooled, eps, distance, mass_error, box_violation, unreachable, prediction, adversarial.detach()
+    )
 
 
-def _finish(status, candidates, clean_fooled, eps, distance, mass_error, box_violation, unreachable, prediction):
+def _finish(status, candidates, clean_fooled, eps, distance, mass_error, box_violation, unreachable, prediction, image):
     clean = candidates & (eps == 0) & clean_fooled
     status[clean] = int(VerificationStatus.CLEAN_MISCLASSIFIED)
     # A claim at radius 0 on a correctly classified clean image cannot be right.
@@ -304,4 +414,5 @@ def _finish(status, candidates, clean_fooled, eps, distance, mass_error, box_vio
         box_violation=box_violation,
         unreachable_mass=unreachable,
         prediction=prediction,
+        image=image,
     )

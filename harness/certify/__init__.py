@@ -13,4 +13,11 @@ bounds it from below. Two certifiers (:class:`~harness.vocabulary.Certifier`):
     Complete for small networks and radii: the ball as a polytope of local
     plans and each unstable ReLU as a binary variable (Tjeng, Xiao, Tedrake
     2019), solved by HiGHS with a time limit per example.
+
+Both decide with a safety margin (:mod:`.safety`, and for the MILP
+:func:`.milp.highs_error_bound`): a margin bound certifies only above a bound
+on the model's own rounding, the bound's rounding and the solver's
+tolerances. Both read a model through
+:func:`.network.check_certifiable`, the one list of supported layers, which
+the run's preflight uses too.
 """

@@ -20,19 +20,27 @@ without the box and a dual bound with it. So the first layer's bounds are
 exact, and every later layer is bounded by one such maximization per neuron
 and direction, layer by layer, each using the intervals of the layers
 before. An example is certified at :math:`\varepsilon` when the lower bound
-of every margin :math:`f_y - f_k` is positive.
+of every margin :math:`f_y - f_k` exceeds the safety margin of
+:mod:`.safety`: a bound on the model's own rounding (in its dtype, float32
+for the zoo's models) plus one on the float64 rounding of the bound itself
+(``LinearBounds.safety``). A bound in ``(0, safety]`` proves nothing and
+leaves the example undecided.
 
 A binarizing preprocessing is piecewise constant: each pixel's range over
 the ball (two support-function values) decides whether its bit can flip,
-and the network after it is bounded on the box of bits that can.
+and the network after it is bounded on the box of bits that can. The
+threshold is the one the model compares its own pixels with
+(:func:`~harness.certify.network.binarization_threshold`: a float32 model
+compares float32 pixels with its threshold rounded to float32), and a range
+within the support function's float64 rounding of it counts as reaching it.
 
-Soundness is that of the relaxations and of weak duality, in float64; the
-network's own float32 rounding is not modelled (as in the bound-propagation
-literature).
+Soundness is that of the relaxations and of weak duality; the safety margin
+covers the floating point of both the bound and the model.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +51,8 @@ from solvers.support import wasserstein_support
 from zoo.architectures import Normalize
 
 from ..train.certified import interval_bounds
-from .network import PiecewiseLinearNetwork
+from .network import PiecewiseLinearNetwork, conv_zero_padding
+from .safety import ball_pixel_upper, float_error_bound, gamma, unit_roundoff
 
 __all__ = ["LinearBounds", "linear_bounds"]
 
@@ -63,16 +72,29 @@ class LinearBounds:
     pre_activation : list of (Tensor, Tensor)
         ``(lower, upper)`` on the input of each ReLU, shape ``(B, *layer shape)``.
     margin : Tensor (B, classes)
-        Lower bounds on :math:`f_y - f_k` (``+inf`` at ``k = y``).
+        Lower bounds on :math:`f_y - f_k` (``+inf`` at ``k = y``), as computed (raw).
+    safety : Tensor (B, classes)
+        The safety margin of each class's bound (:func:`~harness.certify.safety.float_error_bound`; 0 at ``k = y``).
     """
 
     pre_activation: list[tuple[torch.Tensor, torch.Tensor]]
     margin: torch.Tensor
+    safety: torch.Tensor
 
     @property
     def worst_margin(self) -> torch.Tensor:
-        """Lower bound on the smallest margin over the wrong classes: certified where positive."""
+        """Lower bound on the smallest margin over the wrong classes (raw: it decides nothing within :attr:`safety_margin`)."""
         return self.margin.amin(1)
+
+    @property
+    def safety_margin(self) -> torch.Tensor:
+        """Per example, the margin every class's bound must exceed: the largest of its wrong classes' safety margins."""
+        return self.safety.amax(1)
+
+    @property
+    def certified(self) -> torch.Tensor:
+        """Where the bounds prove the prediction, floating point included: :attr:`worst_margin` > :attr:`safety_margin`."""
+        return self.worst_margin > self.safety_margin
 
 
 def _backward(layer: nn.Module, weights: torch.Tensor, input_shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +105,10 @@ def _backward(layer: nn.Module, weights: torch.Tensor, input_shape) -> tuple[tor
     """
     specs = weights.shape[0]
     if isinstance(layer, nn.Conv2d):
+        # Zero padding only: network.check_certifiable refuses every other padding before any bound is computed.
         pulled = torch.nn.grad.conv2d_input(
-            (specs, *input_shape), layer.weight.double(), weights, layer.stride, layer.padding, layer.dilation, layer.groups
+            (specs, *input_shape), layer.weight.double(), weights, layer.stride, conv_zero_padding(layer), layer.dilation,
+            layer.groups,
         )
         constant = (weights.sum((2, 3)) @ layer.bias.double()) if layer.bias is not None else weights.new_zeros(specs)
         return pulled, constant
@@ -136,24 +160,51 @@ class _InputSet:
         self.x, self.eps, self.transport, self.box, self.rounds = x.double(), eps, transport, box, capacity_rounds
         self.bits = None
         if network.binarized:
-            self.bits = self._bit_ranges(network.preprocess.threshold)
+            self.bits = self._bit_ranges(network.threshold)
+
+    def _support_rounding(self) -> torch.Tensor:
+        r"""Per example, a bound on the float64 rounding of a support-function value of a unit coefficient image.
+
+        Its dual value :math:`\sum_j \nu_j + \langle a', x\rangle + \mu b + \sum_i x_i \max_k (g_{ik} - \mu c_k)`
+        has coefficients :math:`a' = a - \nu` with capacity prices :math:`0 \le \nu_j \le 2 k^2 \sqrt{R}` after
+        :math:`R` price rounds of step at most :math:`k^2 / \sqrt{r + 1}` (the overflow of a pixel is below the
+        mass of its :math:`k \times k` window; no prices without the box), so gains
+        :math:`|g_{ik}| \le 1 + 2 k^2 \sqrt{R}`, :math:`\mu` at most that at its minimum (costs are at least 1), and
+        fewer than ``2 * pixels + 4`` terms, each bounded by a term of the returned sum.
+        """
+        mass = self.x.flatten(1).sum(1)
+        eps = torch.as_tensor(self.eps, dtype=torch.float64).expand(self.x.shape[0])
+        largest_cost = float(self.transport.cost(dtype=torch.float64).max())
+        pixels = self.x[0].numel()
+        gain = 1 + (2 * self.transport.kernel_size**2 * math.sqrt(self.rounds) if self.box else 0.0)
+        magnitude = (gain - 1) * pixels + gain * (1 + eps * mass + mass * (1 + largest_cost))
+        return 2 * gamma(2 * pixels + 4, unit_roundoff(torch.float64)) * magnitude
 
     def _bit_ranges(self, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each pixel's possible bits over the ball: low = 1 if it cannot fall below the threshold, high = 1 if it can reach it."""
+        """Each pixel's possible bits over the ball: low = 1 if it cannot fall below the threshold, high = 1 if it can
+        reach it; a range within the support function's rounding of the threshold counts as crossing it."""
         batch, pixels = self.x.shape[0], self.x[0].numel()
+        slack = self._support_rounding()
         unit = torch.eye(pixels, dtype=torch.float64).view(pixels, *self.x.shape[1:])
         coefficients = torch.cat([unit, -unit]).repeat(batch, 1, 1, 1)
         example = torch.arange(batch).repeat_interleave(2 * pixels)
         def crossing(minima):
             # The box can only move a bit whose unboxed range crosses the threshold.
             pairs = minima.view(batch, 2, pixels)
-            open_ = (pairs[:, 0] < threshold) & (-pairs[:, 1] >= threshold)
+            open_ = (pairs[:, 0] < threshold + slack[:, None]) & (-pairs[:, 1] >= threshold - slack[:, None])
             return open_[:, None, :].expand(-1, 2, -1).reshape(-1)
 
         minima = self.refined(coefficients, example, torch.zeros(coefficients.shape[0], dtype=torch.float64), crossing)
         minima = minima.view(batch, 2, *self.x.shape[1:])
         lowest, highest = minima[:, 0], -minima[:, 1]
-        return (lowest >= threshold).double(), (highest >= threshold).double()
+        slack = slack.view(-1, 1, 1, 1)
+        return (lowest >= threshold + slack).double(), (highest >= threshold - slack).double()
+
+    def magnitude(self) -> torch.Tensor:
+        """Bounds on the first block's input over the set, before any normalization (:func:`.safety.float_error_bound`)."""
+        if self.bits is not None:
+            return self.bits[1]
+        return ball_pixel_upper(self.x, self.eps, self.transport.kernel_size, self.box)
 
     def _support(self, coefficients, example, box: bool):
         values = []
@@ -266,6 +317,7 @@ def linear_bounds(
             [(torch.cat([part.pre_activation[i][0] for part in parts]), torch.cat([part.pre_activation[i][1] for part in parts]))
              for i in range(len(parts[0].pre_activation))],
             torch.cat([part.margin for part in parts]),
+            torch.cat([part.safety for part in parts]),
         )
     batch = x.shape[0]
     inputs = _InputSet(network, x, eps, transport, box, capacity_rounds)
@@ -310,10 +362,13 @@ def linear_bounds(
         raise ValueError("the logits layer must be Linear")
     classes = last.out_features
     coefficients, bias = network.jacobian(len(blocks) - 1)
+    safety = float_error_bound(network, inputs.magnitude(), intervals, labels)
     margin = torch.full((batch, classes), float("inf"), dtype=torch.float64)
     for index in range(batch):
         label = int(labels[index])
         wrong = torch.tensor([k for k in range(classes) if k != label])
         weights = coefficients[label][None] - coefficients[wrong]
-        margin[index, wrong] = lower_bounds(weights, bias[label] - bias[wrong], len(blocks) - 2, index, lambda values: values <= 0)
-    return LinearBounds(intervals, margin)
+        # The box's prices are paid for the margins the unboxed ball leaves undecided.
+        undecided = lambda values, floor=safety[index, wrong]: values <= floor  # noqa: E731
+        margin[index, wrong] = lower_bounds(weights, bias[label] - bias[wrong], len(blocks) - 2, index, undecided)
+    return LinearBounds(intervals, margin, safety)

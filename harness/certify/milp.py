@@ -66,19 +66,36 @@ strictly below the threshold; when the pattern exists only on the
 relaxation's boundary, the class is solved again with those pixels kept
 :data:`BINARIZATION_GAP` below it.
 
-Floating point
---------------
-The weights are read in float64. HiGHS solves to its feasibility tolerances
-(about :math:`10^{-6}`), so a margin bound within that of 0 is not a
-mathematical proof; the verification of counterexamples is exact up to the
-tolerances of :class:`harness.attack.verify.Tolerances`.
+Floating point: the safety margin
+---------------------------------
+The weights are read in float64. HiGHS meets its rows only to its
+feasibility tolerances (set explicitly: :data:`PRIMAL_FEASIBILITY_TOLERANCE`,
+:data:`DUAL_FEASIBILITY_TOLERANCE`, :data:`MIP_FEASIBILITY_TOLERANCE`), and
+the model computes in its own dtype, so a margin bound near 0 proves
+nothing. An example is certified only when every wrong class's bound
+exceeds its *safety margin*: the model's and the bounds' rounding
+(:func:`harness.certify.safety.float_error_bound`, and the given linear
+bounds' own margin where larger) plus, once a program was built,
+:func:`highs_error_bound`. The branch and bound's dual bound is used with
+that margin whether the solve finished or hit its time limit; the relative
+gap :data:`MIP_RELATIVE_GAP` at which a solve stops changes how close the
+dual bound gets to the optimum, not whether it is one. The verification of
+counterexamples is exact up to the tolerances of
+:class:`harness.attack.verify.Tolerances`.
+
+A binarization is encoded with the threshold the model compares its own
+pixels with (:func:`harness.certify.network.binarization_threshold`), and
+the float64 copy of the network that evaluates points found binarizes with
+it too.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,8 +113,9 @@ from ..attack.verify import Tolerances, verify_wasserstein
 from ..train.certified import interval_bounds
 from ..vocabulary import CertificateStatus, VerificationStatus
 from .network import PiecewiseLinearNetwork
+from .safety import float_error_bound
 
-__all__ = ["MilpCertificates", "ball_linear_maximum", "milp_certify"]
+__all__ = ["MilpCertificates", "ball_linear_maximum", "highs_error_bound", "milp_certify"]
 
 MIP_RELATIVE_GAP = 1e-2
 """Relative gap at which a class's branch and bound stops.
@@ -115,6 +133,17 @@ binarizes that way, and the search is repeated with this gap."""
 
 LP_TOLERANCE = 1e-9
 """Primal and dual feasibility tolerance of the reference LP of :func:`ball_linear_maximum`."""
+
+PRIMAL_FEASIBILITY_TOLERANCE = 1e-7
+"""HiGHS's ``primal_feasibility_tolerance`` in the certification programs (its default, set explicitly because the
+safety margin of :func:`highs_error_bound` is computed from it): how far a solution may violate a row or a bound."""
+
+DUAL_FEASIBILITY_TOLERANCE = 1e-7
+"""HiGHS's ``dual_feasibility_tolerance`` (its default, set explicitly): how far a reduced cost may have the wrong sign
+at an LP optimum, i.e. how much a node's LP bound may overstate the node's minimum per unit of a column's range."""
+
+MIP_FEASIBILITY_TOLERANCE = 1e-6
+"""HiGHS's ``mip_feasibility_tolerance`` (its default, set explicitly): how far from 0 or 1 a binary counts as integral."""
 
 _REALIZATION_SECONDS = 1.0
 """Least time given to the LP that realizes a binarized candidate's pattern (part of verifying it)."""
@@ -150,6 +179,12 @@ class MilpCertificates:
     seconds : ndarray (B,) float64
         Wall time spent on each example: its program, the solves and the
         verification.
+    safety_margin : ndarray (B,) float64
+        The margin every wrong class's bound had to exceed to certify (module
+        docstring): the floating-point part, plus :func:`highs_error_bound`
+        where a program was built. ``CERTIFIED`` exactly where
+        ``margin_lower > safety_margin`` (clean misclassifications and
+        counterexamples aside).
     """
 
     status: list[CertificateStatus]
@@ -157,6 +192,7 @@ class MilpCertificates:
     margin_found: np.ndarray
     counterexample: torch.Tensor
     seconds: np.ndarray
+    safety_margin: np.ndarray
 
 
 # --------------------------------------------------------------------------
@@ -226,6 +262,12 @@ class _Program:
     def has_integers(self) -> bool:
         return any(flag and lower.size for lower, _, flag in self._bounds)
 
+    def variable_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The lower and upper bounds of every variable so far."""
+        if not self._bounds:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate([lower for lower, _, _ in self._bounds]), np.concatenate([upper for _, upper, _ in self._bounds])
+
     def minimize(self, objective: np.ndarray, time_limit: float, offset: float = 0.0):
         """``min objective . v + offset`` by HiGHS (branch and bound if there are integers); scipy's ``OptimizeResult``.
 
@@ -233,13 +275,22 @@ class _Program:
         relative gap on the objective itself.
         """
         matrix, row_lower, row_upper, lower, upper, integer = self._assembled()
-        result = milp(
-            np.append(objective, offset),
-            integrality=np.append(integer, 0),
-            bounds=Bounds(np.append(lower, 1.0), np.append(upper, 1.0)),
-            constraints=LinearConstraint(sp.hstack([matrix, sp.csr_matrix((self.rows, 1))]).tocsr(), row_lower, row_upper),
-            options={"time_limit": time_limit, "disp": False, "mip_rel_gap": MIP_RELATIVE_GAP},
-        )
+        options = {
+            "time_limit": time_limit, "disp": False, "mip_rel_gap": MIP_RELATIVE_GAP,
+            "primal_feasibility_tolerance": PRIMAL_FEASIBILITY_TOLERANCE,
+            "dual_feasibility_tolerance": DUAL_FEASIBILITY_TOLERANCE,
+            "mip_feasibility_tolerance": MIP_FEASIBILITY_TOLERANCE,
+        }
+        with warnings.catch_warnings():
+            # scipy passes the tolerances to HiGHS verbatim (and checks them there), warning that it does.
+            warnings.filterwarnings("ignore", message="Unrecognized options", category=RuntimeWarning)
+            result = milp(
+                np.append(objective, offset),
+                integrality=np.append(integer, 0),
+                bounds=Bounds(np.append(lower, 1.0), np.append(upper, 1.0)),
+                constraints=LinearConstraint(sp.hstack([matrix, sp.csr_matrix((self.rows, 1))]).tocsr(), row_lower, row_upper),
+                options=options,
+            )
         if result.x is not None:
             result.x = result.x[:-1]
         return result
@@ -484,10 +535,17 @@ def _affine_matrix(layer: nn.Module, input_shape: tuple[int, ...]) -> tuple[sp.c
 
 
 class _Network:
-    """A :class:`PiecewiseLinearNetwork` in float64, with its affine layers as sparse matrices."""
+    """A :class:`PiecewiseLinearNetwork` in float64, with its affine layers as sparse matrices.
+
+    A binarization compares with the threshold the model compares its own pixels with, so that this copy
+    binarizes every image the model can see as the model does.
+    """
 
     def __init__(self, network: PiecewiseLinearNetwork):
-        self.preprocess = copy.deepcopy(network.preprocess).double().cpu()
+        if network.binarized:
+            self.preprocess = Binarize(network.threshold)
+        else:
+            self.preprocess = copy.deepcopy(network.preprocess).double().cpu()
         self.layers = [copy.deepcopy(layer).double().cpu() for layer in network.layers]
         shapes, values = [], torch.zeros(1, *network.input_shape, dtype=torch.float64)
         with torch.no_grad():
@@ -516,6 +574,22 @@ class _Network:
                 following += 1
             if following < len(self.layers) and isinstance(self.layers[following], nn.ReLU):
                 self.feeds_relu[index] = int(relus_before[following])
+        self.relu_gains, self.input_gains = self._gains()
+
+    def _gains(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """How much each ReLU's output (per ReLU, ``(neurons, classes)``) and each preprocessed input value
+        (``(inputs, classes)``) can move each logit per unit: unit logits pulled back through ``|W|`` (a ReLU's slope
+        is at most 1)."""
+        gains = np.eye(self.classes)
+        relu_gains: list[np.ndarray] = [np.zeros((0, self.classes))] * len(self.relu_shapes)
+        relu = len(self.relu_shapes)
+        for index in range(len(self.layers) - 1, -1, -1):
+            if isinstance(self.layers[index], nn.ReLU):
+                relu -= 1
+                relu_gains[relu] = gains
+            elif index in self.affine:
+                gains = np.asarray(abs(self.affine[index][0]).T @ gains)
+        return relu_gains, gains
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -656,6 +730,18 @@ def _encode_relu(program: _Program, values: _Values, lower: np.ndarray, upper: n
     return _Values(variable, scale, offset, values.shape)
 
 
+def _row_bounds(program: _Program, rows, columns, coefficients, constant) -> tuple[np.ndarray, np.ndarray]:
+    """Interval bounds on ``sum coefficients v + constant`` per row from the variables' bounds: implied by the rows, so
+    they change no optimum, and every variable of a program has a finite range (:func:`highs_error_bound` sums them)."""
+    lower, upper = program.variable_bounds()
+    low, high = coefficients * lower[columns], coefficients * upper[columns]
+    size = constant.size
+    return (
+        constant + np.bincount(rows, weights=np.minimum(low, high), minlength=size),
+        constant + np.bincount(rows, weights=np.maximum(low, high), minlength=size),
+    )
+
+
 def _encode_network(program: _Program, network: _Network, ball: _Ball, relu_bounds: list, strict_gap: float = 0.0) -> _Encoding:
     """Add the network on the ball's image to ``program``; ``relu_bounds`` holds flat float64 ``(lower, upper)`` per ReLU.
 
@@ -674,11 +760,62 @@ def _encode_network(program: _Program, network: _Network, ball: _Ball, relu_boun
             if index in network.feeds_relu:
                 lower, upper = relu_bounds[network.feeds_relu[index]]
             else:
-                lower, upper = np.full(constant.size, -np.inf), np.full(constant.size, np.inf)
+                lower, upper = _row_bounds(program, rows, columns, coefficients, constant)
             values = _materialize(program, rows, columns, coefficients, constant, lower, upper)
     rows, columns, coefficients, constant = _encode_affine(*network.affine[len(network.layers) - 1], values)
     matrix = sp.csr_matrix((coefficients, (rows, columns)), shape=(constant.size, program.size))
     return _Encoding(matrix, constant, binarized_pixels, binarized_variables)
+
+
+def highs_error_bound(program: _Program, encoding: _Encoding, network: _Network, relu_bounds: list, label: int) -> float:
+    r"""The part of the safety margin that covers HiGHS's tolerances, for one example's program (all wrong classes).
+
+    HiGHS meets its tolerances on its own scaled and presolved problem, so no
+    a-priori bound on its error is a theorem; this one charges each tolerance
+    against the magnitudes it can move, in the program as built:
+
+    .. math::
+
+        \tau_d \sum_j (u_j - l_j) \;+\; (\tau_p + \tau_{\text{int}}) \Big(\max_{k \ne y}
+        \big(\textstyle\sum_j |c^k_j| \max(|l_j|, |u_j|) + |c^k_0|\big)
+        + \sum_{\text{unstable } i} G_i (|l_i| + u_i) + \sum_{\text{binarized } j} G_j\Big).
+
+    * Dual feasibility :math:`\tau_d` (:data:`DUAL_FEASIBILITY_TOLERANCE`): a
+      node's LP bound is the objective at a basis whose reduced costs may
+      have the wrong sign by :math:`\tau_d`; by weak duality the node's true
+      minimum is below it by at most :math:`\tau_d` times each column's
+      range, summed over every column (plan entries, pixels, neurons,
+      binaries, all with finite bounds).
+    * Primal feasibility :math:`\tau_p` (:data:`PRIMAL_FEASIBILITY_TOLERANCE`)
+      and MIP feasibility :math:`\tau_{\text{int}}` (:data:`MIP_FEASIBILITY_TOLERANCE`,
+      which the branch and bound applies to rows and integrality alike): a
+      row met to :math:`\tau_p + \tau_{\text{int}}`, or a binary within
+      :math:`\tau_{\text{int}}` of 0 or 1, lets the objective's terms
+      :math:`c^k_j v_j` (the margin :math:`f_y - f_k` on the last hidden
+      layer, with its constant :math:`c^k_0`) and each big-M constant move by
+      that fraction of their magnitude; a big-M constant (:math:`|l_i| + u_i`
+      of an unstable ReLU, or a binarized pixel's bit) moves the margin by its
+      neuron's gain :math:`G_i`, the unit logits :math:`e_y` and the worst
+      :math:`e_k` pulled back through :math:`|W|`.
+
+    The MIP gap plays no part: the certificate uses the dual bound, which the gap
+    only keeps from getting closer to the optimum.
+    """
+    lower, upper = program.variable_bounds()
+    ranges = float(np.sum(upper - lower))
+    magnitude = np.maximum(np.abs(lower), np.abs(upper))
+    wrong = np.flatnonzero(np.arange(network.classes) != label)
+    objective = abs(encoding.matrix[np.full(wrong.size, label)] - encoding.matrix[wrong])
+    terms = np.asarray(objective @ magnitude[: objective.shape[1]]).ravel() + np.abs(encoding.constant[label] - encoding.constant[wrong])
+    big_m = 0.0
+    for gains, (low, high) in zip(network.relu_gains, relu_bounds):
+        gain = gains[:, label] + gains[:, wrong].max(1)
+        unstable = (low < 0) & (high > 0)
+        big_m += float(gain[unstable] @ (np.abs(low[unstable]) + high[unstable]))
+    if encoding.binarized_pixels.size:
+        gains = network.input_gains[encoding.binarized_pixels]
+        big_m += float((gains[:, label] + gains[:, wrong].max(1)).sum())
+    return DUAL_FEASIBILITY_TOLERANCE * ranges + (PRIMAL_FEASIBILITY_TOLERANCE + MIP_FEASIBILITY_TOLERANCE) * (float(terms.max()) + big_m)
 
 
 # --------------------------------------------------------------------------
@@ -795,6 +932,7 @@ def milp_certify(
     time_limit: float,
     pre_activation_bounds=None,
     margin_bounds=None,
+    margin_safety=None,
 ) -> MilpCertificates:
     r"""Decide for each example whether some image of its Wasserstein ball changes the prediction.
 
@@ -830,15 +968,20 @@ def milp_certify(
     margin_bounds : Tensor (B, classes), optional
         Lower bounds on :math:`f_y - f_k` valid over the ball (entry ``y``
         ignored), such as the incomplete certifier's: a class whose bound
-        is positive is not solved, and the others are solved from the
-        smallest bound up instead of from the smallest clean margin.
+        exceeds the safety margin is not solved, and the others are solved
+        from the smallest bound up instead of from the smallest clean margin.
+    margin_safety : Tensor (B,), optional
+        The safety margin of ``margin_bounds`` (their
+        :attr:`~harness.certify.bounds.LinearBounds.safety_margin`): the
+        floor of each example's safety margin where it exceeds the one
+        computed here.
 
     Returns
     -------
     MilpCertificates
         ``CLEAN_MISCLASSIFIED`` (the model is wrong at ``x``; nothing is
-        solved), ``CERTIFIED`` (every wrong class's proven minimum is
-        positive, also when a solve ran out of time with such a bound),
+        solved), ``CERTIFIED`` (every wrong class's proven minimum exceeds the
+        safety margin, also when a solve ran out of time with such a dual bound),
         ``COUNTEREXAMPLE`` (verified), ``UNKNOWN`` (a candidate failed the
         exact verification, or HiGHS failed) or ``TIMEOUT``.
 
@@ -874,6 +1017,10 @@ def milp_certify(
         margin_bounds = torch.as_tensor(margin_bounds).detach().double().cpu().numpy()
         if margin_bounds.shape != (batch, classes) or np.isnan(margin_bounds).any():
             raise ValueError(f"margin_bounds has shape {margin_bounds.shape}: it must be ({batch}, {classes}), without NaN")
+    if margin_safety is not None:
+        margin_safety = torch.as_tensor(margin_safety).detach().double().cpu().numpy()
+        if margin_safety.shape != (batch,) or not (margin_safety >= 0).all():
+            raise ValueError(f"margin_safety has shape {margin_safety.shape}: it must be ({batch},), >= 0")
 
     with torch.no_grad():
         clean_prediction = network.forward(x).argmax(1).cpu()
@@ -888,13 +1035,20 @@ def milp_certify(
     if margin_bounds is not None:
         known_bounds = np.maximum(known_bounds, margin_bounds)
     priority = clean_margins if margin_bounds is None else known_bounds
+    pixel_upper = torch.from_numpy(np.stack([upper for _, upper in pixel_bounds])).view(images.shape)
+    if network.binarized:
+        pixel_upper = (pixel_upper >= network.threshold).double()  # the bits that can be 1
+    floor = verifier.safety_floor(pixel_upper, relu_bounds, labels)
+    if margin_safety is not None:
+        floor = np.maximum(floor, margin_safety)
 
     status, counterexample = [], torch.full_like(x, float("nan"))
-    margin_lower, margin_found, seconds = np.empty(batch), np.empty(batch), np.empty(batch)
+    margin_lower, margin_found, seconds, safety = np.empty(batch), np.empty(batch), np.empty(batch), floor.copy()
     for b in range(batch):
         started = time.perf_counter()
         example = _Example(
-            x[b : b + 1], labels[b : b + 1], float(radii[b]), started, known_bounds[b].copy(), clean_margins[b], priority[b]
+            x[b : b + 1], labels[b : b + 1], float(radii[b]), started, known_bounds[b].copy(), clean_margins[b], priority[b],
+            float(floor[b]),
         )
         if int(clean_prediction[b]) != int(labels[b]):
             example.status = CertificateStatus.CLEAN_MISCLASSIFIED
@@ -905,8 +1059,9 @@ def milp_certify(
             counterexample[b] = example.counterexample
         margin_lower[b] = example.bounds[example.wrong].min()
         margin_found[b] = example.found
+        safety[b] = example.safety
         seconds[b] = time.perf_counter() - started
-    return MilpCertificates(status, margin_lower, margin_found, counterexample, seconds)
+    return MilpCertificates(status, margin_lower, margin_found, counterexample, seconds, safety)
 
 
 @dataclass
@@ -921,6 +1076,8 @@ class _Example:
     bounds: np.ndarray
     clean_margins: np.ndarray
     priority: np.ndarray
+    safety: float
+    """The margin every wrong class's bound must exceed; raised by :func:`highs_error_bound` once a program is built."""
     status: CertificateStatus = CertificateStatus.UNKNOWN
     counterexample: torch.Tensor | None = None
     wrong: np.ndarray = field(init=False)
@@ -944,9 +1101,20 @@ class _Verifier:
         self.box = box
         self.time_limit = time_limit
 
+    def safety_floor(self, input_magnitude: torch.Tensor, relu_bounds: list, labels: torch.Tensor) -> np.ndarray:
+        """Per example, the floating-point part of the safety margin (:func:`~harness.certify.safety.float_error_bound`,
+        worst wrong class) for the bounds ``relu_bounds`` on each ReLU's input."""
+        per_class = float_error_bound(self.network, input_magnitude, relu_bounds, labels)
+        return per_class.scatter(1, labels.view(-1, 1), -math.inf).amax(1).numpy()
+
     def certify(self, example: _Example, relu_bounds: list) -> None:
-        """Solve the wrong classes of a correctly classified example, lowest priority value first."""
-        if (example.bounds[example.wrong] > 0).all():
+        """Solve the wrong classes of a correctly classified example, lowest priority value first.
+
+        Certified only where every wrong class's bound exceeds ``example.safety``: first the floating-point part
+        alone (no program), then, once the program is built, with :func:`highs_error_bound` added, whether the
+        solves finished or ran out of time.
+        """
+        if (example.bounds[example.wrong] > example.safety).all():
             example.status = CertificateStatus.CERTIFIED
             return
         centre = example.x[0].detach().cpu().double().numpy()
@@ -954,9 +1122,10 @@ class _Verifier:
         ball = _add_ball(program, centre, example.eps, self.transport, self.box)
         encoding = _encode_network(program, self.exact, ball, relu_bounds)
         label = int(example.label[0])
+        example.safety += highs_error_bound(program, encoding, self.exact, relu_bounds, label)
         timed_out = False
         for k in example.wrong[np.argsort(example.priority[example.wrong], kind="stable")]:
-            if example.bounds[k] > 0:
+            if example.bounds[k] > example.safety:
                 continue
             remaining = example.remaining(self.time_limit)
             if remaining <= 0:
@@ -974,10 +1143,10 @@ class _Verifier:
                             self._found(example, point)
                     self._check_candidate(example, point)
                     return
-            if example.bounds[k] <= 0 and outcome.timed_out:
+            if example.bounds[k] <= example.safety and outcome.timed_out:
                 timed_out = True
                 break
-        if (example.bounds[example.wrong] > 0).all():
+        if (example.bounds[example.wrong] > example.safety).all():
             example.status = CertificateStatus.CERTIFIED
         else:
             example.status = CertificateStatus.TIMEOUT if timed_out else CertificateStatus.UNKNOWN
@@ -1023,12 +1192,12 @@ class _Verifier:
             return
         candidate = torch.from_numpy(point).to(example.x)[None]
         # Without the box the ball holds images with pixels above 1: the [0, 1] check is not part of its verification.
-        tolerances = Tolerances() if self.box else Tolerances(box=math.inf)
+        tolerances = None if self.box else dataclasses.replace(Tolerances.for_images(candidate, self.transport.kernel_size), box=math.inf)
         verification = verify_wasserstein(
             self.network.model, example.x, example.label.to(example.x.device), candidate, torch.ones(1, dtype=torch.bool),
             torch.tensor([example.eps], dtype=torch.float64), self.transport.kernel_size, self.transport.p, tolerances=tolerances,
         )
         if int(verification.status[0]) == int(VerificationStatus.VERIFIED):
-            example.status, example.counterexample = CertificateStatus.COUNTEREXAMPLE, candidate[0]
+            example.status, example.counterexample = CertificateStatus.COUNTEREXAMPLE, verification.image[0]
         else:
             example.status = CertificateStatus.UNKNOWN

@@ -7,6 +7,12 @@ every larger ball, so both verdicts carry over and nothing is claimed that
 was not proven. An example's *certified radius* is the largest radius
 proven; after the ladder, ``radius_rounds`` bisection steps (geometric,
 between the last certified and the first failed radius) refine it.
+
+A verdict is ``certified`` only where the proven margin bound exceeds its
+safety margin (:mod:`.safety`, and for the MILP
+:func:`~harness.certify.milp.highs_error_bound`): both are kept, per
+example and radius, so that the verdicts the margin changed (a bound in
+``(0, safety]``) can be counted.
 """
 
 from __future__ import annotations
@@ -66,15 +72,20 @@ class CertifySettings:
 
 @dataclass
 class CertifiedBatch:
-    """Verdicts of a batch: ``status``/``margin``/``seconds`` are (B, radii); ``certified_radius`` is (B,).
+    """Verdicts of a batch: ``status``/``margin``/``safety_margin``/``seconds`` are (B, radii); ``certified_radius`` is (B,).
 
     ``margin`` is the proven lower bound on the smallest logit margin at that
-    radius (NaN where the radius was not evaluated); ``certified_radius`` is
-    0 for an example certified at no radius tried.
+    radius, as computed (raw; NaN where the radius was not evaluated);
+    ``safety_margin`` the margin it had to exceed to certify (NaN likewise):
+    ``certified`` exactly where ``margin > safety_margin``, so
+    ``0 < margin <= safety_margin`` marks the verdicts the safety margin
+    changed. ``certified_radius`` is 0 for an example certified at no radius
+    tried.
     """
 
     status: list[list[CertificateStatus]]
     margin: np.ndarray
+    safety_margin: np.ndarray
     seconds: np.ndarray
     certified_radius: np.ndarray
     prediction: np.ndarray
@@ -89,24 +100,26 @@ class _Verdicts:
         self.model_dtype = model_dtype
 
     def __call__(self, index: torch.Tensor, eps: torch.Tensor):
-        """Status, margin bound and seconds per example of ``index`` at radii ``eps``; counterexample images."""
+        """Status, raw margin bound, safety margin and seconds per example of ``index`` at radii ``eps``; counterexample
+        images."""
         x, labels = self.x[index], self.labels[index]
         started = time.perf_counter()
         bounds = linear_bounds(self.network, x, labels, eps, self.transport, box=False)
-        margin = bounds.worst_margin.numpy()
-        if self.settings.box and not (margin > 0).all():
+        if self.settings.box and not bool(bounds.certified.all()):
             # The boxed ball is a subset of the unboxed one: what the cheaper unboxed bounds certify stays
-            # certified, and only the rest pays for the box's capacity prices.
-            rest = torch.from_numpy(np.flatnonzero(margin <= 0))
+            # certified, and only the rest pays for the box's capacity prices. Both bounds hold on the boxed
+            # ball, so each class keeps the larger, and the larger of their safety margins.
+            rest = torch.from_numpy(np.flatnonzero(~bounds.certified.numpy()))
             boxed = linear_bounds(self.network, x[rest], labels[rest], eps[rest], self.transport, box=True)
-            margin[rest.numpy()] = np.maximum(margin[rest.numpy()], boxed.worst_margin.numpy())
             bounds.margin = bounds.margin.index_copy(0, rest, torch.maximum(bounds.margin[rest], boxed.margin))
+            bounds.safety = bounds.safety.index_copy(0, rest, torch.maximum(bounds.safety[rest], boxed.safety))
             bounds.pre_activation = [
                 (lower.index_copy(0, rest, boxed_lower), upper.index_copy(0, rest, boxed_upper))
                 for (lower, upper), (boxed_lower, boxed_upper) in zip(bounds.pre_activation, boxed.pre_activation)
             ]
+        margin, safety = bounds.worst_margin.numpy().copy(), bounds.safety_margin.numpy().copy()
         seconds = np.full(len(index), (time.perf_counter() - started) / max(len(index), 1))
-        status = [CertificateStatus.CERTIFIED if m > 0 else CertificateStatus.UNKNOWN for m in margin]
+        status = [CertificateStatus.CERTIFIED if certified else CertificateStatus.UNKNOWN for certified in bounds.certified.tolist()]
         counterexamples = {}
         undecided = [i for i, s in enumerate(status) if s is CertificateStatus.UNKNOWN]
         if self.settings.certifier is Certifier.MILP and undecided:
@@ -117,15 +130,17 @@ class _Verdicts:
                 self.network, x[chosen].to(self.model_dtype), labels[chosen], eps[chosen], self.transport, box=self.settings.box,
                 time_limit=self.settings.time_limit,
                 pre_activation_bounds=[(lower[chosen], upper[chosen]) for lower, upper in bounds.pre_activation],
-                margin_bounds=bounds.margin[chosen],
+                margin_bounds=bounds.margin[chosen], margin_safety=bounds.safety_margin[chosen],
             )
             for position, i in enumerate(undecided):
                 status[i] = outcome.status[position]
+                # The MILP's bound starts from the linear bounds' per class, and its safety margin from theirs.
                 margin[i] = max(margin[i], outcome.margin_lower[position])
+                safety[i] = max(safety[i], outcome.safety_margin[position])
                 seconds[i] += outcome.seconds[position]
                 if status[i] is CertificateStatus.COUNTEREXAMPLE:
                     counterexamples[i] = outcome.counterexample[position]
-        return status, margin, seconds, counterexamples
+        return status, margin, safety, seconds, counterexamples
 
 
 @torch.no_grad()
@@ -150,7 +165,7 @@ def certify_batch(
     CertifiedBatch
     """
     network = PiecewiseLinearNetwork.of(model, x.shape[1:])
-    model_dtype = next(model.parameters()).dtype
+    model_dtype = network.dtype
     prediction = network.forward(x.to(model_dtype)).argmax(1).cpu().numpy()
     x, labels = x.double().cpu(), labels.cpu()
     verdicts = _Verdicts(network, x, labels, transport, settings, model_dtype)
@@ -158,6 +173,7 @@ def certify_batch(
     correct = prediction == labels.numpy()
     status = [[CertificateStatus.CLEAN_MISCLASSIFIED if not correct[i] else CertificateStatus.UNKNOWN] * len(radii) for i in range(batch)]
     margin = np.full((batch, len(radii)), np.nan)
+    safety = np.full((batch, len(radii)), np.nan)
     seconds = np.zeros((batch, len(radii)))
     certified_radius = np.zeros(batch)
     failed_at = np.full(batch, np.inf)
@@ -166,11 +182,11 @@ def certify_batch(
     for column, eps in enumerate(radii):
         if active.size == 0:
             break
-        found, bound, spent, examples = verdicts(torch.from_numpy(active), torch.full((active.size,), eps, dtype=torch.float64))
+        found, bound, floor, spent, examples = verdicts(torch.from_numpy(active), torch.full((active.size,), eps, dtype=torch.float64))
         still = []
         for position, i in enumerate(active):
             verdict = found[position]
-            margin[i, column], seconds[i, column] = bound[position], spent[position]
+            margin[i, column], safety[i, column], seconds[i, column] = bound[position], floor[position], spent[position]
             status[i][column] = verdict
             if verdict is CertificateStatus.CERTIFIED:
                 certified_radius[i] = eps
@@ -184,7 +200,7 @@ def certify_batch(
                     status[i][later] = verdict
         active = np.array(still, dtype=int)
     _bisect(verdicts, correct, certified_radius, failed_at, radii[-1], settings.radius_rounds)
-    return CertifiedBatch(status, margin, seconds, certified_radius, prediction, counterexamples)
+    return CertifiedBatch(status, margin, safety, seconds, certified_radius, prediction, counterexamples)
 
 
 def _bisect(verdicts, correct, certified_radius, failed_at, largest, rounds) -> None:
@@ -196,7 +212,7 @@ def _bisect(verdicts, correct, certified_radius, failed_at, largest, rounds) -> 
             return
         low, high = certified_radius[index], failed_at[index]
         trial = np.where(np.isinf(high), 2 * np.maximum(low, largest), np.where(low > 0, np.sqrt(low * np.where(np.isinf(high), 1, high)), high / 4))
-        found, _, _, _ = verdicts(torch.from_numpy(index), torch.from_numpy(trial))
+        found, _, _, _, _ = verdicts(torch.from_numpy(index), torch.from_numpy(trial))
         for position, i in enumerate(index):
             if found[position] is CertificateStatus.CERTIFIED:
                 certified_radius[i] = trial[position]

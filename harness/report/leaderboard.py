@@ -27,7 +27,7 @@ import pandas as pd
 
 import zoo
 
-from ..vocabulary import STANDARD_RADII, CellStatus, CertificateStatus, Certifier, VerificationStatus
+from ..vocabulary import STANDARD_RADII, CellStatus, CertificateStatus, Certifier, ModelCheck, VerificationStatus
 
 __all__ = [
     "KNOWN_EXACTLY_TOLERANCE",
@@ -41,6 +41,7 @@ __all__ = [
     "certificate_violations",
     "certified_radii",
     "chosen_certificates",
+    "failed_model_checks",
     "headline_examples",
     "known_exactly",
     "leaderboard",
@@ -305,7 +306,12 @@ class LeaderboardTable:
     """Whether some row has certificates: its ``certified`` column holds certified accuracy at each radius."""
 
 
-def _flags(examples: pd.DataFrame, cells: pd.DataFrame) -> list[tuple[str, str]]:
+def _flags(examples: pd.DataFrame, cells: pd.DataFrame, checked: pd.DataFrame) -> list[tuple[str, str]]:
+    """The reliability flags of one model's row: ``(label, explanation)``.
+
+    ``examples`` are the rows its numbers come from; ``checked`` all of its rows on the ball, whose failed model checks
+    describe the model whichever attack ran them.
+    """
     flags = []
     unconverged = int(examples["unconverged_steps"].sum())
     if unconverged:
@@ -315,7 +321,11 @@ def _flags(examples: pd.DataFrame, cells: pd.DataFrame) -> list[tuple[str, str]]
         flags.append(("failed steps", f"{failed} attack steps whose solver failed"))
     zero = int(examples["zero_gradient_steps"].sum())
     if zero:
-        flags.append(("zero gradients", f"{zero} attack steps with a zero input gradient (masked or saturated model)"))
+        flags.append((
+            "zero gradients",
+            f"{zero} attack steps with a zero input gradient (model check {ModelCheck.ZERO_GRADIENT_STEPS.value}): "
+            f"{ModelCheck.ZERO_GRADIENT_STEPS.consequence}",
+        ))
     rejected = examples[_claimed(examples) & (examples["verification_status"] != _VERIFIED)]
     if len(rejected):
         reasons = ", ".join(f"{status} {count}" for status, count in rejected["verification_status"].value_counts().items())
@@ -326,11 +336,25 @@ def _flags(examples: pd.DataFrame, cells: pd.DataFrame) -> list[tuple[str, str]]
             f"{rejected_in_suite} rejected",
             f"{rejected_in_suite} claims of the suite's attacks failed exact verification (the radii count only verified ones)",
         ))
+    for check in failed_model_checks(checked):
+        flags.append((check.value.replace("_", " "), f"model check {check.value} failed: {check.consequence}"))
     if (examples["gradient_mode"] == _BPDA).any():
         flags.append(("BPDA", "input gradients approximated (straight-through BPDA): an upper bound on robustness"))
     if len(cells) and (cells["status"] != CellStatus.COMPLETE.value).any():
         flags.append((CellStatus.INCOMPLETE.value, "some of this model's cells did not finish; rerun the grid to complete them"))
     return flags
+
+
+def failed_model_checks(examples: pd.DataFrame) -> list[ModelCheck]:
+    """The model checks that failed on any of these rows, in the order of :class:`ModelCheck`.
+
+    :attr:`ModelCheck.ZERO_GRADIENT_STEPS` is left out: the ``zero gradients``
+    flag counts those steps, in older stores too.
+    """
+    if "failed_model_checks" not in examples:
+        return []
+    failed = {name for names in examples["failed_model_checks"] if names is not None for name in names}
+    return [check for check in ModelCheck if check.value in failed and check is not ModelCheck.ZERO_GRADIENT_STEPS]
 
 
 _MODEL_METADATA = {"trained_for": "trained_for", "training": "model_training", "paper": "model_paper", "clean_accuracy": "clean_accuracy"}
@@ -409,7 +433,7 @@ def leaderboard(
             "fraction_verified": counts.fraction,
             "seconds": seconds,
             "seconds_per_example": seconds / len(model_examples),
-            "flags": _flags(model_examples, model_cells),
+            "flags": _flags(model_examples, model_cells, everything[everything["model"] == model]),
         }
         for radius in radii:
             row[radius] = robust_accuracy_at(per_example, radius)

@@ -31,11 +31,12 @@ import torch
 import zoo
 
 from ..attack.evaluate import attack_and_verify, clean_accuracy
+from ..attack.model_checks import check_model
 from ..attack.pgd import AttackProgress
 from ..attack.suite import evaluate_batch
 from ..attack.verify import VerificationStatus, robust_accuracy
 from ..data import load_dataset, test_subset
-from ..vocabulary import CellStatus, CertificateStatus, Certifier
+from ..vocabulary import CellStatus, CertificateStatus, Certifier, ModelCheck
 from .grid import Cell, Shard, certify_config
 from .store import CELLS_SCHEMA, EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, shard_exists, write_shard
 
@@ -157,7 +158,8 @@ def training_summary(spec: zoo.ModelSpec, weights_dir: str | None) -> str:
 
 
 _CONFIG_COLUMNS = [
-    name for name in EXAMPLES_SCHEMA.names if name in CELLS_SCHEMA.names and name not in ("schema_version", "cell_id", "gradient_mode")
+    name for name in EXAMPLES_SCHEMA.names
+    if name in CELLS_SCHEMA.names and name not in ("schema_version", "cell_id", "gradient_mode", "failed_model_checks")
 ]
 """The configuration columns that examples and cells share (:func:`cell_columns` fills them)."""
 
@@ -234,6 +236,15 @@ def _certify_summary(cell: Cell) -> str:
     radii = ", ".join(f"{radius:g}" for radius in settings.radii)
     refinement = f"; then {settings.radius_rounds} rounds of bisection of each example's certified radius" if settings.radius_rounds else ""
     return _CERTIFIER_SUMMARY[settings.certifier].format(time_limit=settings.time_limit) + f", at radii {radii}{refinement}"
+
+
+def _failed_checks(per_row) -> list[str] | None:
+    """Every model check that failed on some row, in the order of :class:`ModelCheck`; None when no row was checked."""
+    checked = [names for names in per_row if names is not None]
+    if not checked:
+        return None
+    failed = {name for names in checked for name in names}
+    return [check.value for check in ModelCheck if check.value in failed]
 
 
 def _certify_box(cell: Cell) -> str:
@@ -326,9 +337,10 @@ class ShardRunner:
             report(0, AttackProgress(0, rows, 0, cell.schedule.iterations, cell.schedule.initial))
         images, labels = self._examples(shard)
         model = self.model(cell.model)
-        torch.manual_seed(cell.seed)
-
         images, labels = images.to(self.device), labels.to(self.device)
+        # Before the seed, and changing no state the attack reads (random generators included).
+        checks = check_model(model, images, labels, loss=cell.loss)
+        torch.manual_seed(cell.seed)
         if cell.suite is not None:
             columns = self._evaluate(cell, model, images, labels, started, None if on_progress is None else report)
         else:
@@ -338,6 +350,8 @@ class ShardRunner:
                 on_progress=None if on_progress is None else report, verify_executor=self._verifier(),
             )
             columns.update({name: np.full(rows, None) for name in _SUITE_COLUMNS})
+        checks = checks.with_zero_gradient_steps(int(np.sum(columns["zero_gradient_steps"])))
+        columns["failed_model_checks"] = [checks.names] * rows
         record = {name: [value] * rows for name, value in cell_columns(cell).items()}
         record.update(
             cell_id=[cell.cell_id] * rows,
@@ -390,6 +404,7 @@ class ShardRunner:
             eps=np.tile(np.asarray(radii, dtype=np.float64), rows),
             status=[status.value for statuses in batch.status for status in statuses],
             margin_lower=batch.margin.ravel(),
+            safety_margin=batch.safety_margin.ravel(),
             seconds=batch.seconds.ravel(),
             certified_radius=batch.certified_radius[per_example],
             radius_search_seconds=np.full(count, rest),
@@ -451,11 +466,13 @@ class ShardRunner:
         if cell.certify is not None:
             examples, seconds, robust = self._certified_outcome(cell)
             summary, box_handling, gradient_mode = _certify_summary(cell), _certify_box(cell), None
+            failed_checks = None
         else:
             found = read_table(context.results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)])
             found = found.drop_duplicates("example_index")
             examples, seconds = len(found), float((found["attack_seconds"] + found["verify_seconds"]).sum())
             robust = robust_accuracy(found["verified_distance"], cell.final_eps) if examples else None
+            failed_checks = _failed_checks(found["failed_model_checks"])
             summary = _suite_summary(cell) if cell.suite else cell.ball.attack_summary(cell.solver_spec, cell.step_rule)
             box_handling = _SUITE_BOX if cell.suite else cell.ball.box_handling(cell.solver_spec, cell.clamp)
             gradient_mode = spec.gradient_mode.value
@@ -471,6 +488,7 @@ class ShardRunner:
             seconds=[seconds],
             clean_accuracy=[self.clean_accuracy(cell)],
             robust_accuracy=[robust],
+            failed_model_checks=[failed_checks],
             trained_for=[spec.trained_for.value],
             model_training=[training_summary(spec, context.weights_dir)],
             model_paper=[spec.paper],

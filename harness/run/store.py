@@ -48,7 +48,7 @@ __all__ = [
     "write_shard",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Bumped whenever a table or column is added, removed or changes meaning.
 
 Version 2 added the ``images`` table, and to ``cells`` the model's
@@ -67,7 +67,12 @@ the evaluation suite of a suite cell (``suite``, ``suite_version``,
 Version 5 added the ``certificates`` table (one row per example and radius
 of a certify cell) and, to ``cells``, a certify cell's settings
 (``certifier``, ``box``, ``time_limit``, ``radius_rounds``; empty for attack
-cells, and in older rows)."""
+cells, and in older rows). Version 6 added, to ``examples`` and ``cells``,
+``failed_model_checks``: the :class:`~harness.vocabulary.ModelCheck` values
+that failed on the model (:mod:`harness.attack.model_checks`, run on each
+shard's clean images, with ``zero_gradient_steps`` where the attack counted
+such steps; empty when every check passed; null in older rows and for
+certify cells)."""
 
 TYPED_HYPERPARAMETERS = {
     "lam": pa.float64(),
@@ -160,11 +165,15 @@ EXAMPLES_SCHEMA = pa.schema(
         pa.field("unconverged_steps", pa.int32()),
         pa.field("failed_steps", pa.int32()),
         pa.field("zero_gradient_steps", pa.int32()),
+        pa.field("failed_model_checks", pa.list_(pa.string())),
         pa.field("attack_seconds", pa.float64()),
         pa.field("verify_seconds", pa.float64()),
     ]
 )
-"""Columns of the ``examples`` table (the partition columns come from the path)."""
+"""Columns of the ``examples`` table (the partition columns come from the path).
+
+``failed_model_checks`` holds the shard's failed model checks (the same list
+on each of its rows)."""
 
 CELLS_SCHEMA = pa.schema(
     [pa.field("schema_version", pa.int16(), nullable=False)]
@@ -178,6 +187,7 @@ CELLS_SCHEMA = pa.schema(
         pa.field("seconds", pa.float64()),
         pa.field("clean_accuracy", pa.float64()),
         pa.field("robust_accuracy", pa.float64()),
+        pa.field("failed_model_checks", pa.list_(pa.string())),
         pa.field("trained_for", pa.string()),
         pa.field("model_training", pa.string()),
         pa.field("model_paper", pa.string()),
@@ -194,7 +204,8 @@ CELLS_SCHEMA = pa.schema(
 
 For a certify cell ``robust_accuracy`` is the certified accuracy at its
 largest radius (``final_eps``), and ``attack_summary`` and ``box_handling``
-describe the certifier."""
+describe the certifier. ``failed_model_checks`` is every check that failed
+on any of the cell's shards on disk (null for a certify cell)."""
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -232,6 +243,7 @@ CERTIFICATES_SCHEMA = pa.schema(
         pa.field("eps", pa.float64(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
         pa.field("margin_lower", pa.float64()),
+        pa.field("safety_margin", pa.float64()),
         pa.field("seconds", pa.float64()),
         pa.field("certified_radius", pa.float64()),
         pa.field("radius_search_seconds", pa.float64()),
@@ -242,7 +254,9 @@ CERTIFICATES_SCHEMA = pa.schema(
 ``status`` is a :class:`~harness.vocabulary.CertificateStatus` value;
 ``margin_lower`` the proven lower bound on the smallest logit margin over
 the ball (null where that radius was not evaluated: the example was decided
-at a smaller one); ``seconds`` the certifier's time on the example at that
+at a smaller one); ``safety_margin`` the bound on the solver's and the
+float error that ``margin_lower`` had to exceed for ``certified`` (schema
+6; null in older stores); ``seconds`` the certifier's time on the example at that
 radius. ``certified_radius`` (the largest radius proven, the bisection after
 the ladder included; 0 when none) and ``radius_search_seconds`` (the
 example's share of the rest of its shard's time: that bisection, reading the
