@@ -29,6 +29,7 @@ certificates or suite rows, 0 otherwise.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -75,6 +76,29 @@ def margin_table(certificates: pd.DataFrame) -> pd.DataFrame:
         evaluated=("status", "size"), certified=("certified", "sum"), changed_by_margin=("changed", "sum"),
     )
     return table.reset_index().sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+BLOCK_KINDS = ("soundness",)
+
+
+def generate(kind: str, folders, options: dict) -> str:
+    """A generated block (``benchmarks/regenerate_results.py``): ``soundness``, the margin table and the contradictions."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from certify_table import markdown_table
+
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"certify_soundness.py writes no block of kind {kind!r} (kinds: {', '.join(BLOCK_KINDS)})")
+    (folder,) = folders
+    certificates = read_table(folder.path, Table.CERTIFICATES)
+    examples = read_table(folder.path, Table.EXAMPLES)
+    if certificates.empty or suite_examples(examples).empty:
+        raise ValueError(f"{folder.shown} needs both certificates and rows of the evaluation suite: run {folder.command}")
+    table = margin_table(certificates).rename(columns={"changed_by_margin": "changed by the safety margin"})
+    found = contradictions(examples, certificates)
+    checked = int((certificates["status"] == CertificateStatus.CERTIFIED.value).sum())
+    verdict = (f"**{len(found)} certificates are contradicted** by a verified suite radius." if len(found)
+               else f"No certificate is contradicted: {checked} certified rows checked against the suite's verified radii.")
+    return markdown_table(table) + "\n\n" + verdict
 
 
 def main(results_dir: str) -> int:

@@ -47,7 +47,7 @@ def cell_table(certificates: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     def shown(value):
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -82,7 +82,7 @@ def generate(kind: str, folders, options: dict) -> str:
         for (certifier, box), cell in certificates.groupby(["certifier", "box"], observed=True):
             parts.append(f"### {certifier}, {'with' if box else 'without'} the box "
                          f"(known exactly: certified radius >= verified radius / {1 + KNOWN_EXACTLY_TOLERANCE:g})")
-            parts.append(_markdown(cell_table(cell, examples)))
+            parts.append(markdown_table(cell_table(cell, examples)))
         violations = certificate_violations(examples, certificates)
         parts.append(f"{len(violations)} certificates are contradicted by a verified attack in the store." if len(violations)
                      else "No certificate is contradicted by any verified attack in the store.")
@@ -110,7 +110,7 @@ def generate(kind: str, folders, options: dict) -> str:
                     f"{attacks.loc[shared, 'verified_distance'].median():.2g}" if len(shared) else "–")
         rows.append(row)
     frame = pd.DataFrame(rows)
-    lines = _markdown(frame.drop(columns=["_seconds"], errors="ignore").fillna("–"))
+    lines = markdown_table(frame.drop(columns=["_seconds"], errors="ignore").fillna("–"))
     if kind == "time" and options.get("estimate_n"):
         n = int(options["estimate_n"])
         hours = n * frame["_seconds"].sum() / 3600
@@ -124,7 +124,7 @@ def main(results_dir: str) -> int:
     for (certifier, box), cell in certificates.groupby(["certifier", "box"], observed=True):
         print(f"\n### {certifier}, {'with' if box else 'without'} the box "
               f"(known exactly: certified radius >= verified radius / {1 + KNOWN_EXACTLY_TOLERANCE:g})\n")
-        print(_markdown(cell_table(cell, examples)))
+        print(markdown_table(cell_table(cell, examples)))
     violations = certificate_violations(examples, certificates)
     if len(violations):
         print(f"\n{len(violations)} certificates contradicted by a verified attack:\n{violations.to_string()}")

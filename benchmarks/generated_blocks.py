@@ -263,6 +263,15 @@ def read_markdown(folder: Folder, name: str) -> str:
     return path.read_text(encoding="utf-8").strip("\n")
 
 
+def markdown_block(script: str, default_file: str, kind: str, folders, options: dict) -> str:
+    """The ``markdown`` block of a measuring ``script``: the ``--markdown`` file it wrote into its one folder
+    (option ``file``, default ``default_file``)."""
+    if kind != "markdown":
+        raise ValueError(f"{script} writes no block of kind {kind!r} (kinds: markdown)")
+    (folder,) = folders
+    return read_markdown(folder, options.get("file", default_file))
+
+
 def replace_blocks(text: str, blocks: list[Block]) -> tuple[str, list[str]]:
     """``text`` with each block of the same name replaced by the given one; blocks the page lacks are appended.
 

@@ -360,15 +360,11 @@ BLOCK_KINDS = ("markdown",)
 
 
 def generate(kind: str, folders, options: dict) -> str:
-    """A generated block (``benchmarks/regenerate_results.py``): ``markdown``, the ``--markdown`` file this script
-    wrote into the folder (option ``file``, default ``solver_benchmark.md``)."""
+    """A generated block (``benchmarks/regenerate_results.py``): the ``--markdown`` file this script wrote."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from generated_blocks import read_markdown
+    from generated_blocks import markdown_block
 
-    if kind not in BLOCK_KINDS:
-        raise ValueError(f"{Path(__file__).name} writes no block of kind {kind!r} (kinds: {', '.join(BLOCK_KINDS)})")
-    (folder,) = folders
-    return read_markdown(folder, options.get("file", "solver_benchmark.md"))
+    return markdown_block(Path(__file__).name, "solver_benchmark.md", kind, folders, options)
 
 
 def main(argv=None) -> int:

@@ -268,8 +268,12 @@ def test_a_grid_stores_the_failed_checks_and_the_leaderboard_flags_them(world, f
         "batch_size": 2, "gallery_examples": 0, "report": False, "dry_run": False, "plugins": [str(world.plugin), str(flagged_plugin)],
         "ray": {"address": None, "gpus_per_actor": 1.0, "cpus_per_actor": 1, "max_retries": 0, "num_cpus": 2},
     }
-    assert run_benchmark(config) == 0
+    with pytest.warns(ModelCheckWarning) as warned:
+        assert run_benchmark(config) == 0
     expected = {world.model: [], softmax: ["probability_outputs"], rounded: ["zero_input_gradient", "zero_gradient_steps"]}
+    # The run warns once per flagged cell, naming the model and its failed checks; the clean model never.
+    messages = [str(warning.message) for warning in warned if issubclass(warning.category, ModelCheckWarning)]
+    assert sorted(message.split(",")[0] for message in messages) == sorted([softmax, rounded])
     examples = read_table(config["results_dir"])
     assert len(examples) == 4 * 4
     for (model, _), rows in examples.groupby([examples["model"].astype(str), "cell_id"]):

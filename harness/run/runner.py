@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch
 import zoo
 
 from ..attack.evaluate import attack_and_verify, clean_accuracy
-from ..attack.model_checks import check_model
+from ..attack.model_checks import ModelCheckWarning, check_model
 from ..attack.pgd import AttackProgress
 from ..attack.suite import evaluate_batch
 from ..attack.verify import VerificationStatus, robust_accuracy
@@ -474,6 +475,12 @@ class ShardRunner:
             robust = robust_accuracy(found["verified_distance"], cell.final_eps) if examples else None
             failed_checks = _failed_checks(found["failed_model_checks"])
             summary = _suite_summary(cell) if cell.suite else cell.ball.attack_summary(cell.solver_spec, cell.step_rule)
+            if failed_checks:
+                warnings.warn(
+                    f"{cell.model}, {summary}: the model failed the checks {', '.join(failed_checks)}, so its robust "
+                    f"accuracy may overstate its robustness (docs/evaluate.md, 'Checks on the model')",
+                    ModelCheckWarning, stacklevel=2,
+                )
             box_handling = _SUITE_BOX if cell.suite else cell.ball.box_handling(cell.solver_spec, cell.clamp)
             gradient_mode = spec.gradient_mode.value
         row = {name: [value] for name, value in {**cell_columns(cell), **certify_columns(cell)}.items()}
