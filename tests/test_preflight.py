@@ -201,8 +201,8 @@ def test_every_problem_is_reported_at_once(config, tmp_path, world, unused_port,
 @pytest.mark.parametrize(
     "argument, expected",
     [
-        ("grid=nonexistent", "grid='nonexistent' does not exist; grid choices (conf/grid/*.yaml): certify, cifar_wu2020, evaluate, fixed_radius_check, frank_wolfe_oracle, full, kernel_sizes,"),
-        ("+grid=nonexistent", "grid='nonexistent' does not exist; grid choices (conf/grid/*.yaml): certify, cifar_wu2020, evaluate, fixed_radius_check, frank_wolfe_oracle, full, kernel_sizes,"),
+        ("grid=nonexistent", "grid='nonexistent' does not exist; grid choices (conf/grid/*.yaml): certify, certify_check, cifar_wu2020, evaluate, fixed_radius_check, frank_wolfe_oracle, full, kernel_sizes,"),
+        ("+grid=nonexistent", "grid='nonexistent' does not exist; grid choices (conf/grid/*.yaml): certify, certify_check, cifar_wu2020, evaluate, fixed_radius_check, frank_wolfe_oracle, full, kernel_sizes,"),
         ("executor=nope", "executor='nope' does not exist; executor choices (conf/executor/*.yaml): local, ray"),
     ],
 )
@@ -217,7 +217,7 @@ def test_unknown_grid_or_executor_names_are_refused_with_the_choices(tmp_path, a
 
 def test_the_command_line_still_reaches_hydra_and_the_checks(tmp_path, world):
     finished, _ = run_script("--help")
-    assert finished.returncode == 0 and "grid: certify, cifar_wu2020, evaluate, fixed_radius_check, frank_wolfe_oracle, full, kernel_sizes, lambda_p" in finished.stdout
+    assert finished.returncode == 0 and "grid: certify, certify_check, cifar_wu2020, evaluate, fixed_radius_check, frank_wolfe_oracle, full, kernel_sizes, lambda_p" in finished.stdout
     results = tmp_path / "results"
     finished, seconds = run_script(
         "grid=smoke", "executor=local", "ray.cpus_per_actor=0", f"results_dir={results}",
