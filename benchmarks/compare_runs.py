@@ -38,7 +38,11 @@ def _same(left: pd.Series, right: pd.Series) -> np.ndarray:
     if pd.api.types.is_float_dtype(left) and pd.api.types.is_float_dtype(right):
         a, b = left.to_numpy(dtype=float), right.to_numpy(dtype=float)
         return (a == b) | (np.isnan(a) & np.isnan(b))
-    return (left.astype(object).fillna("<null>") == right.astype(object).fillna("<null>")).to_numpy()
+    def comparable(series: pd.Series) -> list:
+        return ["<null>" if value is None or (np.isscalar(value) and pd.isna(value))
+                else tuple(value) if isinstance(value, (list, np.ndarray)) else value for value in series]
+
+    return np.array([a == b for a, b in zip(comparable(left), comparable(right))], dtype=bool)
 
 
 def _written_columns(results_dir: str) -> set[str]:
