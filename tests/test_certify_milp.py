@@ -63,6 +63,17 @@ def moves(x: np.ndarray, kernel_size: int, p: float):
     return np.array(source), np.array(destination), np.array(cost)
 
 
+def plan_polytope(x: np.ndarray, kernel_size: int = 3, p: float = 1.0):
+    """The plans of the ball around ``x`` as matrices over the moves of :func:`moves`: their costs, the flat mass,
+    the image a plan makes (pixels x moves), the rows that must sum to the mass, and which of them hold mass."""
+    source, destination, cost = moves(x, kernel_size, p)
+    mass = x.reshape(-1)
+    pixels, entries = mass.size, source.size
+    image_of_plan = sp.csr_matrix((np.ones(entries), (destination, np.arange(entries))), shape=(pixels, entries)).toarray()
+    rows_equal = sp.csr_matrix((np.ones(entries), (source, np.arange(entries))), shape=(pixels, entries)).toarray()
+    return cost, mass, image_of_plan, rows_equal, mass > 0
+
+
 def bounded_compositions(total: int, parts: int) -> np.ndarray:
     """Every vector of ``parts`` non-negative integers with sum at most ``total`` (stars and bars)."""
     bars = np.array(list(itertools.combinations(range(total + parts), parts)))
@@ -551,12 +562,8 @@ def pattern_minimum(net: nn.Module, x: np.ndarray, eps: float, threshold: float,
     (``strict_gap = 0``: the verifier's relaxation, where a pixel at exactly
     the threshold may read 0). ``net`` takes the bits.
     """
-    source, destination, cost = moves(x, 3, 1.0)
-    mass = x.reshape(-1)
-    pixels, entries = mass.size, source.size
-    image_of_plan = sp.csr_matrix((np.ones(entries), (destination, np.arange(entries))), shape=(pixels, entries)).toarray()
-    rows_equal = sp.csr_matrix((np.ones(entries), (source, np.arange(entries))), shape=(pixels, entries)).toarray()
-    massive = mass > 0
+    cost, mass, image_of_plan, rows_equal, massive = plan_polytope(x)
+    pixels = mass.size
     best = np.inf
     for bits in itertools.product((0.0, 1.0), repeat=pixels):
         bits = np.array(bits)
@@ -568,7 +575,7 @@ def pattern_minimum(net: nn.Module, x: np.ndarray, eps: float, threshold: float,
             a_ub.append(image_of_plan)
             b_ub.append(np.ones(pixels))
         result = linprog(
-            np.zeros(entries), A_ub=np.vstack(a_ub), b_ub=np.concatenate(b_ub), A_eq=rows_equal[massive], b_eq=mass[massive],
+            np.zeros(cost.size), A_ub=np.vstack(a_ub), b_ub=np.concatenate(b_ub), A_eq=rows_equal[massive], b_eq=mass[massive],
             bounds=(0, None), method="highs",
         )
         if result.status == 0:

@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import scipy.sparse as sp
 import torch
 from scipy.optimize import linprog
 from torch import nn
@@ -36,7 +35,7 @@ import zoo
 from conftest import digit_batch
 from results_factory import attack, suite_evaluation, write_cell, write_certificates
 from test_certify_milp import (
-    box_sensitive_network, conv_as_matrix, exact_minimum, moves, random_ball_images, tiny_network, two_corner_image,
+    box_sensitive_network, conv_as_matrix, exact_minimum, plan_polytope, random_ball_images, tiny_network, two_corner_image,
 )
 
 from harness.attack.ball import Ball
@@ -70,12 +69,8 @@ def exact_pre_activation_ranges(net: nn.Sequential, x: np.ndarray, eps: float, b
     The second's are affine on the region of each activation pattern of the
     first (non-strict signs, which cover the ball): one LP per pattern.
     """
-    source, destination, cost = moves(x, 3, 1.0)
-    mass = x.reshape(-1)
-    pixels, entries = mass.size, source.size
-    image_of_plan = sp.csr_matrix((np.ones(entries), (destination, np.arange(entries))), shape=(pixels, entries)).toarray()
-    rows_equal = sp.csr_matrix((np.ones(entries), (source, np.arange(entries))), shape=(pixels, entries)).toarray()
-    massive = mass > 0
+    cost, mass, image_of_plan, rows_equal, massive = plan_polytope(x)
+    pixels = mass.size
     first, first_bias = conv_as_matrix(net[0], x.shape)
     z1 = first @ image_of_plan
     w2, b2 = net[3].weight.detach().double().numpy(), net[3].bias.detach().double().numpy()
