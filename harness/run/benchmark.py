@@ -23,7 +23,8 @@ import zoo
 from ..attack.suite import summarize
 from .grid import Cell
 from .preflight import cannot_start_message, preflight
-from .runner import RunContext, default_batch_size, resolve_device
+from ..provenance import resolve_device
+from .runner import RunContext, default_batch_size
 from .scheduler import Executor, RunReport, ray_session, run_cells, train_models
 from .store import Table, read_table
 

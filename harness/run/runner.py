@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import copy
 import datetime
-import importlib.metadata
 import json
 import math
 import multiprocessing
 import os
-import subprocess
 import time
 import warnings
 from collections.abc import Callable
@@ -37,17 +35,15 @@ from ..attack.pgd import AttackProgress
 from ..attack.suite import evaluate_batch
 from ..attack.verify import VerificationStatus, robust_accuracy
 from ..data import load_dataset, test_subset
+from ..provenance import git_commit, package_versions, resolve_device
 from ..vocabulary import CellStatus, CertificateStatus, Certifier, ModelCheck
 from .grid import Cell, Shard, certify_config
 from .store import CELLS_SCHEMA, EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, shard_exists, write_shard
 
 __all__ = [
     "RunContext", "ShardOutcome", "ShardProgress", "ShardRunner", "cell_columns", "certify_columns", "default_batch_size",
-    "default_verify_workers", "resolve_device", "training_summary",
+    "default_verify_workers", "training_summary",
 ]
-
-_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pyarrow", "pandas", "ray", "hydra-core")
-
 
 @dataclass(frozen=True)
 class RunContext:
@@ -91,13 +87,6 @@ class ShardOutcome:
     skipped: bool
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device a setting names (``auto``: CUDA when available, else CPU)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def default_batch_size(device: torch.device) -> int:
     """Examples per attack batch (and shard) on ``device``.
 
@@ -117,27 +106,6 @@ def default_verify_workers(device: torch.device) -> int:
     if device.type == "cpu":
         return 0
     return max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for package in _PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def git_commit() -> str:
-    """The commit of the checkout the code runs from ('unknown' outside git)."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 def training_summary(spec: zoo.ModelSpec, weights_dir: str | None) -> str:

@@ -40,7 +40,7 @@ from ..attack.ball import Ball
 from ..attack.evaluate import clean_accuracy
 from ..attack.pgd import EpsSchedule, PGDAttack
 from ..data import load_dataset
-from ..run.runner import git_commit, package_versions, resolve_device
+from ..provenance import git_commit, package_versions, resolve_device
 from .certified import worst_case_logits
 from .recipes import Objective, OptimizerKind, Recipe, recipe as recipe_named
 
