@@ -38,6 +38,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ except ImportError:  # pragma: no cover
 
 import zoo  # noqa: E402
 from harness.attack.ball import Ball  # noqa: E402
-from harness.attack.pgd import PROTOCOLS  # noqa: E402
+from harness.attack.spec import PROTOCOLS  # noqa: E402
 from harness.data import load_mnist  # noqa: E402
 from harness.attack.evaluate import attack_and_verify, clean_accuracy  # noqa: E402
 from harness.attack.verify import VerificationStatus, robust_accuracy  # noqa: E402
@@ -83,8 +84,7 @@ def run(args) -> list[dict]:
         print(f"{model_name}: clean accuracy {100 * clean:.2f}% on {images.shape[0]} test images (gradients: {gradient})", flush=True)
         for variant, solver_name, clamp in variants:
             spec = zoo.solver_spec(solver_name)
-            hyperparameters = {"lam": protocol.lam} if "lam" in spec.defaults else {}
-            iterate = ball.iterate(spec, hyperparameters, protocol.rule, protocol.step_size, clamp=clamp)
+            iterate = replace(protocol.for_solver(spec), clamp=clamp).iterate(ball)
             started = time.perf_counter()
             columns = attack_and_verify(model, x, y, ball, iterate, protocol.schedule, batch_size=args.batch_size)
             wall = time.perf_counter() - started

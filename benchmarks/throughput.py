@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover
 import zoo  # noqa: E402
 from harness.attack.ball import Ball  # noqa: E402
 from harness.attack.evaluate import attack_and_verify  # noqa: E402
-from harness.attack.pgd import PROTOCOLS  # noqa: E402
+from harness.attack.spec import PROTOCOLS  # noqa: E402
 from harness.attack.verify import robust_accuracy  # noqa: E402
 from harness.data import test_subset  # noqa: E402
 from harness.run.runner import default_batch_size, default_verify_workers  # noqa: E402
@@ -72,9 +72,7 @@ def measure(model_name, solver_name, protocol, images, labels, device, batch_siz
         parameter.requires_grad_(False)
     ball = Ball.wasserstein(protocol.kernel_size, protocol.p)
     spec = zoo.solver_spec(solver_name)
-    step_rule, step_size = (protocol.rule, protocol.step_size) if spec.kind.attack_steps else (None, None)
-    hyperparameters = {"lam": protocol.lam} if "lam" in {h.name for h in spec.hyperparameters} else {}
-    iterate = ball.iterate(spec, hyperparameters, step_rule, step_size, protocol.clamp)
+    iterate = protocol.for_solver(spec).iterate(ball)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()

@@ -19,7 +19,8 @@ from torch import nn
 import zoo
 from conftest import digit_batch, tensor
 from harness.attack.ball import Ball
-from harness.attack.pgd import PROTOCOLS, EpsSchedule, Loss, PGDAttack, make_iterate
+from harness.attack.pgd import EpsSchedule, Loss, PGDAttack, make_iterate
+from harness.attack.spec import PROTOCOLS
 from harness.attack.verify import VerificationStatus, robust_accuracy, verify_norm, verify_wasserstein
 from solvers.exact import local_ot_distance
 from solvers.iterate import IterateState, Norm, NormBallIterate, StepReport, StepRule
@@ -355,7 +356,7 @@ def test_paper_model_attack_every_success_verified(name):
     model, x, y = _real(name, 16)
     protocol = PROTOCOLS["paper_code_mnist"]
     solver = zoo.solver("projected_sinkhorn_box", kernel_size=protocol.kernel_size, p=protocol.p, lam=protocol.lam)
-    iterate = make_iterate(solver, protocol.rule, protocol.step_size)
+    iterate = make_iterate(solver, protocol.attack.step_rule, protocol.attack.step_size)
     result = PGDAttack(model, iterate, protocol.schedule).run(x, y)
     verdict = verify_wasserstein(model, x, y, result.adversarial, result.success, result.eps_found, protocol.kernel_size, protocol.p)
     assert int(result.success.sum()) >= 14, f"{name}: only {int(result.success.sum())} of 16 fooled"
@@ -455,7 +456,7 @@ def test_cifar_architectures_attack_and_verify(name):
         y = model(x).argmax(1)
     protocol = PROTOCOLS["paper_cifar"]
     solver = zoo.solver("projected_sinkhorn_box", kernel_size=protocol.kernel_size, p=protocol.p, lam=protocol.lam)
-    result = PGDAttack(model, make_iterate(solver, protocol.rule, protocol.step_size), EpsSchedule(0.01, 1.5, 2, 12)).run(x, y)
+    result = PGDAttack(model, make_iterate(solver, protocol.attack.step_rule, protocol.attack.step_size), EpsSchedule(0.01, 1.5, 2, 12)).run(x, y)
     verdict = verify_wasserstein(model, x, y, result.adversarial, result.success, result.eps_found, protocol.kernel_size, protocol.p)
     assert result.success.any()
     assert np.all(verdict.status[result.success.numpy()] == int(VerificationStatus.VERIFIED)), verdict.status_names()

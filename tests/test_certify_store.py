@@ -48,14 +48,14 @@ def test_certify_blocks_expand_to_cells_of_their_own_and_attack_ids_stay():
     ]
     assert len({cell.cell_id for cell in cells}) == 4 and len({s.shard_id for c in cells for s in c.shards(2)}) == 8
     milp = next(cell for cell in cells if cell.label == "certified (milp, box)")
-    assert (milp.certify.radii, milp.certify.time_limit, milp.final_eps, milp.solver, milp.schedule) == ((0.001, 0.01), 20.0, 0.01, None, None)
+    assert (milp.settings.radii, milp.settings.time_limit, milp.final_eps) == ((0.001, 0.01), 20.0, 0.01)
     assert milp.config()["certify"] == {"certifier": "milp", "radii": [0.001, 0.01], "box": True, "radius_rounds": 4, "time_limit": 20.0}
     # time_limit belongs to the complete certifier only: the linear bounds' ids ignore it.
     (linear,) = expand_blocks([{**CERTIFY, "box": True}])
     assert "time_limit" not in linear.config()["certify"] and linear.cell_id in {cell.cell_id for cell in cells}
     # A protocol supplies the ball; the data set's ladder is the default.
     (preset,) = expand_blocks([{**{k: v for k, v in CERTIFY.items() if k not in ("kernel_size", "p", "radii")}, "protocol": "paper_mnist"}])
-    assert preset.ball == linear.ball and preset.certify.radii == (0.001, 0.01, 0.05, 0.1)
+    assert preset.ball == linear.ball and preset.settings.radii == (0.001, 0.01, 0.05, 0.1)
     # An attack cell's id is what it was before certificates existed (conf/grid/certify.yaml's attack on mnist/standard).
     (attack_cell,) = expand_blocks([{"dataset": "mnist", "model": "mnist/standard", "solver": "plan_pgd_box", "protocol": "paper_mnist",
                                      "eps_initial": 0.0005, "eps_factor": 1.1, "eps_every": 3, "iterations": 200, "n_examples": 500}])

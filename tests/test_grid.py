@@ -30,11 +30,11 @@ def test_axes_expand_to_their_product_with_protocol_defaults():
           "protocol": "paper_mnist", "n_examples": 10}]
     )
     assert len(cells) == 8
-    assert {(c.model, c.solver) for c in cells} == {(m, s) for m in PAPER_MODELS for s in ("projected_sinkhorn", "projected_sinkhorn_box")}
+    assert {(c.model, c.attack.solver) for c in cells} == {(m, s) for m in PAPER_MODELS for s in ("projected_sinkhorn", "projected_sinkhorn_box")}
     cell = cells[0]
     assert cell.ball == Ball.wasserstein(5, 1.0) and cell.ball.kind is BallKind.WASSERSTEIN
-    assert (dict(cell.hyperparameters)["lam"], cell.schedule.initial, cell.schedule.iterations) == (1000.0, 0.3, 200)
-    assert cell.clamp is False
+    assert (dict(cell.attack.hyperparameters)["lam"], cell.attack.schedule.initial, cell.attack.schedule.iterations) == (1000.0, 0.3, 200)
+    assert cell.attack.clamp is False
 
 
 def test_block_settings_override_the_protocol_and_duplicates_merge():
@@ -111,7 +111,7 @@ def test_every_declared_hyperparameter_is_settable_and_recorded_exactly():
                 chosen[h.name] = h.choices[-1]
         (cell,) = expand_blocks([{"dataset": "mnist", "model": "mnist/standard", "solver": spec.name,
                                   "protocol": "paper_mnist", "n_examples": 2, **chosen}])
-        assert dict(cell.hyperparameters) == chosen, spec.name
+        assert dict(cell.attack.hyperparameters) == chosen, spec.name
         assert cell.config()["hyperparameters"] == chosen
         solver = cell.iterate()
         built = getattr(solver, "projector", solver)
@@ -134,7 +134,7 @@ def test_hyperparameters_no_solver_of_the_block_uses_are_refused_with_the_allowe
     assert "block 4: 'kernel_size' is used by none of the block's cells" in message
     # A hyperparameter one solver of a mixed block declares is fine; the others simply do not take it.
     cells = expand_blocks([{**block, "solver": ["projected_sinkhorn", "frank_wolfe"], "lam": [10.0, 100.0]}])
-    assert sorted((c.solver, dict(c.hyperparameters).get("lam")) for c in cells) == [
+    assert sorted((c.attack.solver, dict(c.attack.hyperparameters).get("lam")) for c in cells) == [
         ("frank_wolfe", None), ("projected_sinkhorn", 10.0), ("projected_sinkhorn", 100.0)]
     with pytest.raises(GridError, match=r"max_iter=0 is invalid: it must be an integer >= 1"):
         expand_blocks([{**block, "solver": "projected_sinkhorn", "max_iter": 0}])
@@ -183,12 +183,12 @@ def test_runner_writes_shards_once_and_summarizes_cells_from_disk(world, tmp_pat
     assert set(ours["verification_status"]) <= counted
     assert (ours["verification_status"] == VerificationStatus.VERIFIED.name).sum() >= 4  # a random tiny net falls easily
     assert (ours["kernel_size"] == 7).all() and (ours["p"] == 2.0).all() and (ours["gradient_mode"] == "exact").all()
-    assert (ours["final_eps"] == wasserstein.schedule.final_eps).all()
+    assert (ours["final_eps"] == wasserstein.attack.schedule.final_eps).all()
     assert (ours["ball_title"] == wasserstein.ball.title).all()
     assert (ours["max_iter"] == 100).all() and (ours["lam"] == 1000.0).all() and ours["box_tol"].isna().all()
-    assert json.loads(ours["hyperparameters_json"].iloc[0]) == dict(wasserstein.hyperparameters)
+    assert json.loads(ours["hyperparameters_json"].iloc[0]) == dict(wasserstein.attack.hyperparameters)
     cells = read_table(tmp_path, Table.CELLS).set_index("cell_id")
-    expected = np.mean(ours["verified_distance"] > wasserstein.schedule.final_eps)
+    expected = np.mean(ours["verified_distance"] > wasserstein.attack.schedule.final_eps)
     assert cells.loc[wasserstein.cell_id, "robust_accuracy"] == pytest.approx(expected)
     assert cells.loc[wasserstein.cell_id, "clean_accuracy"] == 1.0  # the synthetic labels are the net's predictions
     compute = ours["attack_seconds"].sum() + ours["verify_seconds"].sum()

@@ -23,10 +23,12 @@ import harness
 import zoo
 from harness.attack import suite as suite_module
 from harness.attack.ball import Ball
-from harness.attack.pgd import PROTOCOLS, EpsSchedule, PGDAttack
+from harness.attack.pgd import EpsSchedule, PGDAttack
+from harness.attack.spec import PROTOCOLS
 from harness.attack.suite import MemberRole, attack_suite, evaluate_batch
 from harness.run.benchmark import run_benchmark
 from harness.run.grid import GridError, expand_blocks
+from harness.run.kinds import SuiteCell
 from harness.run.store import Table, read_table
 from harness.attack.verify import Verification
 from harness.vocabulary import VerificationStatus
@@ -44,8 +46,8 @@ def _cut(suite, iterations: int = 12):
 
     def cut_member(member):
         if member.role is MemberRole.FIXED_RADII:
-            return replace(member, schedule=EpsSchedule.fixed(1.0, iterations))
-        return replace(member, schedule=EpsSchedule(0.005, 1.3, 1, iterations))
+            return replace(member, attack=replace(member.attack, schedule=EpsSchedule.fixed(1.0, iterations)))
+        return replace(member, attack=replace(member.attack, schedule=EpsSchedule(0.005, 1.3, 1, iterations)))
 
     refinement = replace(suite.refinement, member=cut_member(suite.refinement.member), rounds=2)
     return replace(suite, radii=RADII, members=tuple(cut_member(m) for m in suite.members), refinement=refinement)
@@ -123,7 +125,7 @@ def test_the_suite_is_at_least_as_strong_as_each_of_its_schedule_members_alone(p
     for member in suite.members:
         if member.role is not MemberRole.SCHEDULE:
             continue
-        result = member.attack(model, BALL, 0).run(x, y)
+        result = member.attack.attack(model, BALL, 0).run(x, y)
         alone = BALL.verify(model, x, y, result).verified_distance
         assert np.all(outcome.columns["verified_distance"] <= alone + 1e-12), member.name
 
@@ -176,16 +178,16 @@ def test_the_2020_presets_expand_and_only_an_additive_schedule_records_its_incre
         {"dataset": "mnist", "model": "mnist/wasserstein_adversarial", "solver": "plan_pgd_box", "protocol": "wu2020_mnist", "n_examples": 1},
     ]
     hu, wu = expand_blocks(blocks)
-    assert hu.schedule == EpsSchedule(0.01, 1.0, 1, 200, increment=0.01) and hu.step_rule.value == "linf_normalized_mass"
+    assert hu.attack.schedule == EpsSchedule(0.01, 1.0, 1, 200, increment=0.01) and hu.attack.step_rule.value == "linf_normalized_mass"
     assert hu.config()["eps_increment"] == 0.01 and hu.final_eps == pytest.approx(2.0)
-    assert "eps_increment" not in wu.config() and wu.schedule == EpsSchedule.fixed(0.5, 300)
-    assert dict(wu.hyperparameters)["step_size"] == 0.1 and (wu.ball.transport.kernel_size, wu.ball.transport.p) == (5, 1.0)
+    assert "eps_increment" not in wu.config() and wu.attack.schedule == EpsSchedule.fixed(0.5, 300)
+    assert dict(wu.attack.hyperparameters)["step_size"] == 0.1 and (wu.ball.transport.kernel_size, wu.ball.transport.p) == (5, 1.0)
 
 
 def test_suite_blocks_refuse_attack_settings():
     block = {"dataset": "mnist", "model": "mnist/standard", "suite": "standard", "kernel_size": 5, "p": 1, "n_examples": 2}
     (cell,) = expand_blocks([block])
-    assert cell.solver is None and cell.label == "standard v1" and cell.config()["suite_version"] == 1
+    assert isinstance(cell, SuiteCell) and cell.label == "standard v1" and cell.config()["suite_version"] == 1
     with pytest.raises(GridError, match="'eps_initial', 'solver' cannot be set with suite='standard'"):
         expand_blocks([{**block, "solver": "plan_pgd_box", "eps_initial": 0.1}])
     with pytest.raises(GridError, match="suites attack Wasserstein balls"):

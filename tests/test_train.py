@@ -16,6 +16,7 @@ from torch import nn
 
 import zoo
 from harness.attack.pgd import EpsSchedule, PGDAttack
+from harness.attack.spec import AttackSpec
 from harness.train import Recipe, TrainingDiverged, certified_accuracy, register_recipe, train
 from harness.train.certified import interval_bounds, worst_case_logits
 from harness.train.recipes import (
@@ -57,10 +58,7 @@ def tiny_recipes():
         ),
         "mnist/tiny_wasserstein": dataclasses.replace(
             TINY_RECIPE, name="tiny_wasserstein", objective=Objective.WASSERSTEIN_ADVERSARIAL, epochs=1,
-            adversarial=AdversarialTraining(
-                solver="plan_pgd_box", kernel_size=3, p=1.0, eps_initial=0.05, eps_factor=1.5, eps_every=2,
-                max_steps=6, step_rule=None, step_size=None,
-            ),
+            adversarial=AdversarialTraining(AttackSpec("plan_pgd_box", EpsSchedule(0.05, 1.5, 2, 6)), kernel_size=3, p=1.0),
         ),
         "mnist/tiny_diverging": dataclasses.replace(TINY_RECIPE, name="tiny_diverging", optimizer=Optimizer(lr=1e30)),
     }

@@ -21,7 +21,7 @@ import enum
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -31,12 +31,10 @@ from solvers.checks import check_iterations, check_positive
 from solvers.projectors import Projector
 
 __all__ = [
-    "AttackProtocol",
     "AttackResult",
     "EpsSchedule",
     "Loss",
     "PGDAttack",
-    "PROTOCOLS",
     "AttackProgress",
     "make_iterate",
 ]
@@ -90,112 +88,6 @@ class EpsSchedule:
     def final_eps(self) -> float:
         """The largest radius the schedule reaches."""
         return self.eps_at(self.iterations - 1)
-
-
-@dataclass(frozen=True)
-class AttackProtocol:
-    """A published attack setting: schedule, step, and the ball's geometry.
-
-    Attributes
-    ----------
-    name : str
-    description : str
-        Where the setting comes from.
-    schedule : EpsSchedule
-    rule : StepRule
-    step_size : float
-    kernel_size, p : int, float
-        Local transport window and cost exponent.
-    lam : float
-        Entropic regularization for Sinkhorn-type solvers.
-    clamp : bool
-        Whether the source clamps images to [0, 1] after each projection.
-    """
-
-    name: str
-    description: str
-    schedule: EpsSchedule
-    rule: StepRule
-    step_size: float
-    kernel_size: int
-    p: float
-    lam: float
-    clamp: bool
-
-
-_WU_2020_MNIST = AttackProtocol(
-    name="wu2020_mnist",
-    description="Wu, Wang, Yu 2020, public scripts: fixed eps 0.5, 5x5 plans, p = 1, 300 steps, plan step 0.1",
-    schedule=EpsSchedule.fixed(0.5, 300),
-    rule=StepRule.LINF_SIGN,
-    step_size=0.1,
-    kernel_size=5,
-    p=1.0,
-    lam=1000.0,
-    clamp=False,
-)
-
-PROTOCOLS: dict[str, AttackProtocol] = {
-    protocol.name: protocol
-    for protocol in (
-        AttackProtocol(
-            name="paper_mnist",
-            description="Wong et al. 2019, Section 5 (text): 5x5 plans, 2-norm cost, eps 0.3 x1.1 every 10 steps, 200 steps",
-            schedule=EpsSchedule(0.3, 1.1, 10, 200),
-            rule=StepRule.LINF_SIGN,
-            step_size=0.1,
-            kernel_size=5,
-            p=1.0,
-            lam=1000.0,
-            clamp=True,
-        ),
-        AttackProtocol(
-            name="paper_code_mnist",
-            description="Wong et al. 2019, public code attack_mnist.py: 7x7 plans, squared cost, eps 0.7 x1.1 every 10 steps, 200 steps",
-            schedule=EpsSchedule(0.7, 1.1, 10, 200),
-            rule=StepRule.LINF_SIGN,
-            step_size=0.1,
-            kernel_size=7,
-            p=2.0,
-            lam=1000.0,
-            clamp=True,
-        ),
-        AttackProtocol(
-            name="paper_cifar",
-            description="Wong et al. 2019, Section 5 (text): 5x5 plans, 2-norm cost, eps 0.001 x1.17 every 10 steps, 400 steps",
-            schedule=EpsSchedule(0.001, 1.17, 10, 400),
-            rule=StepRule.LINF_SIGN,
-            step_size=0.1,
-            kernel_size=5,
-            p=1.0,
-            lam=3000.0,
-            clamp=True,
-        ),
-        _WU_2020_MNIST,
-        replace(
-            _WU_2020_MNIST,
-            name="wu2020_cifar",
-            description="Wu, Wang, Yu 2020, public scripts: fixed eps 0.005, 5x5 plans, p = 1, 300 steps, plan step 0.01",
-            schedule=EpsSchedule.fixed(0.005, 300),
-            step_size=0.01,
-            lam=3000.0,
-        ),
-        AttackProtocol(
-            name="hu2020",
-            description=(
-                "Hu, Swaminathan, Salman, Yang 2020: eps 0.01 growing by 0.01 per step, 200 steps, step = gradient / "
-                "||gradient||_inf x 0.06 (x the image's mass), 5x5, p = 1, pixels kept in [0, 1] by the projection"
-            ),
-            schedule=EpsSchedule(0.01, 1.0, 1, 200, increment=0.01),
-            rule=StepRule.LINF_NORMALIZED_MASS,
-            step_size=0.06,
-            kernel_size=5,
-            p=1.0,
-            lam=1000.0,
-            clamp=False,
-        ),
-    )
-}
 
 
 def make_iterate(solver, rule: StepRule = StepRule.LINF_SIGN, step_size: float = 0.1, clamp: bool = False) -> BallIterate:

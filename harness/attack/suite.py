@@ -45,7 +45,8 @@ from ..data import DATASET_SHAPES
 from ..vocabulary import STANDARD_RADII, BallKind, VerificationStatus
 from .ball import Ball
 from .model_checks import check_model
-from .pgd import AttackResult, EpsSchedule, Loss, PGDAttack
+from .pgd import AttackResult, EpsSchedule, Loss
+from .spec import AttackSpec
 from .verify import Verification, robust_accuracy
 
 __all__ = [
@@ -85,51 +86,24 @@ class SuiteMember:
     ----------
     name : str
         What ``found_by`` says for the examples it broke first.
-    solver : str
-        A registered solver (:func:`zoo.solver_spec`).
     role : MemberRole
-    schedule : EpsSchedule
-        The radii of a ``schedule`` or ``targeted`` member; for
-        ``fixed_radii``, ``EpsSchedule.fixed(1.0, n)``: n steps at each radius.
-    hyperparameters : tuple of (name, value)
-        Solver hyperparameters that differ from the solver's defaults.
-    step_rule, step_size
-        The ascent step of an image-space solver (None for plan-space ones).
-    loss : Loss
-    targets : int
-        ``targeted``: how many wrong classes to aim at, by clean logit.
-    restarts : int
-        Attempts per example (``fixed_radii``: the first from the clean image, later ones random).
+    attack : AttackSpec
+        The attack. Its schedule gives the radii of a ``schedule`` or ``targeted`` member; for ``fixed_radii``,
+        ``EpsSchedule.fixed(1.0, n)``: n steps at each radius. ``targets`` is how many wrong classes a ``targeted``
+        member aims at, by clean logit; ``restarts`` the attempts per example (``fixed_radii``: the first from the
+        clean image, later ones random).
     """
 
     name: str
-    solver: str
     role: MemberRole
-    schedule: EpsSchedule
-    hyperparameters: tuple[tuple[str, Any], ...] = ()
-    step_rule: StepRule | None = None
-    step_size: float | None = None
-    loss: Loss = Loss.CROSS_ENTROPY
-    targets: int = 0
-    restarts: int = 1
+    attack: AttackSpec
 
-    def attack(self, model: nn.Module, ball: Ball, seed: int) -> PGDAttack:
-        """A fresh attack (iterates keep per-run state)."""
-        iterate = ball.iterate(zoo.solver_spec(self.solver), dict(self.hyperparameters), self.step_rule, self.step_size)
-        return PGDAttack(model, iterate, self.schedule, loss=self.loss, restarts=self.restarts, seed=seed)
+    @property
+    def schedule(self) -> EpsSchedule:
+        return self.attack.schedule
 
     def definition(self) -> dict[str, Any]:
-        schedule = self.schedule
-        return {
-            "name": self.name, "solver": self.solver, "role": self.role.value,
-            "schedule": {
-                "initial": schedule.initial, "factor": schedule.factor, "every": schedule.every,
-                "iterations": schedule.iterations, "increment": schedule.increment,
-            },
-            "hyperparameters": dict(self.hyperparameters),
-            "step_rule": None if self.step_rule is None else self.step_rule.value, "step_size": self.step_size,
-            "loss": self.loss.value, "targets": self.targets, "restarts": self.restarts,
-        }
+        return {"name": self.name, "role": self.role.value, **self.attack.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -202,30 +176,34 @@ def _standard(dataset: str, initial: float, plan_step: float, lam: float) -> Att
     # From a twentieth of the smallest standard radius, x1.1 every 3 steps: past 25 times the smallest by step 200.
     growing = EpsSchedule(initial, 1.1, 3, 200)
     plan = (("step_size", plan_step),)
-    plan_pgd = SuiteMember("plan_pgd_box", "plan_pgd_box", MemberRole.SCHEDULE, growing, plan)
+
+    def member(name: str, role: MemberRole, solver: str, schedule: EpsSchedule = growing, **attack) -> SuiteMember:
+        return SuiteMember(name, role, AttackSpec(solver, schedule, **attack))
+
     return AttackSuite(
         name="standard",
         version=1,
         dataset=dataset,
         radii=radii,
         members=(
-            plan_pgd,
-            SuiteMember("frank_wolfe_box", "frank_wolfe_box", MemberRole.SCHEDULE, growing),
-            SuiteMember(
-                "projected_sinkhorn_box", "projected_sinkhorn_box", MemberRole.SCHEDULE, growing, (("lam", lam),),
+            member("plan_pgd_box", MemberRole.SCHEDULE, "plan_pgd_box", hyperparameters=plan),
+            member("frank_wolfe_box", MemberRole.SCHEDULE, "frank_wolfe_box"),
+            member(
+                "projected_sinkhorn_box", MemberRole.SCHEDULE, "projected_sinkhorn_box", hyperparameters=(("lam", lam),),
                 step_rule=StepRule.LINF_SIGN, step_size=0.1,
             ),
-            SuiteMember(
-                "plan_pgd_box_targeted", "plan_pgd_box", MemberRole.TARGETED, growing, plan, loss=Loss.LOGIT_MARGIN, targets=3,
+            member(
+                "plan_pgd_box_targeted", MemberRole.TARGETED, "plan_pgd_box", hyperparameters=plan, loss=Loss.LOGIT_MARGIN,
+                targets=3,
             ),
-            SuiteMember(
-                "plan_pgd_box_fixed_radius", "plan_pgd_box", MemberRole.FIXED_RADII, EpsSchedule.fixed(1.0, 200), plan,
-                restarts=2,
+            member(
+                "plan_pgd_box_fixed_radius", MemberRole.FIXED_RADII, "plan_pgd_box", EpsSchedule.fixed(1.0, 200),
+                hyperparameters=plan, restarts=2,
             ),
         ),
         refinement=Refinement(
             segment_steps=12,
-            member=SuiteMember("bisection", "plan_pgd_box", MemberRole.FIXED_RADII, EpsSchedule.fixed(1.0, 50), plan),
+            member=member("bisection", MemberRole.FIXED_RADII, "plan_pgd_box", EpsSchedule.fixed(1.0, 50), hyperparameters=plan),
             rounds=4,
             lower_end=0.5,
         ),
@@ -419,7 +397,7 @@ class _SuiteRun:
                 pending = np.flatnonzero(radius > fixed)
                 self._attack(member, pending, radius_scale=self._tensor(np.full(pending.size, fixed)))
         elif member.role is MemberRole.TARGETED:
-            ranked = _wrong_classes(self.clean_logits, self.y, member.targets)
+            ranked = _wrong_classes(self.clean_logits, self.y, member.attack.targets)
             for rank in range(ranked.shape[1]):
                 pending = np.flatnonzero(radius > member.schedule.initial)
                 targets = ranked[torch.as_tensor(pending, device=self.x.device), rank]
@@ -453,7 +431,7 @@ class _SuiteRun:
             return np.zeros(0, dtype=bool)
         started = time.perf_counter()
         chosen = torch.as_tensor(indices, device=self.x.device)
-        result = member.attack(self.model, self.ball, self.seed).run(self.x[chosen], self.y[chosen], **options)
+        result = member.attack.attack(self.model, self.ball, self.seed).run(self.x[chosen], self.y[chosen], **options)
         self.best.count(indices, result)
         return self._keep(member.name, refined_by, indices, result.adversarial, result.success, result.eps_found, started)
 

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import zoo
 
 from ..attack.suite import summarize
-from .grid import Cell
+from .cells import Cell
+from .kinds import SuiteCell
 from .preflight import cannot_start_message, preflight
 from ..provenance import resolve_device
 from .runner import RunContext, default_batch_size
@@ -51,8 +52,8 @@ def _summary(report: RunReport) -> str:
 def _suite_summary(cells: list[Cell], results_dir: str) -> str:
     """Robust accuracy at the standard radii and the median minimal radius of every suite cell, from the store."""
     lines = []
-    for cell in sorted((c for c in cells if c.suite is not None), key=lambda c: (c.dataset, c.model, c.ball.key)):
-        suite = cell.attack_suite
+    for cell in sorted((c for c in cells if isinstance(c, SuiteCell)), key=lambda c: (c.dataset, c.model, c.ball.key)):
+        suite = cell.suite
         examples = read_table(results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)]).drop_duplicates("example_index")
         if examples.empty:
             continue

@@ -31,7 +31,8 @@ import torch
 import zoo
 
 from ..data import DATASET_SHAPES, load_dataset
-from .grid import Cell, GridError, expand_blocks
+from .cells import Cell
+from .grid import GridError, expand_blocks
 from .scheduler import Executor, RayOptions
 
 __all__ = ["GRID_DIR", "BenchmarkError", "Preflight", "TrainingRequest", "cannot_start_message", "grid_blocks", "preflight", "select_models"]
@@ -247,7 +248,8 @@ def preflight(config: Mapping[str, Any]) -> Preflight:
                 cells = expand_blocks(blocks, {"n_examples": config.get("n_examples"), "seed": config.get("seed")})
         except (BenchmarkError, GridError) as error:
             problems.append(str(error))
-    problems += _certify_problems(cells)
+    for kind in {type(cell) for cell in cells}:
+        problems += kind.problems_before_run([cell for cell in cells if type(cell) is kind])
     training: list[TrainingRequest] = []
     skipped: list[str] = []
     weights_dir, download = config.get("weights_dir"), bool(config.get("download"))
@@ -358,23 +360,6 @@ def _ray_options(settings: Any) -> tuple[RayOptions | None, list[str]]:
     if problems:
         return None, problems
     return RayOptions(address=address, gpus_per_actor=gpus, cpus_per_actor=cpus, max_retries=retries, num_cpus=num_cpus), []
-
-
-def _certify_problems(cells: list[Cell]) -> list[str]:
-    """Models of certify cells with a layer no certificate rule covers, found from their architecture alone."""
-    names = sorted({cell.model for cell in cells if cell.certify is not None})
-    if not names:
-        return []
-    from ..certify.network import PiecewiseLinearNetwork, UnsupportedNetwork
-
-    problems = []
-    for name in names:
-        spec = zoo.model_spec(name)
-        try:
-            PiecewiseLinearNetwork.of(spec.build(), DATASET_SHAPES[spec.dataset.value])
-        except UnsupportedNetwork as error:
-            problems.append(f"model {name!r} cannot be certified: {error}; drop it from the certify blocks")
-    return problems
 
 
 def _weights_and_data_problems(

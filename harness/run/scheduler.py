@@ -1,7 +1,9 @@
 """Running the shards of a grid: in process, or on a pool of Ray actors.
 
-Both executors run the same :class:`~harness.runner.ShardRunner` code. The
-Ray executor keeps one long-lived actor per GPU (or per ``cpus_per_actor``
+One loop schedules the shards, retries what raised, re-queues what lost its
+worker and finishes each cell once; it drives a :class:`ShardExecutor`:
+:class:`LocalExecutor` (in this process) or :class:`RayExecutor`. Both run
+the same :class:`~harness.run.runner.ShardRunner` code. The Ray executor keeps one long-lived actor per GPU (or per ``cpus_per_actor``
 CPUs when the cluster has no GPU, with torch's thread count set to match);
 each actor caches the models it loads; each data set's test images go into
 the object store once and every actor reads them from there. Execution is at
@@ -30,6 +32,7 @@ import math
 import os
 import time
 from collections import defaultdict, deque
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,11 +43,13 @@ import zoo
 from zoo.plugins import with_absolute_paths
 
 from ..data import load_dataset
-from .grid import Cell, Shard
+from .cells import Cell, Shard
 from .progress import RunProgress
 from .runner import RunContext, ShardOutcome, ShardProgress, ShardRunner
 
-__all__ = ["Executor", "RayOptions", "RunReport", "run_cells"]
+__all__ = [
+    "Executor", "LocalExecutor", "RayExecutor", "RayOptions", "RunReport", "ShardEvent", "ShardExecutor", "run_cells",
+]
 
 _MAX_REPLACEMENTS_PER_ACTOR = 3
 
@@ -108,6 +113,91 @@ def _plan(cells: list[Cell], shard_size: int) -> tuple[list[Shard], dict[str, in
     return shards, dict(per_cell)
 
 
+@dataclass(frozen=True)
+class ShardEvent:
+    """A shard that came back from an executor: its outcome, or the error it raised, or the loss of its worker."""
+
+    shard: Shard
+    outcome: ShardOutcome | None = None
+    error: str | None = None
+    """``"<type>: <message>"`` of what the shard raised."""
+    worker_lost: bool = False
+    """The worker died under it (killed, out of memory, node lost): the shard runs again elsewhere."""
+
+
+class ShardExecutor(ABC):
+    """Where the shards of a run compute; :func:`run_cells`' one loop does the bookkeeping around it."""
+
+    max_retries: int = 0
+    """Times a shard that raised is run again before the run gives up on it."""
+
+    @abstractmethod
+    def idle(self) -> bool:
+        """Whether a worker waits for a shard."""
+
+    @abstractmethod
+    def submit(self, shard: Shard) -> None:
+        """Start ``shard`` on an idle worker."""
+
+    @abstractmethod
+    def collect(self) -> list[ShardEvent]:
+        """The shards that came back since the last call (waiting a little for one)."""
+
+    @abstractmethod
+    def finish_cell(self, cell: Cell, started_at: datetime.datetime) -> None:
+        """Have a worker write ``cell``'s row (its shards are all back)."""
+
+    @abstractmethod
+    def finished_cells(self) -> tuple[list[dict], dict[str, str]]:
+        """The rows of the cells :meth:`finish_cell` wrote, and ``"cell <id>"`` -> the error of each that failed."""
+
+    def close(self) -> None:
+        """Release the workers."""
+
+
+def _schedule(executor: ShardExecutor, cells: list[Cell], shards: list[Shard], per_cell: dict[str, int], meter) -> RunReport:
+    """Run ``shards`` on ``executor``: retry what raised, re-queue what lost its worker, finish each cell once."""
+    report = RunReport()
+    queue = deque(shards)
+    remaining = dict(per_cell)
+    attempts = defaultdict(int)
+    started = {}
+    by_id = {cell.cell_id: cell for cell in cells}
+    in_flight = 0
+    while queue or in_flight:
+        while queue and executor.idle():
+            shard = queue.popleft()
+            started.setdefault(shard.cell.cell_id, datetime.datetime.now(datetime.timezone.utc))
+            executor.submit(shard)
+            in_flight += 1
+        for event in executor.collect():
+            in_flight -= 1
+            shard = event.shard
+            if event.worker_lost:
+                report.replaced_actors += 1
+                queue.appendleft(shard)
+                continue
+            if event.error is not None:
+                attempts[shard.shard_id] += 1
+                if attempts[shard.shard_id] <= executor.max_retries:
+                    report.retries += 1
+                    queue.append(shard)
+                    continue
+                report.failures[f"shard {shard.shard_id}"] = event.error
+            else:
+                report.shards_skipped += event.outcome.skipped
+                report.shards_run += not event.outcome.skipped
+                if meter is not None:
+                    meter.shard_done(shard.cell.cell_id, event.outcome)
+            cell_id = shard.cell.cell_id
+            remaining[cell_id] -= 1
+            if remaining[cell_id] == 0:
+                executor.finish_cell(by_id[cell_id], started[cell_id])
+    report.cells, failures = executor.finished_cells()
+    report.failures.update(failures)
+    return report
+
+
 def run_cells(
     cells: list[Cell],
     context: RunContext,
@@ -132,8 +222,9 @@ def run_cells(
         Print a status line on standard error.
     plugins : sequence of str
         Plugin modules or files (see :func:`zoo.import_plugins`) that register
-        the models and solvers of ``cells``; imported here and, with file
-        paths made absolute, by every Ray actor before its first shard.
+        the models, solvers and kinds of cells of ``cells``; imported here
+        and, with file paths made absolute, by every Ray actor before its
+        first shard.
 
     Returns
     -------
@@ -150,9 +241,13 @@ def run_cells(
     meter = RunProgress(cells, shards) if progress else None
     try:
         if executor is Executor.LOCAL:
-            report = _run_local(cells, shards, per_cell, context, meter)
+            pool = LocalExecutor(context, meter)
         else:
-            report = _run_ray(cells, shards, per_cell, context, ray_options, plugins, meter)
+            pool = RayExecutor(cells, context, ray_options, plugins, meter)
+        try:
+            report = _schedule(pool, cells, shards, per_cell, meter)
+        finally:
+            pool.close()
     finally:
         if meter is not None:
             meter.close()
@@ -160,39 +255,41 @@ def run_cells(
     return report
 
 
-def _run_local(cells, shards, per_cell, context, meter) -> RunReport:
-    runner = ShardRunner(context)
-    try:
-        return _run_shards_locally(runner, cells, shards, per_cell, meter)
-    finally:
-        runner.close()
+class LocalExecutor(ShardExecutor):
+    """One worker in this process: each shard runs when submitted; a shard that raised is reported, not retried."""
 
+    def __init__(self, context: RunContext, meter: RunProgress | None):
+        self.runner = ShardRunner(context)
+        self.meter = meter
+        self.done: list[ShardEvent] = []
+        self.rows: list[dict] = []
+        self.failures: dict[str, str] = {}
 
-def _run_shards_locally(runner: ShardRunner, cells, shards, per_cell, meter) -> RunReport:
-    report = RunReport()
-    remaining = dict(per_cell)
-    cell_started = {}
-    by_id = {cell.cell_id: cell for cell in cells}
-    for shard in shards:
-        cell_id = shard.cell.cell_id
-        cell_started.setdefault(cell_id, datetime.datetime.now(datetime.timezone.utc))
+    def idle(self) -> bool:
+        return not self.done
+
+    def submit(self, shard: Shard) -> None:
+        on_progress = None if self.meter is None else _throttled(self.meter.shard_progress)
         try:
-            outcome = runner.run_shard(shard, None if meter is None else _throttled(meter.shard_progress))
+            self.done.append(ShardEvent(shard, outcome=self.runner.run_shard(shard, on_progress)))
         except Exception as error:  # a bad shard must not stop the others; it is reported
-            report.failures[f"shard {shard.shard_id}"] = f"{type(error).__name__}: {error}"
-            outcome = None
-        if outcome is not None:
-            report.shards_skipped += outcome.skipped
-            report.shards_run += not outcome.skipped
-            if meter is not None:
-                meter.shard_done(cell_id, outcome)
-        remaining[cell_id] -= 1
-        if remaining[cell_id] == 0:
-            try:
-                report.cells.append(runner.finish_cell(by_id[cell_id], cell_started[cell_id]))
-            except Exception as error:  # the shards are on disk; a rerun writes the cell row
-                report.failures[f"cell {cell_id}"] = f"{type(error).__name__}: {error}"
-    return report
+            self.done.append(ShardEvent(shard, error=f"{type(error).__name__}: {error}"))
+
+    def collect(self) -> list[ShardEvent]:
+        done, self.done = self.done, []
+        return done
+
+    def finish_cell(self, cell: Cell, started_at: datetime.datetime) -> None:
+        try:
+            self.rows.append(self.runner.finish_cell(cell, started_at))
+        except Exception as error:  # the shards are on disk; a rerun writes the cell row
+            self.failures[f"cell {cell.cell_id}"] = f"{type(error).__name__}: {error}"
+
+    def finished_cells(self) -> tuple[list[dict], dict[str, str]]:
+        return self.rows, self.failures
+
+    def close(self) -> None:
+        self.runner.close()
 
 
 def _throttled(report: Callable[[ShardProgress], None], interval: float = 0.5) -> Callable[[ShardProgress], None]:
@@ -319,117 +416,120 @@ def _train_each(requests, run_one, on_trained) -> list[dict]:
     return records
 
 
-def _run_ray(cells, shards, per_cell, context, options: RayOptions, plugins: list[str], meter: RunProgress | None):
-    import ray
-    from ray.exceptions import RayActorError
+class RayExecutor(ShardExecutor):
+    """A pool of Ray actors: one per GPU, or per ``cpus_per_actor`` CPUs without GPUs; a dead actor is replaced."""
 
-    if meter is not None:
-        meter.status("starting Ray" if not ray.is_initialized() else "starting workers")
-    started_here = _start_ray(ray, options)
-    report = RunReport()
-    actors = []
-    try:
+    def __init__(self, cells: list[Cell], context: RunContext, options: RayOptions, plugins: list[str], meter: RunProgress | None):
+        import ray
+
+        self.ray = ray
+        self.context = context
+        self.max_retries = options.max_retries
+        self.meter = meter
+        if meter is not None:
+            meter.status("starting Ray" if not ray.is_initialized() else "starting workers")
+        self.started_here = _start_ray(ray, options)
+        self.actors = []
+        self.replaced = 0
+        self.shards_back = 0
+        try:
+            self._start_actors(cells, context, options, plugins, meter)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_actors(self, cells, context, options, plugins, meter) -> None:
+        ray = self.ray
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         if gpus:
-            count = max(1, int(gpus / options.gpus_per_actor))
-            actor_options = {"num_gpus": options.gpus_per_actor, "num_cpus": 1}
-            threads = None
-            run_context = context
+            self.count = max(1, int(gpus / options.gpus_per_actor))
+            actor_options, threads, run_context = {"num_gpus": options.gpus_per_actor, "num_cpus": 1}, None, context
         else:
-            count = max(1, int(resources.get("CPU", 1)) // options.cpus_per_actor)
-            actor_options = {"num_cpus": options.cpus_per_actor}
-            threads = options.cpus_per_actor
+            self.count = max(1, int(resources.get("CPU", 1)) // options.cpus_per_actor)
+            actor_options, threads = {"num_cpus": options.cpus_per_actor}, options.cpus_per_actor
             run_context = replace(context, device="cpu")
         actor_class = _actor_class(ray)
-        test_sets = {}
-
-        def new_actor():
-            actor = actor_class.options(**actor_options).remote(run_context, threads, plugins)
-            for dataset, ref in test_sets.items():
-                actor.provide_test_set.remote(dataset, ref)
-            return actor
-
+        self.test_sets = {}
+        self.new_actor = lambda: self._provided(actor_class.options(**actor_options).remote(run_context, threads, plugins))
         # The actors start (a process each, importing torch) while the driver reads the test sets.
-        actors = [new_actor() for _ in range(count)]
+        self.actors = [self.new_actor() for _ in range(self.count)]
         if meter is not None:
-            meter.workers = count
-            meter.status(f"starting {count} workers")
-        board = _board_class(ray).remote() if meter is not None else None
+            meter.workers = self.count
+            meter.status(f"starting {self.count} workers")
+        self.board = _board_class(ray).remote() if meter is not None else None
         largest = defaultdict(int)
         for cell in cells:
             largest[cell.dataset] = max(largest[cell.dataset], cell.n_examples)
         for dataset, n in largest.items():
             images, labels = load_dataset(dataset, context.data_root, download=context.download)
-            test_sets[dataset] = ray.put((images[:n].clone(), labels[:n].clone()))
-            for actor in actors:
-                actor.provide_test_set.remote(dataset, test_sets[dataset])
-        idle = deque(actors)
-        queue = deque(shards)
-        attempts = defaultdict(int)
-        in_flight = {}
-        remaining = dict(per_cell)
-        cell_started = {}
-        by_id = {cell.cell_id: cell for cell in cells}
-        finishing = {}
-        while queue or in_flight:
-            while queue and idle:
-                shard = queue.popleft()
-                actor = idle.popleft()
-                cell_started.setdefault(shard.cell.cell_id, datetime.datetime.now(datetime.timezone.utc))
-                in_flight[actor.run_shard.remote(shard, board)] = (shard, actor)
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if meter is None else 1.0)
-            if meter is not None:
-                for update in ray.get(board.collect.remote()):
-                    if any(s.shard_id == update.shard_id for s, _ in in_flight.values()):
-                        meter.shard_progress(update)
-            if not done:
-                continue
-            shard, actor = in_flight.pop(done[0])
+            self.test_sets[dataset] = ray.put((images[:n].clone(), labels[:n].clone()))
+            for actor in self.actors:
+                actor.provide_test_set.remote(dataset, self.test_sets[dataset])
+        self.free = deque(self.actors)
+        self.in_flight = {}
+        self.finishing = {}
+
+    def _provided(self, actor):
+        for dataset, ref in self.test_sets.items():
+            actor.provide_test_set.remote(dataset, ref)
+        return actor
+
+    def idle(self) -> bool:
+        return bool(self.free)
+
+    def submit(self, shard: Shard) -> None:
+        actor = self.free.popleft()
+        self.in_flight[actor.run_shard.remote(shard, self.board)] = (shard, actor)
+
+    def collect(self) -> list[ShardEvent]:
+        from ray.exceptions import RayActorError
+
+        ray = self.ray
+        done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=None if self.meter is None else 1.0)
+        if self.meter is not None:
+            for update in ray.get(self.board.collect.remote()):
+                if any(s.shard_id == update.shard_id for s, _ in self.in_flight.values()):
+                    self.meter.shard_progress(update)
+        events = []
+        for ref in done:
+            shard, actor = self.in_flight.pop(ref)
             try:
-                outcome = ray.get(done[0])
+                events.append(ShardEvent(shard, outcome=ray.get(ref)))
+                self.shards_back += 1
             except RayActorError as error:
-                # The worker died (killed, out of memory, node lost): replace it and run the shard again,
-                # unless workers keep dying before finishing anything (they cannot start at all).
-                report.replaced_actors += 1
-                if report.replaced_actors > _MAX_REPLACEMENTS_PER_ACTOR * count + report.shards_run + report.shards_skipped:
-                    raise RuntimeError(f"Ray workers keep dying ({report.replaced_actors} replaced); the last error: {error}") from error
-                actors.remove(actor)
-                replacement = new_actor()
-                actors.append(replacement)
-                idle.append(replacement)
-                queue.appendleft(shard)
-                continue
-            except Exception as error:  # the shard itself raised: retry a few times, then report it
-                idle.append(actor)
-                attempts[shard.shard_id] += 1
-                if attempts[shard.shard_id] <= options.max_retries:
-                    report.retries += 1
-                    queue.append(shard)
-                    continue
-                report.failures[f"shard {shard.shard_id}"] = f"{type(error).__name__}: {error}"
-                outcome = None
-            else:
-                idle.append(actor)
-            if outcome is not None:
-                report.shards_skipped += outcome.skipped
-                report.shards_run += not outcome.skipped
-                if meter is not None:
-                    meter.shard_done(shard.cell.cell_id, outcome)
-            cell_id = shard.cell.cell_id
-            remaining[cell_id] -= 1
-            if remaining[cell_id] == 0:
-                finishing[cell_id] = actor.finish_cell.remote(by_id[cell_id], cell_started[cell_id])
-        for cell_id, ref in finishing.items():
+                # Replace the worker, unless workers keep dying before finishing anything (they cannot start at all).
+                self.replaced += 1
+                if self.replaced > _MAX_REPLACEMENTS_PER_ACTOR * self.count + self.shards_back:
+                    raise RuntimeError(f"Ray workers keep dying ({self.replaced} replaced); the last error: {error}") from error
+                self.actors.remove(actor)
+                actor = self.new_actor()
+                self.actors.append(actor)
+                events.append(ShardEvent(shard, worker_lost=True))
+            except Exception as error:  # the shard itself raised
+                events.append(ShardEvent(shard, error=f"{type(error).__name__}: {error}"))
+            self.free.append(actor)
+        return events
+
+    def finish_cell(self, cell: Cell, started_at: datetime.datetime) -> None:
+        actor = self.actors[len(self.finishing) % len(self.actors)]
+        self.finishing[cell.cell_id] = (cell, started_at, actor.finish_cell.remote(cell, started_at))
+
+    def finished_cells(self) -> tuple[list[dict], dict[str, str]]:
+        from ray.exceptions import RayActorError
+
+        rows, failures = [], {}
+        for cell_id, (cell, started_at, ref) in self.finishing.items():
             try:
-                report.cells.append(ray.get(ref))
+                rows.append(self.ray.get(ref))
             except RayActorError:
-                report.cells.append(ShardRunner(context).finish_cell(by_id[cell_id], cell_started[cell_id]))
+                rows.append(ShardRunner(self.context).finish_cell(cell, started_at))
             except Exception as error:  # the shards are on disk; a rerun writes the cell row
-                report.failures[f"cell {cell_id}"] = f"{type(error).__name__}: {error}"
-        return report
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started_here:
-            ray.shutdown()
+                failures[f"cell {cell_id}"] = f"{type(error).__name__}: {error}"
+        return rows, failures
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        if self.started_here:
+            self.ray.shutdown()

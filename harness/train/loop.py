@@ -34,11 +34,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import zoo
-from solvers.iterate import StepRule
 
-from ..attack.ball import Ball
 from ..attack.evaluate import clean_accuracy
-from ..attack.pgd import EpsSchedule, PGDAttack
+from ..attack.pgd import PGDAttack
 from ..data import load_dataset
 from ..provenance import git_commit, package_versions, resolve_device
 from .certified import worst_case_logits
@@ -116,12 +114,8 @@ def _optimizer(module: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 def _adversary(module: nn.Module, recipe: Recipe) -> PGDAttack:
     settings = recipe.adversarial
-    ball = Ball.wasserstein(settings.kernel_size, settings.p)
-    spec = zoo.solver_spec(settings.solver)
-    rule = None if settings.step_rule is None else StepRule(settings.step_rule)
-    iterate = ball.iterate(spec, dict(settings.hyperparameters), rule, settings.step_size)
-    schedule = EpsSchedule(settings.eps_initial, settings.eps_factor, settings.eps_every, settings.max_steps)
-    return PGDAttack(module, iterate, schedule)
+    # Seed 0, the attack's own default: one attempt per example starts from the clean image and draws nothing.
+    return settings.attack.attack(module, settings.ball, seed=0)
 
 
 def certified_accuracy(module: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, batch_size: int = 500) -> float:

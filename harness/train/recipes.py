@@ -10,10 +10,9 @@ runs it. Each model kind of the benchmark has one:
   2018): the loss mixes clean cross-entropy with the cross-entropy of the
   worst-case logits over the l_inf ball, whose radius ramps up;
 * Wasserstein adversarial training, Algorithm 1 of Wong, Schmidt, Kolter
-  (2019) with the adaptive radius of their Appendix B: the attack starts at
-  ``eps_initial``, grows it by ``eps_factor`` every ``eps_every`` steps, and
-  stops at the first adversarial example or after ``max_steps``; any
-  registered solver can run it.
+  (2019) with the adaptive radius of their Appendix B: the attack's
+  schedule starts small and grows, each example stops at its first
+  adversarial iterate; any registered solver can run it.
 
 Recipes are looked up by name in :data:`RECIPES`; a zoo entry names its
 recipe (``ModelSpec.recipe``), and a plugin that registers a model can
@@ -26,7 +25,12 @@ import enum
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from solvers.iterate import StepRule
 from zoo import Dataset
+
+from ..attack.ball import Ball
+from ..attack.pgd import EpsSchedule
+from ..attack.spec import AttackSpec
 
 __all__ = [
     "AdversarialTraining",
@@ -123,20 +127,22 @@ class Augmentation:
 
 @dataclass(frozen=True)
 class AdversarialTraining:
-    """The inner Wasserstein attack of adversarial training (Algorithm 1, Appendix B)."""
+    """The inner Wasserstein attack of adversarial training (Algorithm 1, Appendix B): an attack and its ball.
 
-    solver: str = "projected_sinkhorn"
+    The attack's schedule is the adaptive radius: it starts at ``eps_initial``, grows by ``eps_factor`` every
+    ``eps_every`` steps, and each example stops at its first adversarial iterate or after ``iterations`` steps.
+    """
+
+    attack: AttackSpec
     kernel_size: int = 5
     p: float = 2.0
-    eps_initial: float = 0.1
-    eps_factor: float = 1.4
-    eps_every: int = 5
-    max_steps: int = 50
-    step_rule: str | None = "linf_sign"
-    """The attack's ascent step for image-space solvers (None for solvers that step by their own rule)."""
-    step_size: float | None = 0.1
-    hyperparameters: tuple[tuple[str, Any], ...] = ()
-    """The solver's hyperparameters (e.g. ``(("lam", 1000.0),)``)."""
+
+    @property
+    def ball(self) -> Ball:
+        return Ball.wasserstein(self.kernel_size, self.p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attack": self.attack.to_dict(), "kernel_size": self.kernel_size, "p": self.p}
 
 
 @dataclass(frozen=True)
@@ -237,7 +243,10 @@ class Recipe:
                 return [plain(item) for item in value]
             return value
 
-        return plain(asdict(self))
+        written = plain(asdict(self))
+        if self.adversarial is not None:
+            written["adversarial"] = self.adversarial.to_dict()
+        return written
 
 
 _PAPER_SGD = Optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -247,8 +256,8 @@ _PAPER_STEPS = LearningRateSchedule(ScheduleKind.STEP, milestones=(10,), factor=
 _WONG_2019 = "Wong, Schmidt, Kolter 2019, Appendix B"
 
 _MNIST_WASSERSTEIN = AdversarialTraining(
-    solver="projected_sinkhorn", kernel_size=5, p=2.0, eps_initial=0.1, eps_factor=1.4, eps_every=5, max_steps=50,
-    step_rule="linf_sign", step_size=0.1, hyperparameters=(("lam", 1000.0),),
+    AttackSpec("projected_sinkhorn", EpsSchedule(0.1, 1.4, 5, 50), (("lam", 1000.0),), StepRule.LINF_SIGN, 0.1),
+    kernel_size=5, p=2.0,
 )
 
 _MNIST_STANDARD = Recipe(
@@ -302,10 +311,7 @@ RECIPES: dict[str, Recipe] = {
         replace(
             _MNIST_WASSERSTEIN_SINKHORN,
             name="mnist_wasserstein_plan_pgd",
-            adversarial=AdversarialTraining(
-                solver="plan_pgd_box", kernel_size=5, p=1.0, eps_initial=0.01, eps_factor=1.4, eps_every=5,
-                max_steps=50, step_rule=None, step_size=None,
-            ),
+            adversarial=AdversarialTraining(AttackSpec("plan_pgd_box", EpsSchedule(0.01, 1.4, 5, 50)), kernel_size=5, p=1.0),
             description="Algorithm 1 with plan-space PGD in the boxed ball (5x5, p = 1), adaptive eps from 0.01 "
             "x1.4 every 5 of 50 steps, as fine-tuning of mnist/trained_standard on 640 training images (sized "
             "for a CPU)",
@@ -350,8 +356,8 @@ RECIPES: dict[str, Recipe] = {
             schedule=_PAPER_STEPS,
             augmentation=Augmentation(flip=True, translate=4),
             adversarial=AdversarialTraining(
-                solver="projected_sinkhorn", kernel_size=5, p=2.0, eps_initial=0.01, eps_factor=1.5, eps_every=5,
-                max_steps=50, step_rule="linf_sign", step_size=0.01, hyperparameters=(("lam", 1000.0),),
+                AttackSpec("projected_sinkhorn", EpsSchedule(0.01, 1.5, 5, 50), (("lam", 1000.0),), StepRule.LINF_SIGN, 0.01),
+                kernel_size=5, p=2.0,
             ),
             description=f"Algorithm 1 on ResNet18, adaptive eps 0.01 x1.5 every 5 of 50 steps ({_WONG_2019}; a GPU recipe)",
         ),
