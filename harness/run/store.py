@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import os
+from dataclasses import dataclass
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,6 +42,7 @@ __all__ = [
     "IMAGES_SCHEMA",
     "PARTITION_SCHEMA",
     "SCHEMA_VERSION",
+    "StoreTable",
     "Table",
     "read_table",
     "shard_exists",
@@ -268,10 +270,32 @@ _SCHEMAS = {
 _PARTITIONING = pads.partitioning(PARTITION_SCHEMA, flavor="hive")
 
 
-def _check_table(table: Table) -> Table:
-    if not isinstance(table, Table):
-        raise ValueError(f"table={table!r} is invalid: allowed {[t.value for t in Table]}")
+@dataclass(frozen=True)
+class StoreTable:
+    """A table beside the built-in ones, for a kind of cell a plugin adds: its folder name and its columns.
+
+    It is partitioned, written and read like a :class:`Table`; its rows
+    carry ``schema_version`` (the store's) as the first column.
+    """
+
+    value: str
+    schema: pa.Schema
+
+    def __post_init__(self):
+        if self.value in {table.value for table in Table} or not self.value.isidentifier():
+            raise ValueError(f"table name {self.value!r} is invalid: it must be an identifier, not one of {[t.value for t in Table]}")
+        if self.schema.names[:1] != ["schema_version"]:
+            raise ValueError(f"table {self.value!r}: its schema must start with schema_version (int16)")
+
+
+def _check_table(table: Table | StoreTable) -> Table | StoreTable:
+    if not isinstance(table, (Table, StoreTable)):
+        raise ValueError(f"table={table!r} is invalid: allowed {[t.value for t in Table]} or a StoreTable")
     return table
+
+
+def _schema(table: Table | StoreTable) -> pa.Schema:
+    return table.schema if isinstance(table, StoreTable) else _SCHEMAS[table]
 
 
 def _check_shard_id(shard_id: str) -> str:
@@ -296,7 +320,7 @@ def shard_exists(results_dir: str | os.PathLike, table: Table, dataset: str, mod
 
 
 def _as_arrow(table: Table, columns: Mapping[str, Any]) -> pa.Table:
-    schema = _SCHEMAS[table]
+    schema = _schema(table)
     expected = [name for name in schema.names if name != "schema_version"]
     missing = [name for name in expected if name not in columns]
     extra = [name for name in columns if name not in expected]
@@ -383,7 +407,7 @@ def read_table(
         Finished shards only (temporary files are never read); an empty frame
         with the table's columns when nothing has been written yet.
     """
-    schema = _SCHEMAS[_check_table(table)]
+    schema = _schema(_check_table(table))
     full = pa.schema(list(schema) + list(PARTITION_SCHEMA))
     root = Path(results_dir) / table.value
     if not root.is_dir():
