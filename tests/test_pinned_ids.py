@@ -10,6 +10,7 @@ change's notes.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ CELL_IDS = PINNED / "cell_ids.json"
 SMOKE_ROWS = PINNED / "smoke_rows.json"
 
 SMOKE_EXAMPLES = 2
-"""Examples per smoke cell in the pinned run (seconds on a CPU)."""
+"""Examples per smoke cell in the pinned run (a minute on a CPU)."""
 UNPINNED_COLUMNS = {"attack_seconds", "verify_seconds", "schema_version"}
 """Columns that measure the machine, not the attack."""
 
@@ -40,22 +41,18 @@ def built_in_grid_cells() -> dict[str, list[str]]:
     return grids
 
 
-def smoke_rows(results_dir: Path, data_root: str, weights_dir: str) -> list[dict]:
-    """The examples rows of the smoke grid on its first :data:`SMOKE_EXAMPLES` examples, seed 0, run in process."""
-    from harness.run.benchmark import run_benchmark
-    from harness.run.preflight import GRID_DIR
-    from harness.run.store import read_table
-    from omegaconf import OmegaConf
+def smoke_command(results_dir: Path, data_root: str, weights_dir: str) -> list[str]:
+    """The main job's command line for the smoke grid on its first :data:`SMOKE_EXAMPLES` examples, seed 0, on Ray."""
+    return [
+        sys.executable, "run_benchmark.py", "grid=smoke", "executor=ray", "ray.num_cpus=2", f"n_examples={SMOKE_EXAMPLES}",
+        "seed=0", f"results_dir={results_dir}", f"data_root={data_root}", f"weights_dir={weights_dir}", "device=cpu",
+    ]
 
-    grid = OmegaConf.to_container(OmegaConf.load(GRID_DIR / "smoke.yaml"), resolve=True)
-    config = {
-        "grid": grid, "executor": "local", "n_examples": SMOKE_EXAMPLES, "seed": 0, "data_root": data_root,
-        "weights_dir": weights_dir, "download": False, "results_dir": str(results_dir), "device": "cpu",
-        "batch_size": SMOKE_EXAMPLES, "dry_run": False, "report": False, "plugins": [], "verify_workers": 0,
-        "ray": {"address": None, "num_cpus": 1},
-    }
-    code = run_benchmark(config)
-    assert code == 0, f"the smoke run exited with {code}"
+
+def smoke_rows(results_dir: Path) -> list[dict]:
+    """The examples rows a smoke run wrote, without the columns that measure the machine."""
+    from harness.run.store import read_table
+
     frame = read_table(results_dir).sort_values(["cell_id", "example_index"])
     frame = frame.drop(columns=[name for name in UNPINNED_COLUMNS if name in frame.columns])
     return json.loads(frame.to_json(orient="records", double_precision=15))
@@ -69,10 +66,21 @@ def test_cell_ids_of_every_built_in_grid_are_pinned():
     assert not moved, f"cell ids moved in grids {sorted(moved)}: bump the version on purpose, or restore them"
 
 
-@pytest.mark.usefixtures("single_thread")
-def test_smoke_grid_rows_are_pinned(tmp_path, published_folders):
+def test_smoke_grid_rows_are_pinned_through_the_command_line_on_ray(tmp_path, published_folders):
+    """The main job's path end to end (Hydra, preflight, Ray workers, store, report) writes the pinned rows."""
+    from harness.run.store import Table, read_table
+
+    results = tmp_path / "out"
+    command = smoke_command(results, *published_folders)
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "grid smoke: 8 cells, 8 shards, 16 examples" in finished.stdout
+    assert "8 shards run, 0 already done, 0 failed" in finished.stdout
+    assert len(read_table(results, Table.CELLS)) == 8
+    assert f"leaderboard: {results / 'leaderboard.html'}" in finished.stdout and (results / "leaderboard.html").is_file()
+    assert (results / "figures" / "robust_accuracy.png").is_file()
     pinned = json.loads(SMOKE_ROWS.read_text())
-    found = smoke_rows(tmp_path / "results", *published_folders)
+    found = smoke_rows(results)
     assert len(found) == len(pinned)
     for row, expected in zip(found, pinned):
         assert sorted(row) == sorted(expected)
@@ -84,6 +92,8 @@ def test_smoke_grid_rows_are_pinned(tmp_path, published_folders):
                 assert row[name] == pytest.approx(value, rel=float(np.finfo(np.float32).eps), abs=1e-12), f"{where}: {name}"
             else:
                 assert row[name] == value, f"{where}: {name}"
+    bad = subprocess.run(command + ["+grid.blocks.0.kernel_size=4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "kernel_size=4 is invalid" in bad.stdout
 
 
 if __name__ == "__main__":
@@ -96,6 +106,7 @@ if __name__ == "__main__":
     PINNED.mkdir(exist_ok=True)
     CELL_IDS.write_text(json.dumps(built_in_grid_cells(), indent=1, sort_keys=True) + "\n")
     with tempfile.TemporaryDirectory() as folder:
-        rows = smoke_rows(Path(folder), os.environ["DATA_ROOT"], os.environ["WEIGHTS_DIR"])
+        subprocess.run(smoke_command(Path(folder), os.environ["DATA_ROOT"], os.environ["WEIGHTS_DIR"]), cwd=ROOT, check=True)
+        rows = smoke_rows(Path(folder))
     SMOKE_ROWS.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
     print(f"pinned {CELL_IDS} and {SMOKE_ROWS}")
