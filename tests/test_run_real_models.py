@@ -17,6 +17,7 @@ from harness.run.store import Table, read_table
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+
 def test_local_run_of_two_paper_models(tmp_path, published_folders):
     data_root, weights_dir = published_folders
     config = {
