@@ -26,7 +26,9 @@ pixels therefore get the bounds
     \min\Big(\sum_{i \in \text{window}(j)} x_i,\; x_j + \varepsilon m(x),\; 1 \text{ (box)}\Big),
 
 which the polytope implies, so adding them changes no optimum; they are the
-input box of the interval bounds.
+input box of the interval bounds. Both come from the ball's perturbation
+object (:meth:`.perturbation.WassersteinBall.encode` and
+:attr:`~.perturbation.WassersteinBall.pixel_bounds`).
 
 The network
 -----------
@@ -37,7 +39,8 @@ the threshold, :math:`l_j < t \le u_j`, gets a binary :math:`\beta_j` with
 .. math:: x'_j \ge t \beta_j, \qquad x'_j \le t + (u_j - t)\, \beta_j,
 
 a sound relaxation (a pixel at exactly :math:`t` may take either value);
-the other pixels binarize to constants. Affine layers are equality rows
+the other pixels binarize to constants. Each layer is added by its rule's
+encoding in :mod:`.layers`: affine layers are equality rows
 :math:`z = W h + b` (a convolution as the sparse matrix of its action on the
 pixel basis), and each ReLU with pre-activation bounds :math:`l \le z \le u`
 is exact (Tjeng, Xiao, Tedrake 2019): nothing for :math:`u \le 0` (the

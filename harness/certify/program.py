@@ -28,7 +28,7 @@ digits nobody reads."""
 
 PRIMAL_FEASIBILITY_TOLERANCE = 1e-7
 """HiGHS's ``primal_feasibility_tolerance`` in the certification programs (its default, set explicitly because the
-safety margin of :func:`highs_error_bound` is computed from it): how far a solution may violate a row or a bound."""
+safety margin of :func:`.milp.highs_error_bound` is computed from it): how far a solution may violate a row or a bound."""
 
 DUAL_FEASIBILITY_TOLERANCE = 1e-7
 """HiGHS's ``dual_feasibility_tolerance`` (its default, set explicitly): how far a reduced cost may have the wrong sign
