@@ -43,7 +43,9 @@ Public functions
     two images; never infeasible.  Returns a :class:`TransportResult`.
 :func:`linear_maximization`
     Exact LP maximum of :math:`\langle z, g\rangle` over
-    :math:`B_\varepsilon(x)`.
+    :math:`B_\varepsilon(x)` (optionally intersected with the box
+    :math:`z \le 1`): the project's one HiGHS reference for the support
+    function of the ball.
 :func:`exact_projection`
     Exact Euclidean projection onto :math:`B_\varepsilon(x)` (optionally
     intersected with the box :math:`z \le 1`) by a convex QP (Clarabel).
@@ -633,6 +635,43 @@ def _repair_plan(P, src, cost, xf, budget, diag_index):
     return P
 
 
+def _repair_box(P, src, dst, xf, diag_index, rounds: int = 50):
+    r"""Keep a plan of the ball in the box :math:`P^\top \mathbf 1 \le 1` (``x <= 1``) without leaving the ball.
+
+    Each round scales down the mass arriving at every over-full pixel from
+    *other* pixels so that the pixel holds 1 less a few units in the last
+    place (against rounding), and returns what it removed to each source's
+    diagonal pair: row sums are kept, entries stay non-negative and the
+    cost can only drop. Overflow left after ``rounds`` rounds is removed by
+    mixing with the identity plan, :math:`P \leftarrow \theta P + (1 -
+    \theta) D` with the largest :math:`\theta` that fits.
+    """
+    headroom = 1.0 - 4 * np.finfo(np.float64).eps
+    moving = src != dst
+    for _ in range(rounds):
+        z = np.bincount(dst, weights=P, minlength=xf.size)
+        over = z > 1.0
+        if not np.any(over):
+            return P
+        kept = np.zeros_like(z)
+        kept[src[~moving]] = P[~moving]
+        keep = np.where(over, np.clip((headroom - kept) / np.maximum(z - kept, np.finfo(np.float64).tiny), 0.0, 1.0), 1.0)
+        scaled = np.where(moving, P * keep[dst], P)
+        returned = np.bincount(src, weights=P - scaled, minlength=xf.size)
+        P = scaled
+        rows = xf > 0
+        P[diag_index[rows]] += returned[rows]
+    z = np.bincount(dst, weights=P, minlength=xf.size)
+    over = z > 1.0
+    if np.any(over):
+        # theta (z_j - x_j) + x_j <= 1 at every over-full pixel; x <= 1 keeps theta >= 0.
+        theta = float(np.min(np.clip((headroom - xf[over]) / (z[over] - xf[over]), 0.0, 1.0)))
+        P = theta * P
+        rows = xf > 0
+        P[diag_index[rows]] += (1.0 - theta) * xf[rows]
+    return P
+
+
 def _diag_index(src, dst, n):
     d = np.full(n, -1, dtype=np.int64)
     on = src == dst
@@ -646,7 +685,7 @@ def _diag_index(src, dst, n):
 
 
 def linear_maximization(
-    x: Any, g: Any, eps: float, kernel_size: int, p: float
+    x: Any, g: Any, eps: float, kernel_size: int, p: float, box: bool = False
 ) -> Tuple[float, np.ndarray]:
     r"""Exact maximum of a linear functional over the local Wasserstein ball.
 
@@ -656,18 +695,23 @@ def linear_maximization(
 
         \max_{P \ge 0 \text{ local}} \sum_{(i,j)\in E} g_j P_{ij}
         \quad\text{s.t.}\quad P\mathbf 1 = x,\quad
-        \langle c, P\rangle \le \varepsilon\, m(x),
+        \langle c, P\rangle \le \varepsilon\, m(x)
+        \quad(\text{and } P^\top \mathbf 1 \le 1 \text{ if } \texttt{box}),
 
     i.e. :math:`\max_{z \in B_\varepsilon(x)} \langle z, g\rangle` with
-    :math:`z = P^\top\mathbf 1` (this is the support function used by the
-    "conjugate Sinkhorn" solver).  One HiGHS solve with a sparse constraint
+    :math:`z = P^\top\mathbf 1`: the support function of the ball, which
+    the conjugate Sinkhorn solver, the plan-space oracle and the
+    certificates' dual bounds (:mod:`solvers.support`) compute fast; this
+    is their reference.  One HiGHS solve with a sparse constraint
     matrix; ``x`` is scaled to unit mass and ``g`` to unit max-norm before
     solving.  The returned ``z`` is the column-sum vector of the HiGHS plan
     after a tolerance-level repair (clip to :math:`\ge 0`, renormalize rows
-    to :math:`x`, mix with the identity plan if the budget is exceeded), so
-    it is exactly feasible; ``value`` is :math:`\langle z, g\rangle`
-    evaluated in float64 and is therefore a certified lower bound on the
-    LP optimum that matches it to about ``1e-9`` relative accuracy.
+    to :math:`x`, mix with the identity plan if the budget is exceeded, and
+    with the box send mass arriving at over-full pixels back to its source),
+    so it is feasible (with the box, to a few units in the last place);
+    ``value`` is :math:`\langle z, g\rangle` evaluated in float64 and is
+    therefore a certified lower bound on the LP optimum that matches it to
+    about ``1e-9`` relative accuracy.
 
     Parameters
     ----------
@@ -681,6 +725,8 @@ def linear_maximization(
         Odd window size :math:`k \ge 3`.
     p : float
         Cost exponent :math:`p > 0`.
+    box : bool, default False
+        Intersect the ball with :math:`z \le 1` (then ``x`` must be at most 1).
 
     Returns
     -------
@@ -692,7 +738,8 @@ def linear_maximization(
     Raises
     ------
     ValueError
-        Invalid inputs.
+        Invalid inputs, or ``box=True`` with a pixel of ``x`` above 1 (the
+        boxed ball is then empty).
     ExactSolverError
         HiGHS did not report an optimal solution.
 
@@ -710,6 +757,11 @@ def linear_maximization(
     xa = _check_x(x, "x")
     ga = _check_image(g, "g")
     _check_same_shape(xa, ga, "g")
+    box = bool(box)
+    if box and np.any(xa > 1.0):
+        raise ValueError(
+            f"linear_maximization: box=True needs x <= 1 (max entry {xa.max()!r}): otherwise the boxed ball is empty"
+        )
 
     xf = xa.ravel()
     gf = ga.ravel()
@@ -728,11 +780,19 @@ def linear_maximization(
     b_eq = x1[used_s]
     A_ub = sp.csr_matrix(cost.reshape(1, -1))
     b_ub = np.array([e])
+    if box:
+        # Capacities in unit-mass units: each destination holds at most 1 / m(x).
+        used_d, ld = _compress(dst)
+        A_ub = sp.vstack([A_ub, _incidence(ld, used_d.size)]).tocsr()
+        b_ub = np.concatenate([b_ub, np.full(used_d.size, 1.0 / mass_x)])
     res = _highs(
         -(gf[dst] / gscale), A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq,
         what="linear-maximization LP",
     )
-    P = _repair_plan(res.x, src, cost, x1, e, _diag_index(src, dst, xf.size)) * mass_x
+    diag_index = _diag_index(src, dst, xf.size)
+    P = _repair_plan(res.x, src, cost, x1, e, diag_index) * mass_x
+    if box:
+        P = _repair_box(P, src, dst, xf, diag_index)
     z = np.bincount(dst, weights=P, minlength=xf.size).reshape(xa.shape)
     value = float(np.dot(z.ravel(), gf))
     lp_value = -float(res.fun) * gscale * mass_x
@@ -1245,11 +1305,11 @@ def local_ot_distance_batch(
 
 
 def linear_maximization_batch(
-    x: Any, g: Any, eps: Any, kernel_size: int, p: float
+    x: Any, g: Any, eps: Any, kernel_size: int, p: float, box: bool = False
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Apply :func:`linear_maximization` to each example of a ``(B, C, H, W)`` batch.
 
-    ``eps`` may be a scalar or an array of shape ``(B,)``.
+    ``eps`` may be a scalar or an array of shape ``(B,)``; ``box`` applies to every example.
 
     Returns
     -------
@@ -1264,7 +1324,7 @@ def linear_maximization_batch(
     vals = np.empty(B)
     zs = np.empty_like(xa)
     for b in range(B):
-        vals[b], zs[b] = linear_maximization(xa[b], ga[b], eps_list[b], kernel_size, p)
+        vals[b], zs[b] = linear_maximization(xa[b], ga[b], eps_list[b], kernel_size, p, box=box)
     return vals, zs
 
 

@@ -116,7 +116,8 @@ def _per_example_norm(g: torch.Tensor, ord: float) -> torch.Tensor:
     return torch.linalg.vector_norm(g.flatten(1), ord=ord, dim=1).view(-1, *([1] * (g.dim() - 1)))
 
 
-def _zero_gradient(grad: torch.Tensor) -> torch.Tensor:
+def is_zero_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """Per example, whether its gradient is exactly zero everywhere (no step can follow it): bool ``(B,)``."""
     return ~grad.flatten(1).ne(0).any(dim=1)
 
 
@@ -192,7 +193,7 @@ class ProjectedGradientIterate:
         return z.clamp(0.0, 1.0) if self.clamp else z
 
     def step(self, state, grad, eps, iteration):
-        zero_gradient = _zero_gradient(grad)
+        zero_gradient = is_zero_gradient(grad)
         if self.rule is StepRule.WASSERSTEIN:
             w, ascent_info = self.conjugate.maximize(state.image, grad, self.step_size)
             ascent_converged = ascent_info.converged
@@ -254,5 +255,5 @@ class NormBallIterate:
     def step(self, state, grad, eps, iteration):
         rule = StepRule.LINF_SIGN if self.norm is Norm.LINF else StepRule.L2_NORMALIZED
         w = state.image + self.step_size * ascent_direction(rule, grad, state.center)
-        report = StepReport.closed_form(_zero_gradient(grad))
+        report = StepReport.closed_form(is_zero_gradient(grad))
         return IterateState(state.center, self._project(state.center, w, eps), state.extra), report

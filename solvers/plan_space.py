@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import LocalTransport, check_images, check_nonnegative_eps
-from .iterate import IterateState, StepReport, _zero_gradient
+from .iterate import IterateState, StepReport, is_zero_gradient
 from .checks import check_iterations, check_positive
 from .device import sync_interval
 
@@ -77,6 +77,7 @@ __all__ = [
     "plan_image",
     "plan_linear_maximization",
     "project_plans",
+    "repair_capacity",
     "window_layout",
 ]
 
@@ -650,7 +651,7 @@ def _project_with_box(
     ``box_tol``, every held capacity is slack (complementary slackness to
     ``box_tol``), and the budget's residual is at most ``tol`` relative to
     the budget. The plan is then made exactly feasible by
-    :func:`_fit_budget` and :func:`_repair_capacity`.
+    :func:`_fit_budget` and :func:`repair_capacity`.
     """
     batch = x.shape[0]
     dual = _CapacityDual.of(target, x, cost, valid, budget)
@@ -784,8 +785,30 @@ def _repair_rows(
     return rows, fallback
 
 
-def _repair_capacity(plan: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_repair_rows` on full ``(B, C, N, K)`` plans; returns the plans and the fallback mask."""
+def repair_capacity(plan: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Move plans of the ball into the box :math:`P^\top \mathbf 1 \le 1` without leaving the ball.
+
+    Mass arriving at an over-full pixel from other pixels goes back to its
+    source's offset ``(0, 0)``: row sums stay :math:`x`, entries stay
+    :math:`\ge 0` and the cost can only drop (the rounds and the fallback are
+    those of :func:`_repair_rows`).
+
+    Parameters
+    ----------
+    plan : Tensor (B, C, N, K)
+        Plans of the ball around ``x`` (rows summing to ``x``, within budget).
+    x : Tensor (B, C, H, W)
+        Centres, ``0 <= x <= 1``.
+    valid : Tensor (N, K), bool
+        Which offsets stay inside the image (:func:`window_layout`).
+
+    Returns
+    -------
+    plan : Tensor (B, C, N, K)
+        The repaired plans.
+    fallback : Tensor (B,), bool
+        Where the rounds left overflow and the plan was mixed with the identity plan.
+    """
     data = _Rows.of(x, valid)
     rows = plan.reshape(-1, plan.shape[-1])[data.index]
     rows, fallback = _repair_rows(rows, data, _destinations(data, x, math.isqrt(plan.shape[-1])), x)
@@ -1422,7 +1445,7 @@ class PlanPGDIterate:
         report = StepReport(
             converged=projection.converged & ~failed,
             solver_iterations=projection.iterations,
-            zero_gradient=_zero_gradient(grad) & ~failed,
+            zero_gradient=is_zero_gradient(grad) & ~failed,
             failed=failed,
         )
         extra = dict(state.extra, plan=plan, **self._carried(projection))
@@ -1579,13 +1602,13 @@ class FrankWolfeIterate:
         )
         if self.box_oracle:
             # The mix of two plans of the boxed set is in it up to rounding; the repair removes that.
-            extra["plan"], _ = _repair_capacity(plan, x, valid)
+            extra["plan"], _ = repair_capacity(plan, x, valid)
             extra["capacity_multiplier"] = oracle.capacity_multiplier
         image, carried, box_iterations, box_converged = self._shown(extra["plan"], x, eps, extra)
         report = StepReport(
             converged=oracle.converged & box_converged & ~failed,
             solver_iterations=oracle.iterations + box_iterations,
-            zero_gradient=_zero_gradient(grad) & ~failed,
+            zero_gradient=is_zero_gradient(grad) & ~failed,
             failed=failed,
         )
         return IterateState(x, image, dict(extra, **carried)), report

@@ -16,6 +16,7 @@ from torch import nn
 
 from harness.certify.bounds import linear_bounds
 from harness.certify.network import PiecewiseLinearNetwork, UnsupportedNetwork
+from harness.certify.perturbation import WassersteinBall
 from harness.certify.run import CertifySettings, certify_batch
 from harness.vocabulary import CertificateStatus, Certifier
 from solvers.exact import linear_maximization
@@ -101,6 +102,21 @@ def test_support_bounds_every_sampled_point_of_the_ball(images):
         values = (points * a.repeat_interleave(40, 0)).flatten(1).sum(1).view(images.shape[0], 40)
         bound = wasserstein_support(a, images, torch.arange(images.shape[0]), 0.1, TRANSPORT, box=box)
         assert bool((values.amax(1) <= bound.value + 1e-9).all())
+
+
+@pytest.mark.parametrize("box", [False, True])
+def test_the_balls_concretize_is_its_support_function_and_its_pixel_bounds_hold(images, box):
+    a = torch.randn(images.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ball = WassersteinBall(images, 0.1, TRANSPORT, box, capacity_rounds=30)
+    bound = ball.concretize(a, torch.arange(images.shape[0]))
+    # The HiGHS reference's value is that of a point of the ball: no upper bound may fall below it.
+    reference = np.array([linear_maximization(images[i], a[i], 0.1, 3, 1.0, box=box)[0] for i in range(images.shape[0])])
+    assert bool((bound >= torch.from_numpy(reference) - 1e-9).all())
+    if not box:
+        assert bound.numpy() == pytest.approx(reference, rel=1e-6, abs=1e-7)
+    lower, upper = ball.pixel_bounds
+    points = _ball_points(images, 0.1, box, seed=6, count=20).view(images.shape[0], 20, *images.shape[1:])
+    assert bool((points >= lower[:, None] - 1e-12).all() and (points <= upper[:, None] + 1e-12).all())
 
 
 def test_support_rejects_bad_input(images):

@@ -10,8 +10,9 @@ The references share no code with the verifier:
 * the exact minimum over the ball by enumerating activation patterns, one
   HiGHS LP over the plan entries per pattern (for binarized networks, one LP
   per pattern of bits);
-* :func:`solvers.exact.linear_maximization` for the linear maximum without
-  the box, and :func:`solvers.exact.local_ot_distance` for counterexamples.
+* :func:`solvers.exact.linear_maximization`, the one HiGHS reference for the
+  linear maximum over the ball, with and without the box, and
+  :func:`solvers.exact.local_ot_distance` for counterexamples.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from scipy.optimize import linprog
 from torch import nn
 
 from conftest import digit_batch
-from harness.certify.milp import MIP_RELATIVE_GAP, ball_linear_maximum, milp_certify
+from harness.certify.layers import interval_bounds
+from harness.certify.milp import MIP_RELATIVE_GAP, milp_certify
 from harness.certify.network import PiecewiseLinearNetwork
-from harness.train.certified import interval_bounds
+from harness.certify.perturbation import WassersteinBall
+from harness.certify.program import Program
 from harness.vocabulary import CertificateStatus
 from solvers.exact import linear_maximization, local_ot_distance
 from solvers.geometry import LocalTransport
@@ -215,42 +218,66 @@ def two_corner_image(first: float, second: float) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def test_ball_linear_maximum_matches_independent_references():
+def test_linear_maximum_with_and_without_the_box_bounds_every_point_of_the_ball():
     rng = np.random.default_rng(0)
     x = digit_batch(3, 1, (2, 4, 4))[0]
     a = rng.standard_normal(x.shape)
     for transport in (LocalTransport(3, 1.0), LocalTransport(3, 2.0)):
-        assert ball_linear_maximum(a, x, 0.0, transport, box=False) == pytest.approx(float((a * x).sum()), abs=1e-9)
+        k, p = transport.kernel_size, transport.p
+        assert linear_maximization(x, a, 0.0, k, p, box=True)[0] == pytest.approx(float((a * x).sum()), abs=1e-9)
         for eps in (0.05, 0.4):
-            value = ball_linear_maximum(torch.from_numpy(a), torch.from_numpy(x), eps, transport, box=False)
-            reference, _ = linear_maximization(x, a, eps, transport.kernel_size, transport.p)
-            assert value == pytest.approx(reference, abs=1e-7)
-            boxed = ball_linear_maximum(a, x, eps, transport, box=True)
+            value, _ = linear_maximization(x, a, eps, k, p)
+            boxed, maximizer = linear_maximization(torch.from_numpy(x), torch.from_numpy(a), eps, k, p, box=True)
             assert boxed <= value + 1e-9
-            images = random_ball_images(x, eps, transport.kernel_size, transport.p, 200, seed=1)
+            assert maximizer.max() <= 1 + 4 * np.finfo(np.float64).eps
+            images = random_ball_images(x, eps, k, p, 200, seed=1)
             attained = images.reshape(len(images), -1) @ a.reshape(-1)
             assert attained.max() <= value + 1e-9
             inside = (images <= 1).all(axis=(1, 2, 3))
             assert inside.any() and attained[inside].max() <= boxed + 1e-9
 
 
-def test_ball_linear_maximum_box_binds_and_bad_input():
+def test_linear_maximum_box_binds_and_bad_input():
     # Two pixels at 0.8 next to each other: without the box all 1.6 can pile onto the pixel a rewards.
     x = np.zeros((1, 1, 3))
     x[0, 0, 0] = x[0, 0, 2] = 0.8
     a = np.zeros_like(x)
     a[0, 0, 1] = 1.0
-    assert ball_linear_maximum(a, x, 10.0, TRANSPORT, box=False) == pytest.approx(1.6, abs=1e-9)
-    assert ball_linear_maximum(a, x, 10.0, TRANSPORT, box=True) == pytest.approx(1.0, abs=1e-9)
+    assert linear_maximization(x, a, 10.0, 3, 1.0)[0] == pytest.approx(1.6, abs=1e-9)
+    assert linear_maximization(x, a, 10.0, 3, 1.0, box=True)[0] == pytest.approx(1.0, abs=1e-9)
     # The budget binds: 1.6 * eps units of mass at cost 1 each.
-    assert ball_linear_maximum(a, x, 0.25, TRANSPORT, box=True) == pytest.approx(0.4, abs=1e-9)
-    assert ball_linear_maximum(a, np.zeros_like(x), 1.0, TRANSPORT, box=True) == 0.0
+    assert linear_maximization(x, a, 0.25, 3, 1.0, box=True)[0] == pytest.approx(0.4, abs=1e-9)
+    assert linear_maximization(np.zeros_like(x), a, 1.0, 3, 1.0, box=True)[0] == 0.0
     with pytest.raises(ValueError, match="box=True"):
-        ball_linear_maximum(a, 2 * x, 0.1, TRANSPORT, box=True)
+        linear_maximization(2 * x, a, 0.1, 3, 1.0, box=True)
     with pytest.raises(ValueError, match="shape"):
-        ball_linear_maximum(a[0], x, 0.1, TRANSPORT, box=False)
+        linear_maximization(x, a[0], 0.1, 3, 1.0)
     with pytest.raises(ValueError, match="eps"):
-        ball_linear_maximum(a, x, -0.1, TRANSPORT, box=False)
+        linear_maximization(x, a, -0.1, 3, 1.0)
+
+
+@pytest.mark.parametrize("box", [False, True])
+def test_the_programs_ball_has_the_reference_maximum_and_its_points_lie_in_the_ball(box):
+    """The MILP's polytope (:meth:`WassersteinBall.encode`) against the HiGHS reference, and its repaired points."""
+    rng = np.random.default_rng(2)
+    x = digit_batch(3, 1, (2, 4, 4))[0]
+    a = rng.standard_normal(x.shape)
+    for transport in (LocalTransport(3, 1.0), LocalTransport(3, 2.0)):
+        for eps in (0.05, 0.4):
+            program = Program()
+            ball = WassersteinBall(torch.from_numpy(x)[None], eps, transport, box).encode(program, 0)
+            objective = np.zeros(program.size)
+            receiving = ball.image.variable >= 0
+            objective[ball.image.variable[receiving]] = -a.reshape(-1)[receiving]
+            result = program.minimize(objective, time_limit=60.0)
+            reference, _ = linear_maximization(x, a, eps, transport.kernel_size, transport.p, box=box)
+            # HiGHS meets the rows to its feasibility tolerance (1e-7) on masses of order 1.
+            assert -result.fun == pytest.approx(reference, abs=1e-6)
+            point = ball.point(result.x)
+            assert float((a * point).sum()) == pytest.approx(reference, abs=1e-6)
+            distance = local_ot_distance(x, point, transport.kernel_size, transport.p)
+            assert distance.cost <= eps * (1 + 1e-9) and distance.undelivered_mass <= 1e-9
+            assert not box or point.max() <= 1.0
 
 
 # --------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import zoo
 from harness.attack.pgd import EpsSchedule, PGDAttack
 from harness.attack.spec import AttackSpec
 from harness.train import Recipe, TrainingDiverged, certified_accuracy, register_recipe, train
-from harness.train.certified import interval_bounds, worst_case_logits
+from harness.certify.layers import interval_bounds
+from harness.train.certified import worst_case_logits
 from harness.train.recipes import (
     RECIPES,
     AdversarialTraining,

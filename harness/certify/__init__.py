@@ -18,6 +18,12 @@ Both decide with a safety margin (:mod:`.safety`, and for the MILP
 :func:`.milp.highs_error_bound`): a margin bound certifies only above a bound
 on the model's own rounding, the bound's rounding and the solver's
 tolerances. Both read a model through
-:func:`.network.check_certifiable`, the one list of supported layers, which
-the run's preflight uses too.
+:func:`.network.check_certifiable`, which the run's preflight uses too, and
+every layer through its rule in the one table :data:`.layers.RULES` (interval
+rule, linear relaxation, MILP encoding; the interval bounds of certified
+training are its :func:`.layers.interval_bounds`). Both bound over one
+perturbation, :class:`.perturbation.WassersteinBall`, whose
+:meth:`~.perturbation.WassersteinBall.concretize` is the ball's support
+function and whose :meth:`~.perturbation.WassersteinBall.encode` is its
+polytope in a :class:`.program.Program`.
 """

@@ -13,10 +13,12 @@ replaces each ReLU by linear bounds valid on its input interval
 
 choosing per coefficient sign the side that keeps a lower bound, until the
 functional is affine in the input image: :math:`\Lambda \cdot z \ge
-\langle a, x'\rangle + c`. Over the ball the minimum of
-:math:`\langle a, x'\rangle` is :math:`-h(-a)`, the support function of
-:mod:`solvers.support`: a linear maximization over local plans, exact
-without the box and a dual bound with it. So the first layer's bounds are
+\langle a, x'\rangle + c` (each layer's step is its rule in
+:mod:`.layers`). Over the ball the minimum of
+:math:`\langle a, x'\rangle` is :math:`-h(-a)`, the ball's support
+function (:meth:`.perturbation.WassersteinBall.concretize`): a linear
+maximization over local plans, exact without the box and a dual bound with
+it. So the first layer's bounds are
 exact, and every later layer is bounded by one such maximization per neuron
 and direction, layer by layer, each using the intervals of the layers
 before. An example is certified at :math:`\varepsilon` when the lower bound
@@ -40,24 +42,19 @@ covers the floating point of both the bound and the model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from solvers.geometry import LocalTransport
-from solvers.support import wasserstein_support
-from zoo.architectures import Normalize
 
-from ..train.certified import interval_bounds
-from .network import PiecewiseLinearNetwork, conv_zero_padding
-from .safety import ball_pixel_upper, float_error_bound, gamma, unit_roundoff
+from .layers import LinearRelaxation, interval_bounds, rule_for
+from .network import PiecewiseLinearNetwork
+from .perturbation import SUPPORT_CHUNK, WassersteinBall
+from .safety import float_error_bound
 
-__all__ = ["LinearBounds", "linear_bounds"]
-
-_CHUNK = 2048
-"""Specifications bounded at once (the support function holds about 100 float64 values per pixel and specification)."""
+__all__ = ["InputSet", "LinearBounds", "linear_bounds"]
 
 _EXAMPLES_AT_ONCE = 4
 """Examples bounded together (each holds a coefficient image per first-layer neuron and direction)."""
@@ -97,94 +94,25 @@ class LinearBounds:
         return self.worst_margin > self.safety_margin
 
 
-def _backward(layer: nn.Module, weights: torch.Tensor, input_shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pull a functional ``weights`` (S, *output shape) of the layer's output back to its input.
+class InputSet:
+    """Minima of linear functionals over the set the network's first block sees: the ball, or the box of possible bits.
 
-    Returns the input coefficients (S, *input shape) and the constant (S,)
-    contributed by the layer's bias.
+    A binarization has no linear relaxation (:class:`.layers.BinarizeRule`): its output ranges over the bits that can
+    flip, each pixel's range over the ball being two support-function values.
     """
-    specs = weights.shape[0]
-    if isinstance(layer, nn.Conv2d):
-        # Zero padding only: network.check_certifiable refuses every other padding before any bound is computed.
-        pulled = torch.nn.grad.conv2d_input(
-            (specs, *input_shape), layer.weight.double(), weights, layer.stride, conv_zero_padding(layer), layer.dilation,
-            layer.groups,
-        )
-        constant = (weights.sum((2, 3)) @ layer.bias.double()) if layer.bias is not None else weights.new_zeros(specs)
-        return pulled, constant
-    if isinstance(layer, nn.Linear):
-        constant = weights @ layer.bias.double() if layer.bias is not None else weights.new_zeros(specs)
-        return weights @ layer.weight.double(), constant
-    if isinstance(layer, nn.Flatten):
-        return weights.reshape(specs, *input_shape), weights.new_zeros(specs)
-    if isinstance(layer, Normalize):
-        std, mean = layer.std.double(), layer.mean.double()
-        return weights / std, -(weights * (mean / std)).flatten(1).sum(1)
-    raise AssertionError(f"no backward rule for {type(layer).__name__}")
 
-
-@dataclass
-class _Relaxation:
-    """The linear bounds of one ReLU layer, per example: ``slope_low z <= relu(z) <= slope_up z + intercept_up``."""
-
-    slope_low: torch.Tensor
-    slope_up: torch.Tensor
-    intercept_up: torch.Tensor
-
-    @classmethod
-    def of(cls, lower: torch.Tensor, upper: torch.Tensor) -> "_Relaxation":
-        unstable = (lower < 0) & (upper > 0)
-        active = (lower >= 0).double()
-        slope_up = torch.where(unstable, upper / (upper - lower).clamp_min(1e-300), active)
-        intercept_up = torch.where(unstable, -slope_up * lower, torch.zeros_like(lower))
-        slope_low = torch.where(unstable, (upper > -lower).double(), active)
-        return cls(slope_low, slope_up, intercept_up)
-
-    def pull(self, weights: torch.Tensor, example: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace ``weights . relu(z)`` by a linear lower bound in ``z``, for specs of one example."""
-        negative = weights.clamp_max(0)
-        low = self.slope_low[example]
-        pulled = weights * low + negative * (self.slope_up[example] - low)
-        constant = (negative * self.intercept_up[example]).flatten(1).sum(1)
-        return pulled, constant
-
-    def interval(self, lower: torch.Tensor, upper: torch.Tensor, example: int):
-        """The ReLU's output interval for its input interval (for interval arithmetic on the next block)."""
-        return lower[example].clamp_min(0), upper[example].clamp_min(0)
-
-
-class _InputSet:
-    """Minima of linear functionals over the set the network's first block sees: the ball, or the box of possible bits."""
-
-    def __init__(self, network, x, eps, transport, box, capacity_rounds):
-        self.x, self.eps, self.transport, self.box, self.rounds = x.double(), eps, transport, box, capacity_rounds
+    def __init__(self, network: PiecewiseLinearNetwork, ball: WassersteinBall):
+        self.ball, self.unboxed = ball, ball.without_box() if ball.box else ball
+        self.x, self.box = ball.x, ball.box
         self.bits = None
         if network.binarized:
             self.bits = self._bit_ranges(network.threshold)
-
-    def _support_rounding(self) -> torch.Tensor:
-        r"""Per example, a bound on the float64 rounding of a support-function value of a unit coefficient image.
-
-        Its dual value :math:`\sum_j \nu_j + \langle a', x\rangle + \mu b + \sum_i x_i \max_k (g_{ik} - \mu c_k)`
-        has coefficients :math:`a' = a - \nu` with capacity prices :math:`0 \le \nu_j \le 2 k^2 \sqrt{R}` after
-        :math:`R` price rounds of step at most :math:`k^2 / \sqrt{r + 1}` (the overflow of a pixel is below the
-        mass of its :math:`k \times k` window; no prices without the box), so gains
-        :math:`|g_{ik}| \le 1 + 2 k^2 \sqrt{R}`, :math:`\mu` at most that at its minimum (costs are at least 1), and
-        fewer than ``2 * pixels + 4`` terms, each bounded by a term of the returned sum.
-        """
-        mass = self.x.flatten(1).sum(1)
-        eps = torch.as_tensor(self.eps, dtype=torch.float64).expand(self.x.shape[0])
-        largest_cost = float(self.transport.cost(dtype=torch.float64).max())
-        pixels = self.x[0].numel()
-        gain = 1 + (2 * self.transport.kernel_size**2 * math.sqrt(self.rounds) if self.box else 0.0)
-        magnitude = (gain - 1) * pixels + gain * (1 + eps * mass + mass * (1 + largest_cost))
-        return 2 * gamma(2 * pixels + 4, unit_roundoff(torch.float64)) * magnitude
 
     def _bit_ranges(self, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Each pixel's possible bits over the ball: low = 1 if it cannot fall below the threshold, high = 1 if it can
         reach it; a range within the support function's rounding of the threshold counts as crossing it."""
         batch, pixels = self.x.shape[0], self.x[0].numel()
-        slack = self._support_rounding()
+        slack = self.ball.support_rounding()
         unit = torch.eye(pixels, dtype=torch.float64).view(pixels, *self.x.shape[1:])
         coefficients = torch.cat([unit, -unit]).repeat(batch, 1, 1, 1)
         example = torch.arange(batch).repeat_interleave(2 * pixels)
@@ -204,22 +132,13 @@ class _InputSet:
         """Bounds on the first block's input over the set, before any normalization (:func:`.safety.float_error_bound`)."""
         if self.bits is not None:
             return self.bits[1]
-        return ball_pixel_upper(self.x, self.eps, self.transport.kernel_size, self.box)
-
-    def _support(self, coefficients, example, box: bool):
-        values = []
-        for start in range(0, coefficients.shape[0], _CHUNK):
-            stop = start + _CHUNK
-            values.append(wasserstein_support(
-                coefficients[start:stop], self.x, example[start:stop], self.eps, self.transport,
-                box=box, capacity_rounds=self.rounds,
-            ).value)
-        return torch.cat(values) if values else coefficients.new_zeros(0)
+        return self.ball.pixel_bounds[1]
 
     def minimum(self, coefficients: torch.Tensor, example: torch.Tensor, box: bool = False) -> torch.Tensor:
-        """Lower bounds on ``min <a_s, input>`` (S,) for coefficient images of the first block's input."""
+        """Lower bounds on ``min <a_s, input>`` (S,) for coefficient images of the first block's input (over the
+        boxed ball only with ``box``)."""
         if self.bits is None:
-            return -self._support(-coefficients, example, box)
+            return -(self.ball if box else self.unboxed).concretize(-coefficients, example)
         low, high = self.bits[0][example], self.bits[1][example]
         return (coefficients.clamp_min(0) * low + coefficients.clamp_max(0) * high).flatten(1).sum(1)
 
@@ -252,18 +171,18 @@ def _unstable_pairs(neurons: int):
     return select
 
 
-def _linear_form(weights, constant, level, example: int, blocks, shapes, relaxations):
+def _linear_form(weights, constant, level, example: int, network: PiecewiseLinearNetwork, relaxations: list[LinearRelaxation]):
     """``weights . h + constant`` (``h`` the output of ReLU ``level``) bounded below by an affine function of the input."""
     for depth in range(level, -1, -1):
         weights, extra = relaxations[depth].pull(weights, example)
         constant = constant + extra
-        for layer, shape in zip(reversed(blocks[depth]), reversed(shapes[depth])):
-            weights, extra = _backward(layer, weights, shape)
+        for step in reversed(network.block_relaxations[depth]):
+            weights, extra = step.pull(weights, example)
             constant = constant + extra
     return weights, constant
 
 
-def _first_layer_bounds(network: PiecewiseLinearNetwork, batch, inputs: _InputSet) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_layer_bounds(network: PiecewiseLinearNetwork, batch, inputs: InputSet) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds on the first ReLU's input: one support-function value per neuron and direction (exact without the box)."""
     coefficients, bias = network.jacobian(0)
     neurons = coefficients.shape[0]
@@ -320,15 +239,18 @@ def linear_bounds(
             torch.cat([part.safety for part in parts]),
         )
     batch = x.shape[0]
-    inputs = _InputSet(network, x, eps, transport, box, capacity_rounds)
+    inputs = InputSet(network, WassersteinBall(x, eps, transport, box, capacity_rounds))
     blocks, shapes = network.blocks, network.layer_input_shapes
     intervals: list[tuple[torch.Tensor, torch.Tensor]] = []
-    relaxations: list[_Relaxation] = []
+    relaxations: list[LinearRelaxation] = []
 
     def lower_bounds(weights, constant, level, example, needs_box):
         forms = [
-            _linear_form(weights[start : start + _CHUNK], constant[start : start + _CHUNK], level, example, blocks, shapes, relaxations)
-            for start in range(0, weights.shape[0], _CHUNK)
+            _linear_form(
+                weights[start : start + SUPPORT_CHUNK], constant[start : start + SUPPORT_CHUNK], level, example, network,
+                relaxations,
+            )
+            for start in range(0, weights.shape[0], SUPPORT_CHUNK)
         ]
         coefficients, constant = torch.cat([form[0] for form in forms]), torch.cat([form[1] for form in forms])
         return inputs.refined(coefficients, torch.full((coefficients.shape[0],), example), constant, needs_box)
@@ -337,9 +259,8 @@ def linear_bounds(
         if depth == 0:
             lower, upper = _first_layer_bounds(network, batch, inputs)
         else:
-            previous = intervals[-1]
             # Interval arithmetic first: a cheap bound that the linear bounds refine where it leaves a neuron open.
-            lower, upper = previous[0].clamp_min(0), previous[1].clamp_min(0)
+            lower, upper = interval_bounds(network.activations[depth - 1], *intervals[-1])
             for layer in blocks[depth]:
                 lower, upper = interval_bounds(layer, lower, upper)
             coefficients, bias = network.jacobian(depth)
@@ -356,7 +277,8 @@ def linear_bounds(
                 flat_upper[open_] = torch.minimum(flat_upper[open_], -minima[1])
         lower, upper = lower.reshape(batch, *shapes[depth + 1][0]), upper.reshape(batch, *shapes[depth + 1][0])
         intervals.append((lower, upper))
-        relaxations.append(_Relaxation.of(lower, upper))
+        activation = network.activations[depth]
+        relaxations.append(rule_for(activation).relaxation(activation, shapes[depth + 1][0], lower, upper))
     last = network.layers[-1]
     if not isinstance(last, nn.Linear):
         raise ValueError("the logits layer must be Linear")

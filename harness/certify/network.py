@@ -4,12 +4,12 @@ Both certifiers read a model as :class:`PiecewiseLinearNetwork`: the
 preprocessing of a :class:`~zoo.architectures.ClassifierWithPreprocessing`
 (identity, a per-channel normalization, or a binarization, which is
 piecewise constant) and a flat list of ``Conv2d``, ``Linear``, ``Flatten``
-and ``ReLU`` layers. :func:`check_certifiable` holds the one list of what
-the bounds have rules for (:data:`CERTIFIABLE_LAYERS`,
-:data:`CERTIFIABLE_PREPROCESSING` and the conditions of
-:func:`layer_problem`); :meth:`PiecewiseLinearNetwork.of`, the certifiers and
-the run's preflight all go through it, so anything else is refused, with
-the layer's name and what is allowed, before any bound is computed.
+and ``ReLU`` layers. :func:`check_certifiable` reads the one table of
+layer rules (:data:`.layers.RULES`: :data:`CERTIFIABLE_LAYERS`,
+:data:`CERTIFIABLE_PREPROCESSING` and the conditions of :func:`layer_problem`
+derive from it); :meth:`PiecewiseLinearNetwork.of`, the certifiers and the
+run's preflight all go through it, so anything else is refused, with the
+layer's name and what is allowed, before any bound is computed.
 """
 
 from __future__ import annotations
@@ -23,60 +23,62 @@ from torch import nn
 
 from zoo.architectures import Binarize, ClassifierWithPreprocessing, Normalize
 
+from .layers import RULES, ExactRelaxation, Role, UnsupportedNetwork, rule_for
+
 __all__ = [
-    "CERTIFIABLE_LAYERS", "CERTIFIABLE_PREPROCESSING", "PiecewiseLinearNetwork", "UnsupportedNetwork", "apply_affine",
-    "binarization_threshold", "check_certifiable", "conv_zero_padding", "layer_problem",
+    "ALLOWED", "CERTIFIABLE_LAYERS", "CERTIFIABLE_PREPROCESSING", "PiecewiseLinearNetwork", "UnsupportedNetwork",
+    "binarization_threshold", "check_certifiable", "layer_problem",
 ]
 
-CERTIFIABLE_LAYERS = (nn.Conv2d, nn.Linear, nn.Flatten, nn.ReLU)
-"""The layer types (exactly these, not subclasses, which may compute something else) the bounds have rules for."""
 
-CERTIFIABLE_PREPROCESSING = (nn.Identity, Normalize, Binarize)
-"""The preprocessing steps the bounds have rules for."""
+def _certifiable(role: Role) -> tuple[type[nn.Module], ...]:
+    return tuple(layer_type for layer_type, rule in RULES.items() if rule.role is role and rule.certifiable)
+
+
+def _listing(words: list[str], conjunction: str) -> str:
+    return ", ".join(words[:-1]) + f" {conjunction} {words[-1]}" if len(words) > 1 else words[0]
+
+
+CERTIFIABLE_LAYERS = _certifiable(Role.LAYER)
+"""The layer types (exactly these, not subclasses, which may compute something else) both certifiers have rules for."""
+
+CERTIFIABLE_PREPROCESSING = _certifiable(Role.PREPROCESSING)
+"""The preprocessing steps both certifiers have rules for."""
+
+PREPROCESSING_ALLOWED = _listing([RULES[t].allowed for t in CERTIFIABLE_PREPROCESSING], "or")
+"""The preprocessing steps in words."""
 
 ALLOWED = (
-    "Conv2d (zero padding: padding_mode='zeros', numeric or 'valid' padding, or 'same' with symmetric padding), "
-    "Linear (on a flat input), Flatten (start_dim=1, end_dim=-1) and ReLU, "
-    "after an Identity, Normalize or Binarize preprocessing"
+    f"{_listing([RULES[t].allowed for t in CERTIFIABLE_LAYERS], 'and')}, after an {PREPROCESSING_ALLOWED} preprocessing"
 )
 """What :func:`check_certifiable` allows, in words (every refusal quotes it)."""
-
-
-class UnsupportedNetwork(ValueError):
-    """A model with a layer that no certificate rule covers."""
 
 
 def _name(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def conv_zero_padding(layer: nn.Conv2d) -> tuple[int, int] | None:
-    """The convolution's padding as ``(rows, columns)`` of zeros on each side, or None where it is not that.
-
-    ``padding='valid'`` is no padding; ``padding='same'`` is symmetric zero padding when the dilated kernel has odd
-    size (PyTorch pads even kernels more on one side, which the bounds' transposed convolution cannot express).
-    """
-    if layer.padding_mode != "zeros":
-        return None
-    if layer.padding == "valid":
-        return (0, 0)
-    if layer.padding == "same":
-        left_w, right_w, left_h, right_h = layer._reversed_padding_repeated_twice
-        return (int(left_h), int(left_w)) if (left_h, left_w) == (right_h, right_w) else None
-    return tuple(int(p) for p in layer.padding)
-
-
 def layer_problem(layer: nn.Module) -> str | None:
-    """Why the bounds have no rule for ``layer`` (a sentence naming it), or None if they have one."""
-    if type(layer) not in CERTIFIABLE_LAYERS:
+    """Why the certifiers have no rule for ``layer`` (a sentence naming it and what is allowed), or None if they have one.
+
+    A layer whose rule lacks some of the certifiers' rules (a ``MaxPool2d`` has only an interval rule) is named with
+    what it lacks.
+    """
+    rule = RULES.get(type(layer))
+    if rule is None or rule.role is not Role.LAYER:
         return f"certificates have no rule for layer {_name(layer)}; supported: {ALLOWED}"
-    if isinstance(layer, nn.Conv2d) and conv_zero_padding(layer) is None:
+    if not rule.certifiable:
         return (
-            f"certificates have no rule for {layer!r} (padding={layer.padding!r}, padding_mode={layer.padding_mode!r}): "
-            f"the bounds pull functionals back through zero padding only; supported: {ALLOWED}"
+            f"certificates have no rule for layer {_name(layer)} beyond interval bounds (it has no "
+            f"{_listing(list(rule.missing()), 'and no')}); supported: {ALLOWED}"
         )
-    if isinstance(layer, nn.Flatten) and (layer.start_dim, layer.end_dim) != (1, -1):
-        return f"certificates have no rule for {layer!r}: only Flatten(start_dim=1, end_dim=-1); supported: {ALLOWED}"
+    problem = rule.problem(layer)
+    return None if problem is None else f"{problem}; supported: {ALLOWED}"
+
+
+def _preprocessing_problem(preprocess: nn.Module) -> str | None:
+    if type(preprocess) not in CERTIFIABLE_PREPROCESSING:
+        return f"certificates have no rule for the preprocessing {_name(preprocess)}; supported: {PREPROCESSING_ALLOWED}"
     return None
 
 
@@ -140,10 +142,9 @@ def check_certifiable(model: nn.Module, input_shape) -> None:
         Naming the first layer (or preprocessing) without a rule, and what is allowed.
     """
     preprocess, net = _split(model)
-    if type(preprocess) not in CERTIFIABLE_PREPROCESSING:
-        raise UnsupportedNetwork(
-            f"certificates have no rule for the preprocessing {_name(preprocess)}; supported: Identity, Normalize, Binarize"
-        )
+    problem = _preprocessing_problem(preprocess)
+    if problem is not None:
+        raise UnsupportedNetwork(problem)
     layers = _flat_layers(net)
     for layer in layers:
         problem = layer_problem(layer)
@@ -157,15 +158,12 @@ def check_certifiable(model: nn.Module, input_shape) -> None:
     probe = torch.zeros(1, *shape, dtype=torch.float64)
     with torch.no_grad():
         for layer in layers:
-            if isinstance(layer, nn.Linear) and probe.dim() != 2:
-                raise UnsupportedNetwork(
-                    f"certificates have no rule for {layer!r} on an input of shape {tuple(probe.shape[1:])}: a Linear layer "
-                    f"must read a flat input (put a Flatten before it); supported: {ALLOWED}"
-                )
-            if isinstance(layer, nn.Conv2d) and probe.dim() != 4:
-                raise UnsupportedNetwork(f"certificates have no rule for {layer!r} on an input of shape {tuple(probe.shape[1:])}")
+            rule = rule_for(layer)
+            problem = rule.input_problem(layer, tuple(probe.shape[1:]))
+            if problem is not None:
+                raise UnsupportedNetwork(f"{problem}; supported: {ALLOWED}")
             try:
-                probe = torch.relu(probe) if isinstance(layer, nn.ReLU) else apply_affine(layer, probe)
+                probe = rule.forward(layer, probe)
             except RuntimeError as error:
                 raise UnsupportedNetwork(f"the network does not take images of shape {shape}: {error}") from None
     if probe.dim() != 2:
@@ -212,10 +210,9 @@ class PiecewiseLinearNetwork:
             problem = layer_problem(layer)
             if problem is not None:
                 raise UnsupportedNetwork(problem)
-        if type(self.preprocess) not in CERTIFIABLE_PREPROCESSING:
-            raise UnsupportedNetwork(
-                f"certificates have no rule for the preprocessing {_name(self.preprocess)}; supported: Identity, Normalize, Binarize"
-            )
+        problem = _preprocessing_problem(self.preprocess)
+        if problem is not None:
+            raise UnsupportedNetwork(problem)
         if not self.layers or type(self.layers[-1]) is not nn.Linear:
             raise UnsupportedNetwork(f"the network must end in a Linear layer that produces the logits; supported: {ALLOWED}")
 
@@ -245,6 +242,11 @@ class PiecewiseLinearNetwork:
         return isinstance(self.preprocess, Binarize)
 
     @functools.cached_property
+    def activations(self) -> tuple[nn.ReLU, ...]:
+        """The ReLU layers in order: activation ``d`` reads block ``d``'s output."""
+        return tuple(layer for layer in self.layers if isinstance(layer, nn.ReLU))
+
+    @functools.cached_property
     def blocks(self) -> tuple[tuple[nn.Module, ...], ...]:
         """The affine layers split at the ReLUs: block ``d`` maps ReLU ``d - 1``'s output (block 0: the
         preprocessed image, a normalization included) to ReLU ``d``'s input; the last block makes the logits."""
@@ -266,13 +268,21 @@ class PiecewiseLinearNetwork:
             inner = []
             for layer in block:
                 inner.append(tuple(probe.shape[1:]))
-                probe = apply_affine(layer, probe)
+                probe = rule_for(layer).forward(layer, probe)
             shapes.append(tuple(inner))
             probe = torch.relu(probe)
         return tuple(shapes)
 
     def block_input_shape(self, depth: int) -> tuple[int, ...]:
         return self.layer_input_shapes[depth][0]
+
+    @functools.cached_property
+    def block_relaxations(self) -> tuple[tuple[ExactRelaxation, ...], ...]:
+        """The back-substitution step of every layer of every block (all exact: the blocks are affine)."""
+        return tuple(
+            tuple(rule_for(layer).relaxation(layer, shape) for layer, shape in zip(block, shapes))
+            for block, shapes in zip(self.blocks, self.layer_input_shapes)
+        )
 
     @functools.cached_property
     def _jacobians(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -291,7 +301,7 @@ class PiecewiseLinearNetwork:
         pixels = math.prod(shape)
         basis = torch.cat([torch.zeros(1, pixels, dtype=torch.float64), torch.eye(pixels, dtype=torch.float64)]).view(-1, *shape)
         for layer in self.blocks[depth]:
-            basis = apply_affine(layer, basis)
+            basis = rule_for(layer).forward(layer, basis)
         bias = basis[0].flatten()
         return (basis[1:] - basis[0]).flatten(1).T.reshape(-1, *shape).contiguous(), bias
 
@@ -302,13 +312,3 @@ class PiecewiseLinearNetwork:
             h = layer(h)
         return h
 
-
-def apply_affine(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """One affine layer (Conv2d, Linear, Flatten, Normalize) in float64."""
-    if isinstance(layer, nn.Conv2d):
-        return layer._conv_forward(h, layer.weight.double(), None if layer.bias is None else layer.bias.double())
-    if isinstance(layer, nn.Linear):
-        return nn.functional.linear(h, layer.weight.double(), None if layer.bias is None else layer.bias.double())
-    if isinstance(layer, Normalize):
-        return (h - layer.mean.double()) / layer.std.double()
-    return layer(h)

@@ -66,7 +66,9 @@ from torch import nn
 
 from zoo.architectures import Normalize
 
-__all__ = ["ball_pixel_upper", "float_error_bound", "gamma", "unit_roundoff", "worst_class"]
+from .layers import convolve
+
+__all__ = ["float_error_bound", "gamma", "unit_roundoff", "worst_class"]
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -78,22 +80,6 @@ def gamma(n: int, u: float) -> float:
     """Higham's :math:`\\gamma_n = nu / (1 - nu)`: the relative error bound of a sum of ``n`` terms (inf once ``nu >= 1``)."""
     nu = n * u
     return math.inf if nu >= 1 else nu / (1 - nu)
-
-
-def ball_pixel_upper(x: torch.Tensor, eps, kernel_size: int, box: bool) -> torch.Tensor:
-    r"""Upper bounds on every pixel of every image of the ball, ``(B, C, H, W)`` float64 (pixels are ``>= 0``).
-
-    Every move off the window's centre costs at least 1, so at most
-    :math:`\varepsilon m(x)` of mass enters a pixel, and a pixel holds at most
-    the mass of the window around it: :math:`x'_j \le \min(\sum_{i \in
-    \text{window}(j)} x_i,\ x_j + \varepsilon m(x),\ 1 \text{ (box)})`.
-    """
-    x = x.double()
-    eps = torch.as_tensor(eps, dtype=torch.float64).expand(x.shape[0])
-    budget = (eps * x.flatten(1).sum(1)).view(-1, 1, 1, 1)
-    window = F.avg_pool2d(x, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True, divisor_override=1)
-    upper = torch.minimum(window, x + budget)
-    return upper.clamp_max(1.0) if box else upper
 
 
 def _fan_in(layer: nn.Module) -> int:
@@ -108,7 +94,7 @@ def _absolute(layer: nn.Module, h: torch.Tensor, bias: bool = True) -> torch.Ten
     b = layer.bias.detach().double().abs() if bias and layer.bias is not None else None
     if isinstance(layer, nn.Linear):
         return F.linear(h, weight, b)
-    return layer._conv_forward(h, weight, b)
+    return convolve(layer, h, weight, b)
 
 
 @torch.no_grad()
@@ -122,8 +108,8 @@ def float_error_bound(network, input_magnitude: torch.Tensor, pre_activation, la
     input_magnitude : Tensor (B, C, H, W)
         Bounds on the magnitude of the first block's input over the ball
         before any normalization: the pixels' upper bounds
-        (:func:`ball_pixel_upper`), or for a binarized network the bits that
-        can be 1.
+        (:attr:`.perturbation.WassersteinBall.pixel_bounds`), or for a
+        binarized network the bits that can be 1.
     pre_activation : list of (Tensor, Tensor)
         Proven ``(lower, upper)`` bounds on each ReLU's input, ``(B, *shape)``.
     labels : Tensor (B,)
