@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..vocabulary import ModelCheck
-from .pgd import Loss, _objective
+from .pgd import Loss, attack_objective
 
 __all__ = ["ModelCheckWarning", "ModelChecks", "check_model"]
 
@@ -305,7 +305,7 @@ def _gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss
     """
     x = images.clone().requires_grad_(True)
     with torch.enable_grad():
-        objective = _objective(model(x), labels, loss, targeted=False).sum()
+        objective = attack_objective(model(x), labels, loss, targeted=False).sum()
         if objective.requires_grad:
             (grad,) = torch.autograd.grad(objective, x, allow_unused=True)
         else:

@@ -36,6 +36,7 @@ __all__ = [
     "Loss",
     "PGDAttack",
     "AttackProgress",
+    "attack_objective",
     "make_iterate",
 ]
 
@@ -183,8 +184,8 @@ def _radii(eps: float, scale: torch.Tensor | None, indices: torch.Tensor) -> flo
     return eps if scale is None else eps * scale[indices]
 
 
-def _objective(logits: torch.Tensor, labels: torch.Tensor, loss: Loss, targeted: bool) -> torch.Tensor:
-    """Per-example quantity to *increase*."""
+def attack_objective(logits: torch.Tensor, labels: torch.Tensor, loss: Loss, targeted: bool) -> torch.Tensor:
+    """Per-example quantity the attack *increases*: the loss of ``labels`` (targeted: of the target, negated)."""
     if loss is Loss.CROSS_ENTROPY:
         ce = nn.functional.cross_entropy(logits, labels, reduction="none")
         return -ce if targeted else ce
@@ -391,7 +392,7 @@ class PGDAttack:
                 if not bool(keep.any()):
                     break
             aim = y if targets is None else targets
-            objective = _objective(logits[keep], aim[active][keep], self.loss, targets is not None)
+            objective = attack_objective(logits[keep], aim[active][keep], self.loss, targets is not None)
             (grad,) = torch.autograd.grad(objective.sum(), image)
             if not bool(keep.all()):
                 state, grad, active = state.select(keep), grad[keep], active[keep]
