@@ -30,24 +30,19 @@ UNPINNED_COLUMNS = {"attack_seconds", "verify_seconds", "schema_version"}
 def built_in_grid_cells() -> dict[str, list[str]]:
     """Every built-in grid's cell ids, sorted."""
     from harness.run.grid import expand_blocks
-    from harness.run.preflight import GRID_DIR, grid_blocks
-    from omegaconf import OmegaConf
+    from harness.run.grid_files import GridFiles, grid_blocks
 
-    grids = {}
-    for path in sorted(GRID_DIR.glob("*.yaml")):
-        grid = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        grids[path.stem] = sorted(cell.cell_id for cell in expand_blocks(grid_blocks(grid)))
-    return grids
+    built_in = GridFiles()
+    return {name: sorted(cell.cell_id for cell in expand_blocks(grid_blocks(built_in.load(name)))) for name in built_in.names()}
 
 
 def smoke_rows(results_dir: Path, data_root: str, weights_dir: str) -> list[dict]:
     """The examples rows of the smoke grid on its first :data:`SMOKE_EXAMPLES` examples, seed 0, run in process."""
     from harness.run.benchmark import run_benchmark
-    from harness.run.preflight import GRID_DIR
+    from harness.run.grid_files import GridFiles
     from harness.run.store import read_table
-    from omegaconf import OmegaConf
 
-    grid = OmegaConf.to_container(OmegaConf.load(GRID_DIR / "smoke.yaml"), resolve=True)
+    grid = GridFiles().load("smoke")
     config = {
         "grid": grid, "executor": "local", "n_examples": SMOKE_EXAMPLES, "seed": 0, "data_root": data_root,
         "weights_dir": weights_dir, "download": False, "results_dir": str(results_dir), "device": "cpu",
