@@ -258,10 +258,12 @@ def _start_ray(ray, options: RayOptions) -> bool:
     if ray.is_initialized():
         return False
     init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
-    # Workers import this checkout's code, whatever is installed on their node, and
-    # the plugin modules the driver can import from its working directory.
-    project_root = str(Path(__file__).resolve().parents[2])
-    search_path = [project_root, os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    import harness
+
+    # Workers import the driver's code (a checkout's, or an installed package's), whatever is
+    # installed on their node, and the plugin modules the driver can import from its working directory.
+    code_root = str(Path(harness.__file__).resolve().parent.parent)
+    search_path = [code_root, os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(filter(None, search_path)))}}
     ray.init(**init, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, configure_logging=False)
     return True
