@@ -21,11 +21,9 @@ import re
 import sys
 from typing import Any, Mapping, Sequence
 
-from .run.grid_files import BUILT_IN_CONFIG, GridFiles
+from .run.grid_files import CONFIG_PACKAGE, GridFiles
 
 __all__ = ["main", "run_and_report", "unknown_choices"]
-
-CONFIG_PACKAGE = "harness.conf"
 
 _GRID_CHOICE = re.compile(r"\+{0,2}grid=(.*)")
 # Options that add configuration folders, whose grids are Hydra's to find.
@@ -74,16 +72,17 @@ def run_and_report(config: Mapping[str, Any], stream=None, grid_files: GridFiles
     # Imported here, not at the top, so that a mistyped grid is refused without waiting for torch.
     from .report import ReportError, write_report
     from .run.benchmark import run_benchmark
+    from .run.settings import check_settings
 
     stream = stream or sys.stdout
     # Plugin modules live where the user runs, which is not on the path of an installed script.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     code = run_benchmark(config, stream, grid_files)
-    ran = code in (0, 1) and not config.get("dry_run")
-    if ran and config.get("report", True):
+    settings, _ = check_settings(config)  # good settings, since the run started
+    if code in (0, 1) and not settings.dry_run and settings.report:
         try:
-            page = write_report(config.get("results_dir", "results"))
+            page = write_report(settings.results_dir)
             stream.write(f"leaderboard: {page}\nfigures: {page.parent / 'figures'}\n")
         except ReportError as error:
             stream.write(f"no report: {error}\n")
@@ -101,8 +100,8 @@ def _grid_files_on_hydras_search_path() -> GridFiles:
     for source in HydraConfig.get().runtime.config_sources:
         if source.schema == "file":
             folders.append(Path(source.path))
-        elif source.schema == "pkg" and source.path.replace("/", ".") == CONFIG_PACKAGE:
-            folders.append(BUILT_IN_CONFIG)
+        elif source.schema == "pkg":
+            folders.append(importlib.resources.files(source.path.replace("/", ".")))
     return GridFiles(tuple(folders))
 
 

@@ -103,7 +103,8 @@ def run_benchmark(config: Mapping[str, Any], stream=None, grid_files: GridFiles 
     batch_size = settings.batch_size
     if batch_size == "auto":
         device_type = resolve_device(settings.device).type
-        batch_size = min((DATASETS[cell.dataset].batch_size(device_type) for cell in cells), default=1)
+        # One shard size for the whole run: the smallest of its data sets' (of all of them when it only trains).
+        batch_size = min(DATASETS[name].batch_size(device_type) for name in {cell.dataset for cell in cells} or DATASETS)
     shards = sum(len(cell.shards(batch_size)) for cell in cells)
     examples = sum(cell.n_examples for cell in cells)
     per_model = defaultdict(int)

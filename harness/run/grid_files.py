@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
-__all__ = ["BUILT_IN_CONFIG", "GRID_KEYS", "GridFileError", "GridFiles", "grid_blocks"]
+__all__ = ["BUILT_IN_CONFIG", "CONFIG_PACKAGE", "GRID_KEYS", "GridFileError", "GridFiles", "grid_blocks"]
 
-BUILT_IN_CONFIG = importlib.resources.files("harness.conf")
+CONFIG_PACKAGE = "harness.conf"
+"""The package whose resources are the built-in configuration."""
+
+BUILT_IN_CONFIG = importlib.resources.files(CONFIG_PACKAGE)
 """The configuration folder shipped with the package: ``config.yaml`` and ``grid/*.yaml``."""
 
 GRID_KEYS = ("name", "description", "blocks", "include", "train", "skip_missing_weights")
