@@ -48,7 +48,8 @@ from harness.attack.evaluate import attack_and_verify  # noqa: E402
 from harness.attack.spec import PROTOCOLS  # noqa: E402
 from harness.attack.verify import robust_accuracy  # noqa: E402
 from harness.data import test_subset  # noqa: E402
-from harness.run.runner import default_batch_size, default_verify_workers  # noqa: E402
+from harness.run.runner import default_verify_workers  # noqa: E402
+from harness.vocabulary import DATASETS  # noqa: E402
 
 PAPER_MODELS = ("mnist/standard", "mnist/binarized", "mnist/linf_certified", "mnist/wasserstein_adversarial")
 RADII = (0.1, 0.5, 1.0)
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
             skipped.append("cuda: no GPU visible, rows skipped")
             continue
         device = torch.device(device_name)
-        batch_size = args.batch_size or default_batch_size(device)
+        batch_size = args.batch_size or DATASETS["mnist"].batch_size(device.type)
         workers = default_verify_workers(device) if args.verify_workers is None else args.verify_workers
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
         if pool is not None:

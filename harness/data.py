@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .vocabulary import DATASETS
+
 __all__ = [
     "CIFAR10_SPLIT_SIZES",
     "DATASET_CLASSES",
@@ -60,14 +62,14 @@ __all__ = [
     "test_subset",
 ]
 
-DATASET_NAMES = ("mnist", "cifar10")
+DATASET_NAMES = tuple(DATASETS)
 """Names accepted by :func:`load_dataset` and :func:`test_subset`."""
 
-MNIST_SHAPE = (28, 28)
-"""Height and width of an MNIST image."""
+DATASET_SHAPES = {name: facts.shape for name, facts in DATASETS.items()}
+"""Shape ``(C, H, W)`` of one image, per dataset name (from :data:`harness.vocabulary.DATASETS`)."""
 
-DATASET_SHAPES = {"mnist": (1, *MNIST_SHAPE), "cifar10": (3, 32, 32)}
-"""Shape ``(C, H, W)`` of one image, per dataset name."""
+MNIST_SHAPE = DATASET_SHAPES["mnist"][1:]
+"""Height and width of an MNIST image."""
 
 DATASET_CLASSES = {
     "mnist": tuple(str(digit) for digit in range(10)),

@@ -14,6 +14,9 @@ import torch
 
 __all__ = ["git_commit", "package_versions", "resolve_device"]
 
+DISTRIBUTION = "wasserstein-robustness-bench"
+"""This project's distribution name (``pyproject.toml``)."""
+
 _PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pyarrow", "pandas", "ray", "hydra-core")
 
 
@@ -35,11 +38,28 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """The commit of the checkout the code runs from ('unknown' outside git)."""
+    """The commit of the checkout the code runs from; for an installed package, its distribution and version.
+
+    The code counts as a checkout's only where git tracks this very file, so
+    a package installed into a virtual environment inside a checkout is not
+    taken for the checkout's code.
+    """
+    here = Path(__file__).resolve()
+    tracked = _git("ls-files", "--error-unmatch", here.name, cwd=here.parent)
+    commit = _git("rev-parse", "HEAD", cwd=here.parent) if tracked is not None else None
+    if commit:
+        return commit
     try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
+        version = importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
         return "unknown"
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+    return f"{DISTRIBUTION} {version} (installed, not a git checkout)"
+
+
+def _git(*arguments: str, cwd: Path) -> str | None:
+    """Git's output, stripped; None where git is missing or fails."""
+    try:
+        result = subprocess.run(["git", *arguments], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None

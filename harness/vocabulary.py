@@ -1,15 +1,21 @@
-"""The words the store holds, each defined once, by its enum.
+"""The words the store holds, each defined once, by its enum, and the facts of each data set.
 
 Attack, run and report all read and write these values; none of them spells
 a status or a ball as a string literal. The module imports nothing from the
-rest of the harness, so every room may use it.
+rest of the harness, so every room may use it, which is why the table of
+data-set facts (:data:`DATASETS`) lives here too.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+from typing import Mapping
 
-__all__ = ["BallKind", "CellStatus", "CertificateStatus", "Certifier", "ModelCheck", "STANDARD_RADII", "VerificationStatus"]
+__all__ = [
+    "BallKind", "CellStatus", "CertificateStatus", "Certifier", "DATASETS", "DatasetFacts", "ModelCheck", "STANDARD_RADII",
+    "VerificationStatus",
+]
 
 
 class BallKind(enum.Enum):
@@ -145,12 +151,62 @@ _MODEL_CHECK_CONSEQUENCES = {
 }
 
 
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What every room needs to know of one data set.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(C, H, W)`` of one image.
+    standard_radii : mapping of str to tuple of float
+        Per ball kind (a :class:`BallKind` value), the radii at which every
+        evaluation and leaderboard reports robust accuracy.
+    certify_radii : tuple of float
+        The radii a certify block reports when it sets none: small, since
+        certificates of the networks here stop far below the attacks' radii
+        (the ladder ends at the smallest standard Wasserstein radius).
+    batch_size_cpu, batch_size_gpu : int
+        Examples per attack batch (and shard) when ``batch_size=auto``: on a
+        CPU larger batches only delay the first finished shard; a GPU needs a
+        thousand to leave its launch-bound regime and holds their plans with
+        room to spare.
+    """
+
+    shape: tuple[int, int, int]
+    standard_radii: Mapping[str, tuple[float, ...]]
+    certify_radii: tuple[float, ...]
+    batch_size_cpu: int = 100
+    batch_size_gpu: int = 1000
+
+    def batch_size(self, device_type: str) -> int:
+        """The batch size ``batch_size=auto`` means on a device of this type (``"cpu"``, ``"cuda"``)."""
+        return self.batch_size_cpu if device_type == "cpu" else self.batch_size_gpu
+
+
+DATASETS = {
+    "mnist": DatasetFacts(
+        shape=(1, 28, 28),
+        standard_radii={
+            BallKind.WASSERSTEIN.value: (0.1, 0.5, 1.0, 2.0),
+            BallKind.LINF.value: (0.1, 0.2, 0.3, 0.4),
+            BallKind.L2.value: (1.0, 2.0, 3.0),
+        },
+        certify_radii=(0.001, 0.01, 0.05, 0.1),
+    ),
+    "cifar10": DatasetFacts(
+        shape=(3, 32, 32),
+        standard_radii={
+            BallKind.WASSERSTEIN.value: (0.01, 0.05, 0.1),
+            BallKind.LINF.value: (2 / 255, 4 / 255, 8 / 255),
+            BallKind.L2.value: (0.25, 0.5, 1.0),
+        },
+        certify_radii=(0.0001, 0.001, 0.005, 0.01),
+    ),
+}
+"""The facts of each data set, by name (the values of ``zoo.Dataset``, which cannot import the harness)."""
+
 STANDARD_RADII = {
-    ("mnist", BallKind.WASSERSTEIN.value): (0.1, 0.5, 1.0, 2.0),
-    ("cifar10", BallKind.WASSERSTEIN.value): (0.01, 0.05, 0.1),
-    ("mnist", BallKind.LINF.value): (0.1, 0.2, 0.3, 0.4),
-    ("cifar10", BallKind.LINF.value): (2 / 255, 4 / 255, 8 / 255),
-    ("mnist", BallKind.L2.value): (1.0, 2.0, 3.0),
-    ("cifar10", BallKind.L2.value): (0.25, 0.5, 1.0),
+    (name, kind): radii for name, facts in DATASETS.items() for kind, radii in facts.standard_radii.items()
 }
 """The radii at which every evaluation and leaderboard of a (data set, threat model) reports robust accuracy."""

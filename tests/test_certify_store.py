@@ -86,7 +86,7 @@ def test_certify_blocks_refuse_attack_settings_lp_balls_and_bad_values_by_name()
         "block 2: certificates are for the Wasserstein ball, not threat_model='linf'",
         "block 3: radii=[0.01, 0.001] is invalid: give one list of positive, finite, distinct radii in increasing order",
         "block 4: radii=[[0.001], [0.01]] is invalid",
-        "block 5: certifier='crown' is not allowed; allowed: 'linear_bounds', 'milp'",
+        "block 5: certifier='crown' is invalid: it must be linear_bounds or milp",
         "block 6: 'time_limit' is used by none of the block's cells; allowed: box, certifier",
         "block 7: box='yes' is invalid: it must be true or false",
         "block 7: radius_rounds=-1 is invalid: it must be an integer >= 0",

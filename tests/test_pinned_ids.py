@@ -31,14 +31,10 @@ UNPINNED_COLUMNS = {"attack_seconds", "verify_seconds", "schema_version"}
 def built_in_grid_cells() -> dict[str, list[str]]:
     """Every built-in grid's cell ids, sorted."""
     from harness.run.grid import expand_blocks
-    from harness.run.preflight import GRID_DIR, grid_blocks
-    from omegaconf import OmegaConf
+    from harness.run.grid_files import GridFiles, grid_blocks
 
-    grids = {}
-    for path in sorted(GRID_DIR.glob("*.yaml")):
-        grid = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        grids[path.stem] = sorted(cell.cell_id for cell in expand_blocks(grid_blocks(grid)))
-    return grids
+    built_in = GridFiles()
+    return {name: sorted(cell.cell_id for cell in expand_blocks(grid_blocks(built_in.load(name)))) for name in built_in.names()}
 
 
 def smoke_command(results_dir: Path, data_root: str, weights_dir: str) -> list[str]:

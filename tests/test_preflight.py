@@ -106,7 +106,7 @@ def test_a_results_dir_that_cannot_be_written_is_refused(config, tmp_path, where
         ("gpus_per_actor", 1.5, "ray.gpus_per_actor=1.5 is invalid: it must be a number > 0"),
         ("max_retries", -1, "ray.max_retries=-1 is invalid: it must be an integer >= 0"),
         ("num_cpus", 0, "ray.num_cpus=0 is invalid: it must be null (all CPUs) or an integer >= 1"),
-        ("address", 6379, "ray.address=6379 is invalid; allowed: null (an embedded Ray), auto, host:port, ray://host:port"),
+        ("address", 6379, "ray.address=6379 is invalid: it must be null (an embedded Ray), auto, host:port or ray://host:port"),
     ],
 )
 def test_invalid_ray_options_are_refused(config, option, value, expected):
@@ -116,7 +116,7 @@ def test_invalid_ray_options_are_refused(config, option, value, expected):
 def test_an_unknown_ray_option_is_refused_with_the_allowed_ones(config):
     message = refused({**config, "ray": {**config["ray"], "num_gpus": 2}})
     assert (
-        "unknown Ray option(s) ray.num_gpus; allowed: ray.address, ray.gpus_per_actor, ray.cpus_per_actor, "
+        "unknown setting(s) ray.num_gpus; allowed: ray.address, ray.gpus_per_actor, ray.cpus_per_actor, "
         "ray.max_retries, ray.num_cpus"
     ) in message
 
@@ -135,7 +135,7 @@ def test_a_cuda_device_beyond_the_count_is_refused(config, monkeypatch):
 
 
 def test_a_malformed_device_is_refused(config):
-    assert "device='gpu' is invalid; allowed: auto, cpu, cuda, cuda:N" in refused({**config, "device": "gpu"})
+    assert "device='gpu' is invalid: it must be auto, cpu, cuda or cuda:N" in refused({**config, "device": "gpu"})
 
 
 def test_more_examples_than_the_test_split_are_refused(config, world):
@@ -175,7 +175,7 @@ def test_auto_without_a_cluster_says_none_was_found(config, tmp_path, monkeypatc
 
 def test_a_malformed_ray_address_is_refused(config):
     message = refused({**config, "executor": "ray", "ray": {**config["ray"], "address": "localhost"}})
-    assert "ray.address='localhost' is invalid; allowed: null (an embedded Ray), auto, host:port, ray://host:port" in message
+    assert "ray.address='localhost' is invalid: it must be null (an embedded Ray), auto, host:port or ray://host:port" in message
 
 
 def test_every_problem_is_reported_at_once(config, tmp_path, world, unused_port, monkeypatch):
@@ -201,9 +201,9 @@ def test_every_problem_is_reported_at_once(config, tmp_path, world, unused_port,
 @pytest.mark.parametrize(
     "argument, expected",
     [
-        ("grid=nonexistent", "grid='nonexistent' does not exist; grid choices (conf/grid/*.yaml): certify, certify_check, cifar_wu2020, evaluate, fixed_radius_check, frank_wolfe_oracle, full, kernel_sizes,"),
-        ("+grid=nonexistent", "grid='nonexistent' does not exist; grid choices (conf/grid/*.yaml): certify, certify_check, cifar_wu2020, evaluate, fixed_radius_check, frank_wolfe_oracle, full, kernel_sizes,"),
-        ("executor=nope", "executor='nope' does not exist; executor choices (conf/executor/*.yaml): local, ray"),
+        ("grid=nonexistent", "grid='nonexistent' does not exist; grid choices: certify, certify_check, cifar_wu2020, evaluate, fixed_radius_check, frank_wolfe_oracle, full, kernel_sizes,"),
+        ("+grid=nonexistent", "grid='nonexistent' does not exist; grid choices: certify, certify_check, cifar_wu2020, evaluate, fixed_radius_check, frank_wolfe_oracle, full, kernel_sizes,"),
+        ("executor=nope", "executor='nope' is invalid: it must be local or ray"),
     ],
 )
 def test_unknown_grid_or_executor_names_are_refused_with_the_choices(tmp_path, argument, expected):

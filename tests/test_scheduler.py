@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 import zoo
+from harness.cli import run_and_report
 from harness.run.benchmark import run_benchmark
 from harness.run.grid import expand_blocks
 from harness.run.runner import RunContext
 from harness.run.scheduler import Executor, RayOptions, run_cells
 from harness.run.store import Table, read_table
-from run_benchmark import run_and_report
 from synthetic import plugin_source
 
 pytestmark = pytest.mark.usefixtures("single_thread")

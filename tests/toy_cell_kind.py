@@ -14,7 +14,8 @@ import pyarrow as pa
 import torch
 
 from harness.attack.ball import Ball
-from harness.run.cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, check_model, check_setting, setting
+from harness.run.cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, check_model, check_setting
+from harness.run.fields import setting
 from harness.run.store import StoreTable, read_table, write_shard
 from harness.vocabulary import BallKind
 
@@ -33,8 +34,8 @@ class CleanBlock:
     clean_predictions: bool = True
     dataset: str | None = None
     model: str | None = None
-    seed: int = setting(0, low=0)
-    n_examples: int | None = setting(low=1)
+    seed: int = setting(0, at_least=0)
+    n_examples: int | None = setting(None, at_least=1)
 
 
 @dataclass(frozen=True)

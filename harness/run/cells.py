@@ -7,7 +7,8 @@ Each kind is a subclass of :class:`Cell` that owns
 
 * its block: :attr:`Cell.block`, a dataclass whose fields are the settings
   a grid block of this kind may set, their types, defaults and ranges
-  (:func:`setting`), and :meth:`Cell.from_settings`, which turns one expanded
+  (:func:`harness.run.fields.setting`, checked by :func:`check_setting`),
+  and :meth:`Cell.from_settings`, which turns one expanded
   point of a block into a cell;
 * its validation before any work (:meth:`Cell.problems_before_run`);
 * its shard run (:meth:`Cell.run_shard`) and the store table it writes
@@ -27,10 +28,6 @@ import dataclasses
 import enum
 import hashlib
 import json
-import math
-import numbers
-import types
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +37,7 @@ import zoo
 
 from ..attack.ball import Ball
 from ..vocabulary import BallKind
+from .fields import check_field
 from .store import CELLS_SCHEMA, EXAMPLES_SCHEMA, Table
 
 if TYPE_CHECKING:
@@ -47,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SHARED_CONFIG_COLUMNS", "Cell", "CellKinds", "CellOutcome", "Shard", "cell_kinds_with", "check_setting", "config_digest",
-    "register_cell_kind", "setting", "unregister_cell_kind",
+    "register_cell_kind", "unregister_cell_kind",
 ]
 
 
@@ -58,53 +56,16 @@ SHARED_CONFIG_COLUMNS = tuple(
 """The configuration columns that the ``examples`` and ``cells`` tables share (:meth:`Cell.columns` fills them)."""
 
 
-def setting(default: Any = None, *, low: float | None = None, low_open: bool = False, odd: bool = False, doc: str = ""):
-    """A block field: its default, the range its values must lie in, and what it means."""
-    return dataclasses.field(default=default, metadata={"low": low, "low_open": low_open, "odd": odd, "doc": doc})
-
-
-def _value_type(annotation: Any) -> Any:
-    """The type a setting's values have (``int | None`` -> ``int``)."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        (kind,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return kind
-    return annotation
-
-
 def check_setting(block: type, name: str, value: Any, problems: list[str], where: str) -> Any:
-    """``value`` of ``block``'s setting ``name`` checked against its type and range, converted; None if it fails.
+    """``value`` of ``block``'s setting ``name`` checked against the field's type and what it allows; None if it fails.
 
-    Problems read ``"<where>: <name>=<value> is invalid: it must be ..."``
-    (enums: ``"... is not allowed; allowed: ..."``).
+    A problem reads ``"<where>: <name>=<value> is invalid: it must be ..."``.
     """
-    field = {f.name: f for f in dataclasses.fields(block)}[name]
-    kind = _value_type(typing.get_type_hints(block)[name])
-    if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        try:
-            return kind(value)
-        except ValueError:
-            problems.append(f"{where}: {name}={value!r} is not allowed; allowed: {', '.join(repr(e.value) for e in kind)}")
-            return None
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        problems.append(f"{where}: {name}={value!r} is invalid: it must be true or false")
+    ok, converted, allowed = check_field(block, name, value, null=False)
+    if not ok:
+        problems.append(f"{where}: {name}={value!r} is invalid: it must be {allowed}")
         return None
-    if kind in (int, float):
-        low, low_open, odd = field.metadata.get("low"), field.metadata.get("low_open"), field.metadata.get("odd")
-        numeric = numbers.Integral if kind is int else numbers.Real
-        ok = not isinstance(value, bool) and isinstance(value, numeric) and math.isfinite(float(value))
-        if ok and low is not None:
-            ok = value > low if low_open else value >= low
-        if ok and odd:
-            ok = value % 2 == 1
-        if not ok:
-            what = "an odd integer" if odd else "an integer" if kind is int else "a number"
-            bound = "" if low is None else f" {'>' if low_open else '>='} {low:g}"
-            problems.append(f"{where}: {name}={value!r} is invalid: it must be {what}{bound}")
-            return None
-        return kind(value)
-    return value
+    return converted
 
 
 def config_digest(value: Mapping[str, Any]) -> str:
@@ -187,10 +148,10 @@ class Cell(ABC):
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """The block's defaults, where it has one (the one place they are written)."""
+        """The block's defaults, where it has one (the one place they are written), as a user would type them."""
         return {
-            field.name: field.default for field in dataclasses.fields(cls.block)
-            if field.default is not dataclasses.MISSING and field.default is not None
+            field.name: field.default.value if isinstance(field.default, enum.Enum) else field.default
+            for field in dataclasses.fields(cls.block) if field.default is not dataclasses.MISSING and field.default is not None
         }
 
     @classmethod

@@ -33,10 +33,11 @@ from ..data import load_dataset, test_subset
 from ..provenance import git_commit, package_versions, resolve_device
 from ..vocabulary import CellStatus
 from .cells import SHARED_CONFIG_COLUMNS, Cell, Shard
+from .settings import RunSettings
 from .store import Table, shard_exists, write_shard
 
 __all__ = [
-    "RunContext", "ShardOutcome", "ShardProgress", "ShardRunner", "default_batch_size", "default_verify_workers",
+    "RunContext", "ShardOutcome", "ShardProgress", "ShardRunner", "default_verify_workers",
     "training_summary",
 ]
 
@@ -48,8 +49,9 @@ class RunContext:
     results_dir: str
     weights_dir: str | None = None
     device: str = "cpu"
-    download: bool = False
-    gallery_examples: int = 8
+    """A device torch knows (the run's ``device=auto`` resolved)."""
+    download: bool = RunSettings.download
+    gallery_examples: int = RunSettings.gallery_examples
     """The first this many examples of every cell keep their images (``images`` table)."""
     verify_workers: int | None = None
     """Processes that run the exact LPs beside the attack (0: in the worker itself; None: :func:`default_verify_workers`)."""
@@ -84,16 +86,6 @@ class ShardOutcome:
 
 _CELL_CONFIG_COLUMNS = (*SHARED_CONFIG_COLUMNS, "certifier", "box", "time_limit", "radius_rounds")
 """The configuration columns of the ``cells`` table (a kind of cell fills those it has)."""
-
-
-def default_batch_size(device: torch.device) -> int:
-    """Examples per attack batch (and shard) on ``device``.
-
-    A GPU keeps a thousand 28x28 or 32x32 examples' plans in memory with
-    room to spare and needs them to leave its launch-bound regime; on a CPU
-    larger batches only delay the first finished shard.
-    """
-    return 100 if device.type == "cpu" else 1000
 
 
 def default_verify_workers(device: torch.device) -> int:

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import enum
 import math
 import os
 import time
-from collections import defaultdict, deque
 from abc import ABC, abstractmethod
+from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -46,47 +45,13 @@ from ..data import load_dataset
 from .cells import Cell, Shard
 from .progress import RunProgress
 from .runner import RunContext, ShardOutcome, ShardProgress, ShardRunner
+from .settings import Executor, RayOptions
 
 __all__ = [
     "Executor", "LocalExecutor", "RayExecutor", "RayOptions", "RunReport", "ShardEvent", "ShardExecutor", "run_cells",
 ]
 
 _MAX_REPLACEMENTS_PER_ACTOR = 3
-
-
-class Executor(enum.Enum):
-    """Where shards run."""
-
-    LOCAL = "local"
-    """In this process, one shard after another (debugging, tests, small runs)."""
-    RAY = "ray"
-    """On a pool of Ray actors: an embedded local Ray, or an existing cluster."""
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """How the Ray executor finds its cluster and sizes its actors.
-
-    Attributes
-    ----------
-    address : str or None
-        None starts an embedded Ray on this machine; ``"auto"`` or
-        ``"ray://host:port"`` / ``"host:port"`` joins an existing cluster.
-    gpus_per_actor : float
-        GPU share of an actor when the cluster has GPUs (1: one actor per GPU).
-    cpus_per_actor : int
-        CPUs of an actor (and its torch threads) when the cluster has no GPU.
-    max_retries : int
-        Times a shard that raised is run again before the run gives up on it.
-    num_cpus : int or None
-        CPUs of an embedded Ray (None: all of this machine's).
-    """
-
-    address: str | None = None
-    gpus_per_actor: float = 1.0
-    cpus_per_actor: int = 1
-    max_retries: int = 2
-    num_cpus: int | None = None
 
 
 @dataclass
@@ -355,10 +320,12 @@ def _start_ray(ray, options: RayOptions) -> bool:
     if ray.is_initialized():
         return False
     init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
-    # Workers import this checkout's code, whatever is installed on their node, and
-    # the plugin modules the driver can import from its working directory.
-    project_root = str(Path(__file__).resolve().parents[2])
-    search_path = [project_root, os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    import harness
+
+    # Workers import the driver's code (a checkout's, or an installed package's), whatever is
+    # installed on their node, and the plugin modules the driver can import from its working directory.
+    code_root = str(Path(harness.__file__).resolve().parent.parent)
+    search_path = [code_root, os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(filter(None, search_path)))}}
     ray.init(**init, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, configure_logging=False)
     return True

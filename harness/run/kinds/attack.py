@@ -32,13 +32,18 @@ from ...attack.pgd import AttackProgress, EpsSchedule, Loss
 from ...attack.spec import PROTOCOLS, AttackSpec
 from ...attack.verify import VerificationStatus, robust_accuracy
 from ...vocabulary import BallKind, ModelCheck
-from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting, setting
+from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting
+from ..fields import setting
 from ..store import EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, write_shard
 
 if TYPE_CHECKING:
     from ..runner import ShardProgress, ShardRunner
 
 __all__ = ["AttackBlock", "AttackCell", "examples_record", "failed_checks", "warn_failed_checks"]
+
+
+def _odd(value: int) -> bool:
+    return value % 2 == 1
 
 
 @dataclass
@@ -50,20 +55,20 @@ class AttackBlock:
     threat_model: BallKind = BallKind.WASSERSTEIN
     solver: str | None = None
     protocol: str | None = None
-    kernel_size: int | None = setting(low=3, odd=True, doc="local transport window")
-    p: float | None = setting(low=0, low_open=True, doc="cost exponent")
-    eps_initial: float | None = setting(low=0, low_open=True)
+    kernel_size: int | None = setting(None, at_least=3, rule=_odd, words="an odd integer >= 3")
+    p: float | None = setting(None, above=0)
+    eps_initial: float | None = setting(None, above=0)
     eps_factor: float | None = None
     eps_every: int | None = None
     eps_increment: float | None = None
     iterations: int | None = None
     step_rule: StepRule | None = None
-    step_size: float | None = setting(low=0, low_open=True)
+    step_size: float | None = setting(None, above=0)
     clamp: bool = False
     loss: Loss = Loss.CROSS_ENTROPY
-    restarts: int = setting(1, low=1)
-    seed: int = setting(0, low=0)
-    n_examples: int | None = setting(low=1)
+    restarts: int = setting(1, at_least=1)
+    seed: int = setting(0, at_least=0)
+    n_examples: int | None = setting(None, at_least=1)
 
 
 _PROTOCOL_HINT = f" (set it, or a protocol: {', '.join(sorted(PROTOCOLS))})"

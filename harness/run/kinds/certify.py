@@ -22,20 +22,20 @@ import numpy as np
 import zoo
 
 from ...attack.spec import PROTOCOLS
-from ...data import DATASET_SHAPES
-from ...vocabulary import BallKind, CertificateStatus, Certifier
-from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting, setting, wasserstein_only
+from ...vocabulary import DATASETS, BallKind, CertificateStatus, Certifier
+from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting, wasserstein_only
+from ..fields import setting
 from ..store import Table, read_table, write_shard
 
 if TYPE_CHECKING:
     from ...certify.run import CertifySettings
     from ..runner import ShardProgress, ShardRunner
 
-__all__ = ["CERTIFY_RADII", "CertifyBlock", "CertifyCell", "certify_config"]
+__all__ = ["CertifyBlock", "CertifyCell", "certify_config"]
 
-CERTIFY_RADII = {"mnist": (0.001, 0.01, 0.05, 0.1), "cifar10": (0.0001, 0.001, 0.005, 0.01)}
-"""The radii a certify block reports when it sets none: small, since certificates of the networks here
-stop far below the attacks' radii (each data set's ladder ends at its smallest standard radius)."""
+
+def _odd(value: int) -> bool:
+    return value % 2 == 1
 
 
 @dataclass
@@ -47,14 +47,14 @@ class CertifyBlock:
     model: str | None = None
     threat_model: BallKind = BallKind.WASSERSTEIN
     protocol: str | None = None
-    kernel_size: int | None = setting(low=3, odd=True)
-    p: float | None = setting(low=0, low_open=True)
+    kernel_size: int | None = setting(None, at_least=3, rule=_odd, words="an odd integer >= 3")
+    p: float | None = setting(None, above=0)
     radii: list | None = None
     box: bool = True
-    time_limit: float | None = setting(low=0, low_open=True)
-    radius_rounds: int | None = setting(low=0)
-    seed: int = setting(0, low=0)
-    n_examples: int | None = setting(low=1)
+    time_limit: float | None = setting(None, above=0)
+    radius_rounds: int | None = setting(None, at_least=0)
+    seed: int = setting(0, at_least=0)
+    n_examples: int | None = setting(None, at_least=1)
 
 
 def certify_config(settings: "CertifySettings") -> dict[str, Any]:
@@ -78,7 +78,7 @@ def _radii(value, problems: list[str], where: str) -> tuple[float, ...] | None:
     if not values or not numeric or values != sorted(set(values)):
         problems.append(
             f"{where}: radii={value!r} is invalid: give one list of positive, finite, distinct radii in increasing order "
-            f"(e.g. {list(CERTIFY_RADII['mnist'])}); it is not an axis"
+            f"(e.g. {list(DATASETS['mnist'].certify_radii)}); it is not an axis"
         )
         return None
     return tuple(float(r) for r in values)
@@ -146,7 +146,7 @@ class CertifyCell(Cell):
         for name in names:
             spec = zoo.model_spec(name)
             try:
-                PiecewiseLinearNetwork.of(spec.build(), DATASET_SHAPES[spec.dataset.value])
+                PiecewiseLinearNetwork.of(spec.build(), DATASETS[spec.dataset.value].shape)
             except UnsupportedNetwork as error:
                 problems.append(f"model {name!r} cannot be certified: {error}; drop it from the certify blocks")
         return problems
@@ -166,7 +166,9 @@ class CertifyCell(Cell):
         hint = f" (set it, or a protocol: {', '.join(sorted(PROTOCOLS))})"
         ball = ball_of(CertifyBlock, {**geometry, **settings}, problems, where, hint)
         wasserstein_only(ball, problems, where, "certificates are for the Wasserstein ball")
-        radii = _radii(settings.get("radii", CERTIFY_RADII.get(settings.get("dataset"))), problems, where)
+        # Unset, the data set's ladder (DatasetFacts.certify_radii).
+        facts = DATASETS.get(settings.get("dataset"))
+        radii = _radii(settings.get("radii", None if facts is None else facts.certify_radii), problems, where)
         box = check_setting(CertifyBlock, "box", settings["box"], problems, where)
         optional = {
             name: check_setting(CertifyBlock, name, settings[name], problems, where)

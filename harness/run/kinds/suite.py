@@ -21,7 +21,8 @@ from ...attack.pgd import AttackProgress
 from ...attack.spec import AttackSpec
 from ...attack.suite import AttackSuite, attack_suite, evaluate_batch
 from ...vocabulary import BallKind
-from ..cells import Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting, setting, wasserstein_only
+from ..cells import Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting, wasserstein_only
+from ..fields import setting
 from ..store import Table
 from .attack import AttackCell, attack_outcome, examples_record
 
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from ..runner import ShardProgress, ShardRunner
 
 __all__ = ["SuiteBlock", "SuiteCell"]
+
+
+def _odd(value: int) -> bool:
+    return value % 2 == 1
 
 
 @dataclass
@@ -39,10 +44,10 @@ class SuiteBlock:
     dataset: str | None = None
     model: str | None = None
     threat_model: BallKind = BallKind.WASSERSTEIN
-    kernel_size: int | None = setting(low=3, odd=True)
-    p: float | None = setting(low=0, low_open=True)
-    seed: int = setting(0, low=0)
-    n_examples: int | None = setting(low=1)
+    kernel_size: int | None = setting(None, at_least=3, rule=_odd, words="an odd integer >= 3")
+    p: float | None = setting(None, above=0)
+    seed: int = setting(0, at_least=0)
+    n_examples: int | None = setting(None, at_least=1)
 
 
 _BOX = "every member keeps pixels in [0, 1] inside its projection; every image it keeps is verified in the box"
