@@ -1,6 +1,6 @@
 """Benchmark grids: blocks of axes expanded into cells, cells split into shards.
 
-A grid file (``conf/grid/<name>.yaml``) holds ``blocks``; each block maps
+A grid file (``harness/conf/grid/<name>.yaml``, or one in a ``--config-dir``) holds ``blocks``; each block maps
 setting names to a value or to a list of values (an axis). A block expands
 into the product of its axes; a grid is the union of its blocks and of the
 blocks of the grids it ``include``s.

@@ -15,8 +15,9 @@ resumes from there.
 
 Plugins (:func:`zoo.import_plugins`) are imported in this process and, for
 Ray, by every actor before its first shard, so a model or solver a plugin
-registers can be run anywhere. Ray workers get this checkout's code and the
-driver's working directory on their ``PYTHONPATH``, so a plugin module
+registers (a kind of cell too) can be run anywhere. Ray workers get the
+driver's code (a checkout's, or an installed package's) and the driver's
+working directory on their ``PYTHONPATH``, so a plugin module
 importable where the user runs is importable on the workers too.
 
 Ray is imported only by the Ray executor, so the rest of the harness works
@@ -319,9 +320,9 @@ def _start_ray(ray, options: RayOptions) -> bool:
     """Start (or join) Ray unless it runs already; whether this call started it."""
     if ray.is_initialized():
         return False
-    init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
     import harness
 
+    init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
     # Workers import the driver's code (a checkout's, or an installed package's), whatever is
     # installed on their node, and the plugin modules the driver can import from its working directory.
     code_root = str(Path(harness.__file__).resolve().parent.parent)
