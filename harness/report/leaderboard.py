@@ -135,10 +135,9 @@ def radius_label(value: float) -> str:
 
 def worst_case(examples: pd.DataFrame) -> pd.DataFrame:
     """Per example index: the smallest verified distance over all attacks, and the largest radius searched."""
-    per_example = examples.groupby("example_index").agg(
-        verified_distance=("verified_distance", "min"), reach=("final_eps", "max")
-    )
-    return per_example
+    # Grouping two columns, not the frame: the other columns would be reordered for nothing.
+    grouped = examples.groupby("example_index")
+    return pd.DataFrame({"verified_distance": grouped["verified_distance"].min(), "reach": grouped["final_eps"].max()})
 
 
 def robust_accuracy_at(per_example: pd.DataFrame, radius: float) -> float:
@@ -238,6 +237,12 @@ def attack_label(solver, clamp, lam, step_rule=None, suite=None, suite_version=N
     if lam is not None and not (isinstance(lam, float) and math.isnan(lam)):
         label += f" λ={lam:g}"
     return label
+
+
+_LABEL_COLUMNS = ["solver", "clamp", "lam", "step_rule", "suite", "suite_version"]
+"""The columns :func:`cell_label` reads."""
+_WORST_CASE_COLUMNS = ["example_index", "verified_distance", "final_eps"]
+"""The columns :func:`worst_case` reads."""
 
 
 def cell_label(cell_examples: pd.DataFrame) -> str:
@@ -353,7 +358,7 @@ def failed_model_checks(examples: pd.DataFrame) -> list[ModelCheck]:
     """
     if "failed_model_checks" not in examples:
         return []
-    failed = {name for names in examples["failed_model_checks"] if names is not None for name in names}
+    failed = set(examples["failed_model_checks"].explode().dropna())
     return [check for check in ModelCheck if check.value in failed and check is not ModelCheck.ZERO_GRADIENT_STEPS]
 
 
@@ -418,7 +423,11 @@ def leaderboard(
         per_example = worst_case(model_examples)
         model_cells = my_cells[my_cells["model"] == model] if len(my_cells) else my_cells
         counts = VerificationCounts.of(model_examples)
-        attacks_of[model] = {cell_label(attack_examples): worst_case(attack_examples) for _, attack_examples in model_examples.groupby("cell_id")}
+        # Each cell's rows with the columns they are scored on only: a group copies every column it has.
+        attacks_of[model] = {
+            cell_label(attack_examples): worst_case(attack_examples)
+            for _, attack_examples in model_examples[["cell_id", *_LABEL_COLUMNS, *_WORST_CASE_COLUMNS]].groupby("cell_id")
+        }
         seconds = float((model_examples["attack_seconds"] + model_examples["verify_seconds"]).sum())
         metadata = {name: _first(model_cells[column]) if len(model_cells) else None for name, column in _MODEL_METADATA.items()}
         row = {
@@ -524,11 +533,18 @@ def model_curves(examples: pd.DataFrame, by: list[str], points: int = 120) -> pd
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=by + ["eps", "robust_accuracy"])
 
 
+_SOLVER_TABLE_COLUMNS = [
+    "cell_id", "model", *_LABEL_COLUMNS, *_WORST_CASE_COLUMNS, "success", "verification_status", "steps", "solver_iterations",
+    "unconverged_steps", "attack_seconds", "verify_seconds",
+]
+"""The columns :func:`solver_table` reads (a group copies every column it has)."""
+
+
 def solver_table(examples: pd.DataFrame, tables: list[LeaderboardTable]) -> pd.DataFrame:
     """One row per cell (attack on a model): its own robust accuracy, verification rate and cost."""
     rows = []
     for table in tables:
-        mine = examples[table.group.select(examples)]
+        mine = examples.loc[table.group.select(examples), _SOLVER_TABLE_COLUMNS]
         for cell_id, cell_examples in mine.groupby("cell_id"):
             per_example = worst_case(cell_examples)
             counts = VerificationCounts.of(cell_examples)

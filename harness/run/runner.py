@@ -38,7 +38,7 @@ from ..data import load_dataset, test_subset
 from ..provenance import git_commit, package_versions, resolve_device
 from ..vocabulary import CellStatus, CertificateStatus, Certifier, ModelCheck
 from .grid import Cell, Shard, certify_config
-from .store import CELLS_SCHEMA, EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, shard_exists, write_shard
+from .store import CELLS_SCHEMA, EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_cell, shard_exists, write_shard
 
 __all__ = [
     "RunContext", "ShardOutcome", "ShardProgress", "ShardRunner", "cell_columns", "certify_columns", "default_batch_size",
@@ -291,7 +291,7 @@ class ShardRunner:
         cell, context = shard.cell, self.context
         if cell.certify is not None:
             return self._certify_shard(shard, on_progress)
-        if shard_exists(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id):
+        if shard_exists(context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, shard.shard_id, cell.cell_id):
             return ShardOutcome(shard.shard_id, cell.cell_id, shard.stop - shard.start, 0.0, skipped=True)
         started = time.perf_counter()
         rows = shard.stop - shard.start
@@ -342,7 +342,7 @@ class ShardRunner:
 
         cell, context = shard.cell, self.context
         rows = shard.stop - shard.start
-        if shard_exists(context.results_dir, Table.CERTIFICATES, cell.dataset, cell.model, shard.shard_id):
+        if shard_exists(context.results_dir, Table.CERTIFICATES, cell.dataset, cell.model, shard.shard_id, cell.cell_id):
             return ShardOutcome(shard.shard_id, cell.cell_id, rows, 0.0, skipped=True)
         started = time.perf_counter()
         radii = cell.certify.radii
@@ -437,7 +437,10 @@ class ShardRunner:
             summary, box_handling, gradient_mode = _certify_summary(cell), _certify_box(cell), None
             failed_checks = None
         else:
-            found = read_table(context.results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)])
+            found = read_cell(
+                context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, cell.cell_id,
+                ["example_index", "attack_seconds", "verify_seconds", "verified_distance", "failed_model_checks"],
+            )
             found = found.drop_duplicates("example_index")
             examples, seconds = len(found), float((found["attack_seconds"] + found["verify_seconds"]).sum())
             robust = robust_accuracy(found["verified_distance"], cell.final_eps) if examples else None
@@ -480,7 +483,10 @@ class ShardRunner:
 
     def _certified_outcome(self, cell: Cell) -> tuple[int, float, float | None]:
         """Examples with certificates on disk, their certification seconds, and the certified accuracy at the largest radius."""
-        certificates = read_table(self.context.results_dir, Table.CERTIFICATES, filters=[("cell_id", "==", cell.cell_id)])
+        certificates = read_cell(
+            self.context.results_dir, Table.CERTIFICATES, cell.dataset, cell.model, cell.cell_id,
+            ["example_index", "eps", "seconds", "radius_search_seconds", "status"],
+        )
         certificates = certificates.drop_duplicates(["example_index", "eps"])
         per_example = certificates.drop_duplicates("example_index")
         seconds = float(certificates["seconds"].sum() + per_example["radius_search_seconds"].sum())
