@@ -5,8 +5,8 @@ For each size, a synthetic store is written with the store's own
 the paper's four MNIST models (real :class:`~harness.run.grid.Cell` objects,
 so ids, configuration columns and file layout are those of a run), each
 ``--shards-per-cell`` shards of ``--rows`` examples, with gallery images
-for each attack cell's first shard, seeds added until the store holds the
-size's shard files (``examples`` and ``certificates``). Then two things
+for the first shard of each attack and suite cell, seeds added until the
+store holds the size's shard files (``examples`` and ``certificates``). Then two things
 are timed, on that store:
 
 - finishing every cell: :meth:`~harness.run.runner.ShardRunner.finish_cell`,
@@ -20,15 +20,15 @@ cells, both times and both per file. Usage::
     python benchmarks/store_scale.py [--sizes 1000 5000 20000] [--rows 100] [--shards-per-cell 50]
                                      [--output DIR] [--keep] [--quick]
 
-``--output`` keeps the stores (default: a temporary folder, removed after
-each size unless ``--keep``); ``--quick`` runs two small sizes, for a test.
+The stores go under ``--output`` (default: a temporary folder), each
+removed once measured unless ``--keep``; ``--quick`` runs two small sizes,
+for a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import math
 import os
 import shutil
@@ -74,11 +74,11 @@ def cells_for(files: int, shards_per_cell: int, rows: int) -> list[Cell]:
     """Enough cells (seed after seed) for ``files`` shard files of ``shards_per_cell`` shards each."""
     wanted = math.ceil(files / shards_per_cell)
     cells: list[Cell] = []
-    for seed in itertools.count():
+    seed = 0
+    while len(cells) < wanted:
         cells += expand_blocks(grid_blocks(seed, shards_per_cell * rows))
-        if len(cells) >= wanted:
-            return cells[:wanted]
-    raise AssertionError("unreachable")
+        seed += 1
+    return cells[:wanted]
 
 
 def _attack_shard(shard: Shard, rng: np.random.Generator) -> dict:
@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if not arguments.keep:
                 shutil.rmtree(results_dir, ignore_errors=True)
-    if not arguments.output and not arguments.keep:
+    if arguments.keep:
+        print(f"stores kept under {output}")
+    elif not arguments.output:
         shutil.rmtree(output, ignore_errors=True)
     return 0
 

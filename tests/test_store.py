@@ -193,3 +193,58 @@ def test_version_5_stores_read_with_the_model_checks_empty(tmp_path):
     checks = frame["failed_model_checks"].tolist()
     assert checks[:2] == [None, None] and list(checks[2]) == [] and list(checks[3]) == ["probability_outputs", "zero_gradient_steps"]
     assert EXAMPLES_SCHEMA.field("failed_model_checks").type == CELLS_SCHEMA.field("failed_model_checks").type == pa.list_(pa.string())
+
+
+def test_a_shard_lands_in_its_cells_folder_and_holds_one_cell(tmp_path):
+    path = write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", example_columns("s1"))
+    assert path == shard_path(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", "cell-a")
+    assert path.parent.name == "cell-cell-a"
+    two_cells = example_columns("s2")
+    two_cells["cell_id"] = ["cell-a", "cell-b", "cell-a"]
+    with pytest.raises(ValueError, match=r"holds the rows of one cell: these rows have cell ids \['cell-a', 'cell-b'\]"):
+        write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s2", two_cells)
+    with pytest.raises(ValueError, match="cell_id=None is invalid"):
+        shard_exists(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1")
+    # Hive readers see the data set and model, and nothing for the cell's folder.
+    assert set(pd.read_parquet(tmp_path / "examples").columns) == set(EXAMPLES_SCHEMA.names) | {"dataset", "model"}
+
+
+def _cell_columns(cell_id: str, shard_id: str, start: int, rows: int = 3) -> dict:
+    columns = example_columns(shard_id, rows=rows)
+    columns.update(cell_id=[cell_id] * rows, example_index=np.arange(start, start + rows))
+    return columns
+
+
+def test_read_cell_opens_only_the_cells_own_files(tmp_path):
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "a1", _cell_columns("cell-a", "a1", 0))
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "a2", _cell_columns("cell-a", "a2", 3))
+    other = write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "b1", _cell_columns("cell-b", "b1", 0))
+    other.write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(pa.ArrowInvalid):
+        read_table(tmp_path)
+    frame = store.read_cell(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "cell-a", ["example_index", "model", "eps_found"])
+    assert list(frame.columns) == ["example_index", "model", "eps_found"]
+    assert sorted(frame["example_index"]) == [0, 1, 2, 3, 4, 5] and set(frame["model"]) == {"mnist/standard"}
+    everything = store.read_cell(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "cell-a")
+    assert list(everything.columns) == [*EXAMPLES_SCHEMA.names, "dataset", "model"] and len(everything) == 6
+    missing = store.read_cell(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "cell-c", ["example_index", "dataset"])
+    assert missing.empty and list(missing.columns) == ["example_index", "dataset"]
+
+
+def test_an_older_stores_shards_are_found_read_and_replaced_without_duplicates(tmp_path):
+    """A store written before the cell folders: its shards lie in the partition folder, every cell's together."""
+    for cell_id, shard_id in (("cell-a", "a1"), ("cell-b", "b1")):
+        path = write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", shard_id, _cell_columns(cell_id, shard_id, 0))
+        path.rename(unfoldered_path(tmp_path, Table.EXAMPLES, shard_id))
+        path.parent.rmdir()
+    assert shard_exists(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "a1", "cell-a")
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "a2", _cell_columns("cell-a", "a2", 3))
+    read = store.read_cell(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "cell-a", ["example_index", "cell_id"])
+    assert sorted(read["example_index"]) == [0, 1, 2, 3, 4, 5] and set(read["cell_id"]) == {"cell-a"}
+    assert len(read_table(tmp_path)) == 9
+    # Written again (a forced rerun): the shard moves to its cell's folder; its rows are not doubled.
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "a1", _cell_columns("cell-a", "a1", 0))
+    assert not unfoldered_path(tmp_path, Table.EXAMPLES, "a1").exists()
+    assert unfoldered_path(tmp_path, Table.EXAMPLES, "b1").exists()
+    assert len(read_table(tmp_path)) == 9
+    assert len(store.read_cell(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "cell-a", ["example_index"])) == 6

@@ -98,8 +98,8 @@ def _provenance(results_dir: Path, examples: pd.DataFrame, cells: pd.DataFrame, 
     commits = sorted({str(c)[:10] for c in cells["git_commit"].dropna()})
     torch_versions = sorted({json.loads(v).get("torch", "?") for v in set(cells["package_versions_json"].dropna())})
     devices = sorted(set(cells["device"].dropna()))
-    certified = certificates.drop_duplicates(["cell_id", "example_index"])
-    certified = {"examples certified": str(len(certified))} if len(certified) else {}
+    certified = int((~certificates.duplicated(["cell_id", "example_index"])).sum())
+    certified = {"examples certified": str(certified)} if certified else {}
     return {
         "results": results_dir.name or str(results_dir),
         "cells": str(examples["cell_id"].nunique() + certificates["cell_id"].nunique()),
@@ -164,6 +164,12 @@ class Scores:
     """:func:`~harness.report.leaderboard.certificate_table`."""
 
 
+def _unique(frame: pd.DataFrame, key: list[str]) -> pd.DataFrame:
+    """The first row of each ``key``, copying the frame only where some key repeats (rarely: a shard written twice)."""
+    repeated = frame.duplicated(key)
+    return frame[~repeated] if repeated.any() else frame
+
+
 def score(results_dir: str | os.PathLike) -> Scores:
     """Read the store under ``results_dir`` and compute every leaderboard table.
 
@@ -176,10 +182,9 @@ def score(results_dir: str | os.PathLike) -> Scores:
     examples = read_table(results_dir, Table.EXAMPLES, columns=_EXAMPLES_COLUMNS)
     if examples.empty:
         raise ReportError(f"{results_dir} holds no results (no {Table.EXAMPLES.value}/ table): run the benchmark first")
-    examples = examples.drop_duplicates(["cell_id", "example_index"])
+    examples = _unique(examples, ["cell_id", "example_index"])
     cells = read_table(results_dir, Table.CELLS, columns=_CELLS_COLUMNS)
-    certificates = read_table(results_dir, Table.CERTIFICATES, columns=_CERTIFICATES_COLUMNS)
-    certificates = certificates.drop_duplicates(["cell_id", "example_index", "eps"])
+    certificates = _unique(read_table(results_dir, Table.CERTIFICATES, columns=_CERTIFICATES_COLUMNS), ["cell_id", "example_index", "eps"])
     tables = [leaderboard(examples, cells, group, certificates) for group in threat_groups(examples, cells)]
     return Scores(examples, cells, tables, solver_table(examples, tables), certificates, certificate_table(examples, certificates))
 

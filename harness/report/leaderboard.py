@@ -222,7 +222,13 @@ def certificate_violations(examples: pd.DataFrame, certificates: pd.DataFrame) -
     broken = broken.rename(columns={"cell_id": "attack_cell_id"})
     # Kernel size is an integer column in one table and may hold nulls (l_p balls), so floats, in the other.
     proven, broken = (frame.astype({"kernel_size": "float64", "p": "float64"}) for frame in (proven, broken))
-    joined = proven.merge(broken, on=[*ball, "example_index"])
+    key = [*ball, "example_index"]
+    # Only a certificate that the example's smallest verified distance contradicts meets every attack on it: joined
+    # whole, an example's certify cells and radii times its attack cells grow with the square of the cells.
+    smallest = broken.groupby(key, dropna=False)["verified_distance"].min().rename("smallest").reset_index()
+    suspect = proven.merge(smallest, on=key)
+    suspect = suspect.loc[suspect["smallest"] <= suspect["eps"]].drop(columns="smallest")
+    joined = suspect.merge(broken, on=key)
     violated = joined[joined["verified_distance"] <= joined["eps"]]
     return violated[columns].sort_values([*ball, "example_index", "eps", "attack_cell_id"]).reset_index(drop=True)
 

@@ -486,13 +486,12 @@ def read_cell(
         store older than the cell folders are found by reading every such
         shard of the partition.
     """
-    partition = _partition_folder(results_dir, table, dataset, model)
-    if table is Table.CELLS:
+    if _check_table(table) is Table.CELLS:
         path = shard_path(results_dir, table, dataset, model, cell_id)
         own, unfoldered = ([str(path)] if path.is_file() else []), []
     else:
         own = _shard_files(_cell_folder(results_dir, table, dataset, model, cell_id))
-        unfoldered = _shard_files(partition)
+        unfoldered = _shard_files(_partition_folder(results_dir, table, dataset, model))
     source = pads.dataset(own + unfoldered, format="parquet", schema=_SCHEMAS[table]) if own or unfoldered else None
     expression = pc.field("cell_id") == cell_id if unfoldered else None
     return _read(table, source, columns, expression, {"dataset": dataset, "model": model})
@@ -516,8 +515,9 @@ def _read(
     """
     schema = _SCHEMAS[table]
     wanted = list(schema.names) + list(PARTITION_SCHEMA.names) if columns is None else list(columns)
-    # The tables that existed before version 3; the others have every column from their first version.
-    upgraded = table in (Table.EXAMPLES, Table.CELLS)
+    # The tables that existed before version 3 (the others have every column from their first version), where a
+    # column that older rows lack is wanted.
+    upgraded = table in (Table.EXAMPLES, Table.CELLS) and not _UPGRADED.isdisjoint(wanted)
     read = [name for name in dict.fromkeys([*wanted, *(_UPGRADE_INPUTS if upgraded else ())]) if name not in partition]
     if source is None:
         arrow = pa.schema(list(schema) + list(PARTITION_SCHEMA)).empty_table().select(read)
@@ -534,6 +534,8 @@ def _read(
 
 _UPGRADE_INPUTS = ("schema_version", "eps_initial", "eps_factor", "eps_every", "iterations", "threat_model", "kernel_size", "p")
 """The columns older rows' ``final_eps`` and ``ball_title`` are derived from."""
+_UPGRADED = frozenset({"eps_increment", "final_eps", "ball_title", "ball_description"})
+"""The columns :func:`_upgrade` fills in older rows."""
 
 
 def _upgrade(frame: pd.DataFrame) -> pd.DataFrame:
