@@ -358,7 +358,8 @@ def test_the_soundness_script_lists_contradictions_by_the_suite_and_counts_what_
     write_cell(tmp_path, "mnist/alpha", suite_evaluation(), [0.02, 0.3, math.inf, 0.0])
     write_certificates(tmp_path, "mnist/alpha", [0.01, 0.1, 0.1, 0.0], misclassified=[3])
     # One undecided row whose raw bound is positive: the safety margin changed that verdict.
-    path = shard_path(tmp_path, Table.CERTIFICATES, "mnist", "mnist/alpha", read_table(tmp_path, Table.CERTIFICATES)["shard_id"][0])
+    shard = read_table(tmp_path, Table.CERTIFICATES).iloc[0]
+    path = shard_path(tmp_path, Table.CERTIFICATES, "mnist", "mnist/alpha", shard["shard_id"], shard["cell_id"])
     table = pq.read_table(path).to_pandas()
     changed = (table["example_index"] == 0) & (table["eps"] == 0.05)
     assert table.loc[changed, "status"].tolist() == ["unknown"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -37,7 +38,7 @@ def example_columns(shard_id: str, rows: int = 3, seed: int = 0) -> dict:
 def test_round_trip_with_partitions_and_types(tmp_path):
     first = write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "shard1", example_columns("shard1"))
     write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/binarized", "shard2", example_columns("shard2", rows=2, seed=1))
-    assert first == tmp_path / "examples" / "dataset=mnist" / "model=mnist%2Fstandard" / "shard-shard1.parquet"
+    assert first == tmp_path / "examples" / "dataset=mnist" / "model=mnist%2Fstandard" / "cell-cell-a" / "shard-shard1.parquet"
     assert pq.read_schema(first).equals(EXAMPLES_SCHEMA, check_metadata=False)
     frame = read_table(tmp_path)
     assert len(frame) == 5
@@ -67,8 +68,8 @@ def test_rewriting_a_shard_replaces_it(tmp_path):
     frame = read_table(tmp_path)
     assert len(frame) == 3
     assert np.allclose(frame.sort_values("example_index")["eps_found"], example_columns("s1", seed=5)["eps_found"])
-    assert shard_exists(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1")
-    assert not shard_exists(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s2")
+    assert shard_exists(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", "cell-a")
+    assert not shard_exists(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s2", "cell-a")
 
 
 def test_stray_temporary_files_are_ignored(tmp_path):
@@ -87,7 +88,7 @@ def test_a_crash_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(store.pq, "write_table", broken_write)
     with pytest.raises(OSError, match="disk full"):
         write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", example_columns("s1"))
-    folder = shard_path(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1").parent
+    folder = shard_path(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", "cell-a").parent
     assert list(folder.iterdir()) == []
     assert read_table(tmp_path).empty
 
@@ -122,11 +123,11 @@ def test_wrong_columns_are_named(tmp_path):
 @pytest.mark.parametrize("shard_id", ["", "../escape", "a b", None])
 def test_bad_shard_ids_and_tables(tmp_path, shard_id):
     with pytest.raises(ValueError, match="shard_id="):
-        shard_path(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", shard_id)
+        shard_path(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", shard_id, "cell-a")
     with pytest.raises(ValueError, match="table='examples' is invalid"):
         read_table(tmp_path, "examples")
     with pytest.raises(ValueError, match="model='' is invalid"):
-        shard_path(tmp_path, Table.EXAMPLES, "mnist", "", "s1")
+        shard_path(tmp_path, Table.EXAMPLES, "mnist", "", "s1", "cell-a")
 
 
 def test_schemas_carry_a_version_and_share_the_cell_configuration():
@@ -140,13 +141,18 @@ def test_schemas_carry_a_version_and_share_the_cell_configuration():
 V3_COLUMNS = {"final_eps", "ball_title", "ball_description", "hyperparameters_json", *store.TYPED_HYPERPARAMETERS} - {"lam"}
 
 
+def unfoldered_path(results_dir, table: Table, shard_id: str, model: str = "mnist/standard"):
+    """Where a store older than the cell folders kept a shard: directly in its partition folder."""
+    return results_dir / table.value / "dataset=mnist" / f"model={quote(model, safe='')}" / f"shard-{shard_id}.parquet"
+
+
 def _write_as_version_2(results_dir, table: Table, schema: pa.Schema, shard_id: str, rows: dict) -> None:
-    """A shard as version 2 wrote it: without the version-3 columns, stamped version 2."""
+    """A shard as version 2 wrote it: without the version-3 columns, stamped version 2, in the partition folder."""
     older = pa.schema([field for field in schema if field.name not in V3_COLUMNS])
     columns = {name: rows[name] for name in older.names if name != "schema_version"}
     length = len(next(iter(columns.values())))
     arrow = pa.table({"schema_version": pa.array([2] * length, pa.int16()), **columns}, schema=older)
-    path = shard_path(results_dir, table, "mnist", "mnist/standard", shard_id)
+    path = unfoldered_path(results_dir, table, shard_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(arrow, path)
 
@@ -176,7 +182,7 @@ def test_version_5_stores_read_with_the_model_checks_empty(tmp_path):
     old = example_columns("old", rows=2)
     older = pa.schema([field for field in EXAMPLES_SCHEMA if field.name != "failed_model_checks"])
     arrow = pa.table({"schema_version": pa.array([5, 5], pa.int16()), **{name: old[name] for name in older.names[1:]}}, schema=older)
-    path = shard_path(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "old")
+    path = unfoldered_path(tmp_path, Table.EXAMPLES, "old")
     path.parent.mkdir(parents=True)
     pq.write_table(arrow, path)
     new = example_columns("new", rows=2)
@@ -187,3 +193,58 @@ def test_version_5_stores_read_with_the_model_checks_empty(tmp_path):
     checks = frame["failed_model_checks"].tolist()
     assert checks[:2] == [None, None] and list(checks[2]) == [] and list(checks[3]) == ["probability_outputs", "zero_gradient_steps"]
     assert EXAMPLES_SCHEMA.field("failed_model_checks").type == CELLS_SCHEMA.field("failed_model_checks").type == pa.list_(pa.string())
+
+
+def test_a_shard_lands_in_its_cells_folder_and_holds_one_cell(tmp_path):
+    path = write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", example_columns("s1"))
+    assert path == shard_path(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1", "cell-a")
+    assert path.parent.name == "cell-cell-a"
+    two_cells = example_columns("s2")
+    two_cells["cell_id"] = ["cell-a", "cell-b", "cell-a"]
+    with pytest.raises(ValueError, match=r"holds the rows of one cell: these rows have cell ids \['cell-a', 'cell-b'\]"):
+        write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s2", two_cells)
+    with pytest.raises(ValueError, match="cell_id=None is invalid"):
+        shard_exists(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "s1")
+    # Hive readers see the data set and model, and nothing for the cell's folder.
+    assert set(pd.read_parquet(tmp_path / "examples").columns) == set(EXAMPLES_SCHEMA.names) | {"dataset", "model"}
+
+
+def _cell_columns(cell_id: str, shard_id: str, start: int, rows: int = 3) -> dict:
+    columns = example_columns(shard_id, rows=rows)
+    columns.update(cell_id=[cell_id] * rows, example_index=np.arange(start, start + rows))
+    return columns
+
+
+def test_read_cell_opens_only_the_cells_own_files(tmp_path):
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "a1", _cell_columns("cell-a", "a1", 0))
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "a2", _cell_columns("cell-a", "a2", 3))
+    other = write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "b1", _cell_columns("cell-b", "b1", 0))
+    other.write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(pa.ArrowInvalid):
+        read_table(tmp_path)
+    frame = store.read_cell(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "cell-a", ["example_index", "model", "eps_found"])
+    assert list(frame.columns) == ["example_index", "model", "eps_found"]
+    assert sorted(frame["example_index"]) == [0, 1, 2, 3, 4, 5] and set(frame["model"]) == {"mnist/standard"}
+    everything = store.read_cell(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "cell-a")
+    assert list(everything.columns) == [*EXAMPLES_SCHEMA.names, "dataset", "model"] and len(everything) == 6
+    missing = store.read_cell(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "cell-c", ["example_index", "dataset"])
+    assert missing.empty and list(missing.columns) == ["example_index", "dataset"]
+
+
+def test_an_older_stores_shards_are_found_read_and_replaced_without_duplicates(tmp_path):
+    """A store written before the cell folders: its shards lie in the partition folder, every cell's together."""
+    for cell_id, shard_id in (("cell-a", "a1"), ("cell-b", "b1")):
+        path = write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", shard_id, _cell_columns(cell_id, shard_id, 0))
+        path.rename(unfoldered_path(tmp_path, Table.EXAMPLES, shard_id))
+        path.parent.rmdir()
+    assert shard_exists(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "a1", "cell-a")
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "a2", _cell_columns("cell-a", "a2", 3))
+    read = store.read_cell(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "cell-a", ["example_index", "cell_id"])
+    assert sorted(read["example_index"]) == [0, 1, 2, 3, 4, 5] and set(read["cell_id"]) == {"cell-a"}
+    assert len(read_table(tmp_path)) == 9
+    # Written again (a forced rerun): the shard moves to its cell's folder; its rows are not doubled.
+    write_shard(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "a1", _cell_columns("cell-a", "a1", 0))
+    assert not unfoldered_path(tmp_path, Table.EXAMPLES, "a1").exists()
+    assert unfoldered_path(tmp_path, Table.EXAMPLES, "b1").exists()
+    assert len(read_table(tmp_path)) == 9
+    assert len(store.read_cell(tmp_path, Table.EXAMPLES, "mnist", "mnist/standard", "cell-a", ["example_index"])) == 6

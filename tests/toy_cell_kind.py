@@ -16,7 +16,7 @@ import torch
 from harness.attack.ball import Ball
 from harness.run.cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, check_model, check_setting
 from harness.run.fields import setting
-from harness.run.store import StoreTable, read_table, write_shard
+from harness.run.store import StoreTable, read_cell, write_shard
 from harness.vocabulary import BallKind
 
 PREDICTIONS = StoreTable("clean_predictions", pa.schema([
@@ -84,7 +84,7 @@ class CleanPredictionsCell(Cell):
         })
 
     def outcome(self, worker) -> CellOutcome:
-        rows = read_table(worker.context.results_dir, PREDICTIONS, filters=[("cell_id", "==", self.cell_id)])
+        rows = read_cell(worker.context.results_dir, PREDICTIONS, self.dataset, self.model, self.cell_id, ["example_index", "label", "prediction"])
         rows = rows.drop_duplicates("example_index")
         accuracy = float((rows["label"] == rows["prediction"]).mean()) if len(rows) else None
         return CellOutcome(len(rows), 0.0, accuracy, "no attack: the clean predictions", "clean images only")

@@ -34,6 +34,29 @@ __all__ = ["Report", "ReportError", "Scores", "build_report", "main", "score", "
 _GALLERY_MODELS = 8
 """Galleries show at most this many models (the best ranked), to stay readable."""
 
+_GROUP = ["dataset", "model", "threat_model", "kernel_size", "p", "ball_title"]
+_ATTACK = ["solver", "clamp", "lam", "step_rule", "suite", "suite_version"]
+_EXAMPLES_COLUMNS = [
+    *_GROUP, *_ATTACK, "schema_version", "cell_id", "example_index", "label", "adversarial_prediction", "success",
+    "eps_found", "verification_status", "verified_distance", "found_by", "rejected_claims", "eps_initial", "eps_factor",
+    "eps_increment", "eps_every", "iterations", "final_eps", "steps", "solver_iterations", "unconverged_steps",
+    "failed_steps", "zero_gradient_steps", "failed_model_checks", "gradient_mode", "attack_seconds", "verify_seconds",
+]
+"""The columns of ``examples`` that the tables, figures and pages show or compute from (the JSON of a cell's
+hyperparameters and suite, repeated on every row, is the bulk of the others)."""
+_CELLS_COLUMNS = [
+    *_GROUP, *_ATTACK, "schema_version", "certifier", "status", "started_at", "finished_at", "clean_accuracy",
+    "trained_for", "model_training", "model_paper", "attack_summary", "box_handling", "ball_description",
+    "package_versions_json", "git_commit", "device",
+]
+"""The columns of ``cells`` that the pages show: model metadata, attack notes, status and provenance."""
+_CERTIFICATES_COLUMNS = [
+    *_GROUP, "cell_id", "certifier", "box", "example_index", "eps", "status", "margin_lower", "seconds", "certified_radius",
+]
+"""The columns of ``certificates`` that the certified bounds and their checks need."""
+_IMAGES_COLUMNS = ["cell_id", "example_index", "channels", "height", "width", "original", "adversarial"]
+"""The columns of ``images`` that the galleries draw."""
+
 
 class ReportError(ValueError):
     """The results folder holds nothing to report on."""
@@ -73,10 +96,10 @@ def _attack_notes(cells: pd.DataFrame) -> dict[str, AttackNote]:
 
 def _provenance(results_dir: Path, examples: pd.DataFrame, cells: pd.DataFrame, certificates: pd.DataFrame) -> dict[str, str]:
     commits = sorted({str(c)[:10] for c in cells["git_commit"].dropna()})
-    torch_versions = sorted({json.loads(v).get("torch", "?") for v in cells["package_versions_json"].dropna()})
+    torch_versions = sorted({json.loads(v).get("torch", "?") for v in set(cells["package_versions_json"].dropna())})
     devices = sorted(set(cells["device"].dropna()))
-    certified = certificates.drop_duplicates(["cell_id", "example_index"])
-    certified = {"examples certified": str(len(certified))} if len(certified) else {}
+    certified = int((~certificates.duplicated(["cell_id", "example_index"])).sum())
+    certified = {"examples certified": str(certified)} if certified else {}
     return {
         "results": results_dir.name or str(results_dir),
         "cells": str(examples["cell_id"].nunique() + certificates["cell_id"].nunique()),
@@ -126,7 +149,10 @@ def _figures(examples, images, tables, solvers, certificates, palette) -> list[F
 
 @dataclass
 class Scores:
-    """The store's examples, cells and certificates, and the leaderboard, solver and certificate tables computed from them."""
+    """The store's examples, cells and certificates, and the leaderboard, solver and certificate tables computed from them.
+
+    The frames hold the columns the report shows or computes from, not every column of the store.
+    """
 
     examples: pd.DataFrame
     cells: pd.DataFrame
@@ -138,6 +164,12 @@ class Scores:
     """:func:`~harness.report.leaderboard.certificate_table`."""
 
 
+def _unique(frame: pd.DataFrame, key: list[str]) -> pd.DataFrame:
+    """The first row of each ``key``, copying the frame only where some key repeats (rarely: a shard written twice)."""
+    repeated = frame.duplicated(key)
+    return frame[~repeated] if repeated.any() else frame
+
+
 def score(results_dir: str | os.PathLike) -> Scores:
     """Read the store under ``results_dir`` and compute every leaderboard table.
 
@@ -147,12 +179,12 @@ def score(results_dir: str | os.PathLike) -> Scores:
         The folder holds no examples.
     """
     results_dir = Path(results_dir)
-    examples = read_table(results_dir, Table.EXAMPLES)
+    examples = read_table(results_dir, Table.EXAMPLES, columns=_EXAMPLES_COLUMNS)
     if examples.empty:
         raise ReportError(f"{results_dir} holds no results (no {Table.EXAMPLES.value}/ table): run the benchmark first")
-    examples = examples.drop_duplicates(["cell_id", "example_index"])
-    cells = read_table(results_dir, Table.CELLS)
-    certificates = read_table(results_dir, Table.CERTIFICATES).drop_duplicates(["cell_id", "example_index", "eps"])
+    examples = _unique(examples, ["cell_id", "example_index"])
+    cells = read_table(results_dir, Table.CELLS, columns=_CELLS_COLUMNS)
+    certificates = _unique(read_table(results_dir, Table.CERTIFICATES, columns=_CERTIFICATES_COLUMNS), ["cell_id", "example_index", "eps"])
     tables = [leaderboard(examples, cells, group, certificates) for group in threat_groups(examples, cells)]
     return Scores(examples, cells, tables, solver_table(examples, tables), certificates, certificate_table(examples, certificates))
 
@@ -162,7 +194,7 @@ def build_report(results_dir: str | os.PathLike) -> Report:
     results_dir = Path(results_dir)
     scores = score(results_dir)
     examples, cells, tables, solvers = scores.examples, scores.cells, scores.tables, scores.solvers
-    images = read_table(results_dir, Table.IMAGES)
+    images = read_table(results_dir, Table.IMAGES, columns=_IMAGES_COLUMNS)
     palette = plots.model_palette(examples["model"])
     return Report(
         tables=tables,

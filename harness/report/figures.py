@@ -38,18 +38,21 @@ _PANEL = 3.2
 
 def model_palette(models) -> dict[str, tuple]:
     """One colour per model name, assigned in sorted order."""
-    names = sorted(set(models))
+    names = sorted(pd.Series(models).unique())
     colours = sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))
     return dict(zip(names, colours))
 
 
-def _solver_name(examples: pd.DataFrame) -> list[str]:
+def _solver_name(examples: pd.DataFrame) -> np.ndarray:
     """The attack of each row without its lambda: curves take the worst case over lambdas."""
-    columns = ["solver", "clamp", "step_rule", "suite", "suite_version"]
-    return [
+    attacks = examples[["solver", "clamp", "step_rule", "suite", "suite_version"]]
+    # Named once per distinct attack, in the order of first appearance, which numbers the groups too.
+    distinct = attacks.drop_duplicates()
+    names = np.array([
         attack_label(solver, clamp, None, step_rule, suite, version)
-        for solver, clamp, step_rule, suite, version in examples[columns].itertuples(index=False, name=None)
-    ]
+        for solver, clamp, step_rule, suite, version in distinct.itertuples(index=False, name=None)
+    ], dtype=object)
+    return names[attacks.groupby(list(attacks.columns), dropna=False, sort=False).ngroup().to_numpy()]
 
 
 def accuracy_against_radius(

@@ -135,10 +135,9 @@ def radius_label(value: float) -> str:
 
 def worst_case(examples: pd.DataFrame) -> pd.DataFrame:
     """Per example index: the smallest verified distance over all attacks, and the largest radius searched."""
-    per_example = examples.groupby("example_index").agg(
-        verified_distance=("verified_distance", "min"), reach=("final_eps", "max")
-    )
-    return per_example
+    # Grouping two columns, not the frame: the other columns would be reordered for nothing.
+    grouped = examples.groupby("example_index")
+    return pd.DataFrame({"verified_distance": grouped["verified_distance"].min(), "reach": grouped["final_eps"].max()})
 
 
 def robust_accuracy_at(per_example: pd.DataFrame, radius: float) -> float:
@@ -223,7 +222,13 @@ def certificate_violations(examples: pd.DataFrame, certificates: pd.DataFrame) -
     broken = broken.rename(columns={"cell_id": "attack_cell_id"})
     # Kernel size is an integer column in one table and may hold nulls (l_p balls), so floats, in the other.
     proven, broken = (frame.astype({"kernel_size": "float64", "p": "float64"}) for frame in (proven, broken))
-    joined = proven.merge(broken, on=[*ball, "example_index"])
+    key = [*ball, "example_index"]
+    # Only a certificate that the example's smallest verified distance contradicts meets every attack on it: joined
+    # whole, an example's certify cells and radii times its attack cells grow with the square of the cells.
+    smallest = broken.groupby(key, dropna=False)["verified_distance"].min().rename("smallest").reset_index()
+    suspect = proven.merge(smallest, on=key)
+    suspect = suspect.loc[suspect["smallest"] <= suspect["eps"]].drop(columns="smallest")
+    joined = suspect.merge(broken, on=key)
     violated = joined[joined["verified_distance"] <= joined["eps"]]
     return violated[columns].sort_values([*ball, "example_index", "eps", "attack_cell_id"]).reset_index(drop=True)
 
@@ -238,6 +243,12 @@ def attack_label(solver, clamp, lam, step_rule=None, suite=None, suite_version=N
     if lam is not None and not (isinstance(lam, float) and math.isnan(lam)):
         label += f" λ={lam:g}"
     return label
+
+
+_LABEL_COLUMNS = ["solver", "clamp", "lam", "step_rule", "suite", "suite_version"]
+"""The columns :func:`cell_label` reads."""
+_WORST_CASE_COLUMNS = ["example_index", "verified_distance", "final_eps"]
+"""The columns :func:`worst_case` reads."""
 
 
 def cell_label(cell_examples: pd.DataFrame) -> str:
@@ -353,7 +364,7 @@ def failed_model_checks(examples: pd.DataFrame) -> list[ModelCheck]:
     """
     if "failed_model_checks" not in examples:
         return []
-    failed = {name for names in examples["failed_model_checks"] if names is not None for name in names}
+    failed = set(examples["failed_model_checks"].explode().dropna())
     return [check for check in ModelCheck if check.value in failed and check is not ModelCheck.ZERO_GRADIENT_STEPS]
 
 
@@ -418,7 +429,11 @@ def leaderboard(
         per_example = worst_case(model_examples)
         model_cells = my_cells[my_cells["model"] == model] if len(my_cells) else my_cells
         counts = VerificationCounts.of(model_examples)
-        attacks_of[model] = {cell_label(attack_examples): worst_case(attack_examples) for _, attack_examples in model_examples.groupby("cell_id")}
+        # Each cell's rows with the columns they are scored on only: a group copies every column it has.
+        attacks_of[model] = {
+            cell_label(attack_examples): worst_case(attack_examples)
+            for _, attack_examples in model_examples[["cell_id", *_LABEL_COLUMNS, *_WORST_CASE_COLUMNS]].groupby("cell_id")
+        }
         seconds = float((model_examples["attack_seconds"] + model_examples["verify_seconds"]).sum())
         metadata = {name: _first(model_cells[column]) if len(model_cells) else None for name, column in _MODEL_METADATA.items()}
         row = {
@@ -524,11 +539,18 @@ def model_curves(examples: pd.DataFrame, by: list[str], points: int = 120) -> pd
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=by + ["eps", "robust_accuracy"])
 
 
+_SOLVER_TABLE_COLUMNS = [
+    "cell_id", "model", *_LABEL_COLUMNS, *_WORST_CASE_COLUMNS, "success", "verification_status", "steps", "solver_iterations",
+    "unconverged_steps", "attack_seconds", "verify_seconds",
+]
+"""The columns :func:`solver_table` reads (a group copies every column it has)."""
+
+
 def solver_table(examples: pd.DataFrame, tables: list[LeaderboardTable]) -> pd.DataFrame:
     """One row per cell (attack on a model): its own robust accuracy, verification rate and cost."""
     rows = []
     for table in tables:
-        mine = examples[table.group.select(examples)]
+        mine = examples.loc[table.group.select(examples), _SOLVER_TABLE_COLUMNS]
         for cell_id, cell_examples in mine.groupby("cell_id"):
             per_example = worst_case(cell_examples)
             counts = VerificationCounts.of(cell_examples)

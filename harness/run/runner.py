@@ -211,7 +211,7 @@ class ShardRunner:
     def run_shard(self, shard: Shard, on_progress: Callable[[ShardProgress], None] | None = None) -> ShardOutcome:
         """Compute and store one shard (skipped when its file exists); ``on_progress`` gets :class:`ShardProgress` updates."""
         cell = shard.cell
-        if shard_exists(self.context.results_dir, cell.table, cell.dataset, cell.model, shard.shard_id):
+        if shard_exists(self.context.results_dir, cell.table, cell.dataset, cell.model, shard.shard_id, cell.cell_id):
             return ShardOutcome(shard.shard_id, cell.cell_id, shard.size, 0.0, skipped=True)
         started = time.perf_counter()
         cell.run_shard(self, shard, on_progress)

@@ -2,18 +2,31 @@
 
 Layout under ``results_dir``::
 
-    examples/dataset=mnist/model=mnist%2Fstandard/shard-<shard id>.parquet
-    images/dataset=mnist/model=mnist%2Fstandard/shard-<shard id>.parquet
+    examples/dataset=mnist/model=mnist%2Fstandard/cell-<cell id>/shard-<shard id>.parquet
+    images/dataset=mnist/model=mnist%2Fstandard/cell-<cell id>/shard-<shard id>.parquet
+    certificates/dataset=mnist/model=mnist%2Fstandard/cell-<cell id>/shard-<shard id>.parquet
     cells/dataset=mnist/model=mnist%2Fstandard/shard-<cell id>.parquet
-    certificates/dataset=mnist/model=mnist%2Fstandard/shard-<shard id>.parquet
 
 Hive-partitioned by data set and model (partition values URI-encoded, so
-registry names with ``/`` stay one folder). A shard is written to a hidden
-temporary file in its final folder, flushed, then renamed: readers never see
-half a file, and the names they skip (leading ``.``) cover any temporary file
-a crash leaves behind. A shard's id comes from a hash of its configuration,
-so a rerun finds what is done (:func:`shard_exists`) and writing the same
-shard twice replaces it with identical content instead of duplicating rows.
+registry names with ``/`` stay one folder). The shards of a cell share a
+folder of their own (its name holds no ``=``, so Hive readers such as
+:func:`pandas.read_parquet` see no column for it): :func:`read_cell` reads a
+cell's rows from its own files, however many other cells the store holds.
+A shard is written to a hidden temporary file in its final folder, flushed,
+then renamed: readers never see half a file, and the names they skip
+(leading ``.``) cover any temporary file a crash leaves behind. A shard's id
+comes from a hash of its configuration, so a rerun finds what is done
+(:func:`shard_exists`) and writing the same shard twice replaces it with
+identical content instead of duplicating rows.
+
+Stores written before the cell folders keep every shard directly in its
+partition folder. They read, resume and grow as they are: the readers take
+both places, :func:`shard_exists` finds a shard in either, and a shard
+written again moves to its cell's folder. Their cells are read by
+filtering every such file of the partition, as before; only shards written
+since are read by folder. The columns did not change with the layout, so
+neither did :data:`SCHEMA_VERSION` (it describes the rows, which both
+layouts read alike).
 
 Every table is cast to its schema (with a ``schema_version`` column) before it
 is written; a column missing, extra, or of a type that does not convert is an
@@ -32,6 +45,7 @@ from urllib.parse import quote
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -44,6 +58,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "StoreTable",
     "Table",
+    "read_cell",
     "read_table",
     "shard_exists",
     "shard_path",
@@ -298,25 +313,63 @@ def _schema(table: Table | StoreTable) -> pa.Schema:
     return table.schema if isinstance(table, StoreTable) else _SCHEMAS[table]
 
 
-def _check_shard_id(shard_id: str) -> str:
-    if not isinstance(shard_id, str) or not shard_id or not all(c.isalnum() or c in "-_" for c in shard_id):
-        raise ValueError(f"shard_id={shard_id!r} is invalid: it must be a non-empty string of letters, digits, '-' and '_'")
-    return shard_id
+def _check_id(name: str, value: str) -> str:
+    if not isinstance(value, str) or not value or not all(c.isalnum() or c in "-_" for c in value):
+        raise ValueError(f"{name}={value!r} is invalid: it must be a non-empty string of letters, digits, '-' and '_'")
+    return value
 
 
-def shard_path(results_dir: str | os.PathLike, table: Table, dataset: str, model: str, shard_id: str) -> Path:
-    """Where the shard ``shard_id`` of ``table`` lives."""
+def _partition_folder(results_dir: str | os.PathLike, table: Table, dataset: str, model: str) -> Path:
     folder = Path(results_dir) / _check_table(table).value
     for field, value in (("dataset", dataset), ("model", model)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{field}={value!r} is invalid: it must be a non-empty string")
         folder = folder / f"{field}={quote(value, safe='')}"
-    return folder / f"shard-{_check_shard_id(shard_id)}.parquet"
+    return folder
 
 
-def shard_exists(results_dir: str | os.PathLike, table: Table, dataset: str, model: str, shard_id: str) -> bool:
-    """Whether a finished file for this shard is on disk."""
-    return shard_path(results_dir, table, dataset, model, shard_id).is_file()
+def _cell_folder(results_dir: str | os.PathLike, table: Table, dataset: str, model: str, cell_id: str) -> Path:
+    return _partition_folder(results_dir, table, dataset, model) / f"cell-{_check_id('cell_id', cell_id)}"
+
+
+def shard_path(
+    results_dir: str | os.PathLike, table: Table, dataset: str, model: str, shard_id: str, cell_id: str | None = None
+) -> Path:
+    """Where the shard ``shard_id`` of ``table`` lives.
+
+    Parameters
+    ----------
+    results_dir : str or os.PathLike
+    table : Table
+    dataset, model : str
+        Partition values.
+    shard_id : str
+        The shard's id; in the ``cells`` table, the cell's.
+    cell_id : str, optional
+        The cell the shard belongs to: required for every table but
+        ``cells`` (whose shard is the cell itself).
+    """
+    name = f"shard-{_check_id('shard_id', shard_id)}.parquet"
+    if _check_table(table) is Table.CELLS:
+        if cell_id is not None and cell_id != shard_id:
+            raise ValueError(f"cell_id={cell_id!r} is invalid: a shard of the cells table is its cell, {shard_id!r}")
+        return _partition_folder(results_dir, table, dataset, model) / name
+    if cell_id is None:
+        raise ValueError(f"cell_id=None is invalid: a shard of the {table.value} table lives in its cell's folder")
+    return _cell_folder(results_dir, table, dataset, model, cell_id) / name
+
+
+def _unfoldered_path(path: Path) -> Path:
+    """Where a store older than the cell folders kept the shard at ``path``: in the partition folder itself."""
+    return path.parent.parent / path.name
+
+
+def shard_exists(
+    results_dir: str | os.PathLike, table: Table, dataset: str, model: str, shard_id: str, cell_id: str | None = None
+) -> bool:
+    """Whether a finished file for this shard is on disk (in an older store's layout too); arguments as :func:`shard_path`."""
+    path = shard_path(results_dir, table, dataset, model, shard_id, cell_id)
+    return path.is_file() or (table is not Table.CELLS and _unfoldered_path(path).is_file())
 
 
 def _as_arrow(table: Table, columns: Mapping[str, Any]) -> pa.Table:
@@ -360,15 +413,17 @@ def write_shard(
         Hash of the shard's configuration (letters, digits, ``-``, ``_``).
     columns : mapping of str to array-like
         Exactly the table's columns except ``schema_version`` (added here),
-        all of one length.
+        all of one length. Except in the ``cells`` table, every row has the
+        same ``cell_id``: the shard goes to that cell's folder.
 
     Returns
     -------
     pathlib.Path
-        The final file. An existing file for the same shard is replaced.
+        The final file. An existing file for the same shard is replaced
+        (one in an older store's layout too).
     """
-    path = shard_path(results_dir, _check_table(table), dataset, model, shard_id)
-    arrow = _as_arrow(table, columns)
+    arrow = _as_arrow(_check_table(table), columns)
+    path = shard_path(results_dir, table, dataset, model, shard_id, None if table is Table.CELLS else _only_cell(table, arrow))
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -379,7 +434,17 @@ def write_shard(
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+    if table is not Table.CELLS:  # the same shard in an older store's layout: replaced, not duplicated
+        _unfoldered_path(path).unlink(missing_ok=True)
     return path
+
+
+def _only_cell(table: Table, arrow: pa.Table) -> str:
+    """The one cell whose rows a shard holds (its folder)."""
+    cells = arrow.column("cell_id").unique().to_pylist()
+    if len(cells) != 1:
+        raise ValueError(f"a shard of the {table.value} table holds the rows of one cell: these rows have cell ids {cells}")
+    return cells[0]
 
 
 def read_table(
@@ -399,32 +464,102 @@ def read_table(
         ``[("model", "==", "mnist/standard"), ("solver", "in", ["projected_sinkhorn_box"])]``;
         partition filters skip whole folders.
     columns : list of str, optional
-        The columns to read (default all, partition columns included).
+        The columns to read (default all, partition columns included). The
+        others are never read: name the few a caller needs, on a large store.
 
     Returns
     -------
     pandas.DataFrame
         Finished shards only (temporary files are never read); an empty frame
         with the table's columns when nothing has been written yet.
+
+    See Also
+    --------
+    read_cell : The rows of one cell, from its own files.
     """
     schema = _schema(_check_table(table))
-    full = pa.schema(list(schema) + list(PARTITION_SCHEMA))
     root = Path(results_dir) / table.value
     if not root.is_dir():
-        frame = full.empty_table().to_pandas()
-        return frame if columns is None else frame[columns]
+        return _read(table, None, columns, None, {})
+    full = pa.schema(list(schema) + list(PARTITION_SCHEMA))
     dataset = pads.dataset(str(root), format="parquet", partitioning=_PARTITIONING, schema=full, ignore_prefixes=[".", "_"])
-    expression = pq.filters_to_expression(filters) if filters else None
-    # The tables that existed before version 3; the others have every column from their first version.
-    upgraded = table in (Table.EXAMPLES, Table.CELLS)
-    read = None if columns is None else list(dict.fromkeys([*columns, *(_UPGRADE_INPUTS if upgraded else ())]))
-    frame = dataset.to_table(columns=read, filter=expression).to_pandas()
+    return _read(table, dataset, columns, pq.filters_to_expression(filters) if filters else None, {})
+
+
+def read_cell(
+    results_dir: str | os.PathLike, table: Table, dataset: str, model: str, cell_id: str, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """Read the rows of one cell from its own files.
+
+    Parameters
+    ----------
+    results_dir : str or os.PathLike
+    table : Table
+    dataset, model : str
+        The cell's partition values.
+    cell_id : str
+    columns : list of str, optional
+        The columns to read (default all, partition columns included).
+
+    Returns
+    -------
+    pandas.DataFrame
+        As :func:`read_table` filtered on ``cell_id``, in time that grows with
+        the cell's own files, not the store's: the files of the cell's
+        folder (the cell's one file, in the ``cells`` table). Shards of a
+        store older than the cell folders are found by reading every such
+        shard of the partition.
+    """
+    if _check_table(table) is Table.CELLS:
+        path = shard_path(results_dir, table, dataset, model, cell_id)
+        own, unfoldered = ([str(path)] if path.is_file() else []), []
+    else:
+        own = _shard_files(_cell_folder(results_dir, table, dataset, model, cell_id))
+        unfoldered = _shard_files(_partition_folder(results_dir, table, dataset, model))
+    source = pads.dataset(own + unfoldered, format="parquet", schema=_schema(table)) if own or unfoldered else None
+    expression = pc.field("cell_id") == cell_id if unfoldered else None
+    return _read(table, source, columns, expression, {"dataset": dataset, "model": model})
+
+
+def _shard_files(folder: Path) -> list[str]:
+    """The finished shard files directly in ``folder`` (none when it does not exist)."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    return sorted(e.path for e in entries if e.name.startswith("shard-") and e.name.endswith(".parquet") and e.is_file())
+
+
+def _read(
+    table: Table, source: pads.Dataset | None, columns: list[str] | None, expression, partition: Mapping[str, str]
+) -> pd.DataFrame:
+    """``columns`` (default all) of the rows of ``source`` that match ``expression``, upgraded from older versions.
+
+    ``partition`` holds the partition columns' values where ``source`` does not supply them.
+    """
+    schema = _schema(table)
+    wanted = list(schema.names) + list(PARTITION_SCHEMA.names) if columns is None else list(columns)
+    # The tables that existed before version 3 (the others have every column from their first version), where a
+    # column that older rows lack is wanted.
+    upgraded = table in (Table.EXAMPLES, Table.CELLS) and not _UPGRADED.isdisjoint(wanted)
+    read = [name for name in dict.fromkeys([*wanted, *(_UPGRADE_INPUTS if upgraded else ())]) if name not in partition]
+    if source is None:
+        arrow = pa.schema(list(schema) + list(PARTITION_SCHEMA)).empty_table().select(read)
+    else:
+        arrow = source.to_table(columns=read, filter=expression)
+    for name, value in partition.items():
+        if name in wanted:
+            arrow = arrow.append_column(PARTITION_SCHEMA.field(name), pa.array([value] * arrow.num_rows, pa.string()))
+    # One chunk per file otherwise: pandas' string columns keep them, and every selection pays for each.
+    frame = arrow.combine_chunks().to_pandas()
     frame = _upgrade(frame) if upgraded else frame
-    return frame if columns is None else frame[columns]
+    return frame[wanted]
 
 
 _UPGRADE_INPUTS = ("schema_version", "eps_initial", "eps_factor", "eps_every", "iterations", "threat_model", "kernel_size", "p")
 """The columns older rows' ``final_eps`` and ``ball_title`` are derived from."""
+_UPGRADED = frozenset({"eps_increment", "final_eps", "ball_title", "ball_description"})
+"""The columns :func:`_upgrade` fills in older rows."""
 
 
 def _upgrade(frame: pd.DataFrame) -> pd.DataFrame:

@@ -34,7 +34,7 @@ from ...attack.verify import VerificationStatus, robust_accuracy
 from ...vocabulary import BallKind, ModelCheck
 from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting
 from ..fields import setting
-from ..store import EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_table, write_shard
+from ..store import EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_cell
 
 if TYPE_CHECKING:
     from ..runner import ShardProgress, ShardRunner
@@ -160,7 +160,10 @@ def examples_record(cell: Cell, shard: Shard, columns: dict[str, Any]) -> dict[s
 
 def attack_outcome(cell: Cell, worker: "ShardRunner", summary: str, box_handling: str) -> CellOutcome:
     """An attacking cell's summary from its ``examples`` rows on disk."""
-    found = read_table(worker.context.results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)])
+    found = read_cell(
+        worker.context.results_dir, Table.EXAMPLES, cell.dataset, cell.model, cell.cell_id,
+        ["example_index", "attack_seconds", "verify_seconds", "verified_distance", "failed_model_checks"],
+    )
     found = found.drop_duplicates("example_index")
     examples, seconds = len(found), float((found["attack_seconds"] + found["verify_seconds"]).sum())
     robust = robust_accuracy(found["verified_distance"], cell.final_eps) if examples else None

@@ -25,7 +25,7 @@ from ...attack.spec import PROTOCOLS
 from ...vocabulary import DATASETS, BallKind, CertificateStatus, Certifier
 from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting, wasserstein_only
 from ..fields import setting
-from ..store import Table, read_table, write_shard
+from ..store import Table, read_cell, write_shard
 
 if TYPE_CHECKING:
     from ...certify.run import CertifySettings
@@ -249,7 +249,10 @@ class CertifyCell(Cell):
     def outcome(self, worker: "ShardRunner") -> CellOutcome:
         """Examples with certificates on disk, their certification seconds, and the certified accuracy at the largest
         radius."""
-        certificates = read_table(worker.context.results_dir, Table.CERTIFICATES, filters=[("cell_id", "==", self.cell_id)])
+        certificates = read_cell(
+            worker.context.results_dir, Table.CERTIFICATES, self.dataset, self.model, self.cell_id,
+            ["example_index", "eps", "seconds", "radius_search_seconds", "status"],
+        )
         certificates = certificates.drop_duplicates(["example_index", "eps"])
         per_example = certificates.drop_duplicates("example_index")
         seconds = float(certificates["seconds"].sum() + per_example["radius_search_seconds"].sum())
