@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from harness.attack.ball import Ball
-from harness.run.cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, check_model, check_setting
+from harness.run.cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, check_cell_basics, check_setting
 from harness.run.fields import setting
 from harness.run.store import StoreTable, read_cell, write_shard
 from harness.vocabulary import BallKind
@@ -49,7 +49,7 @@ class CleanPredictionsCell(Cell):
     @classmethod
     def from_settings(cls, settings, problems, where):
         before = len(problems)
-        check_model(settings, problems, where)
+        check_cell_basics(settings, problems, where)
         check_setting(CleanBlock, "clean_predictions", settings["clean_predictions"], problems, where)
         seed = check_setting(CleanBlock, "seed", settings["seed"], problems, where)
         n_examples = check_setting(CleanBlock, "n_examples", settings.get("n_examples"), problems, where)

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from .runner import ShardProgress, ShardRunner
 
 __all__ = [
-    "SHARED_CONFIG_COLUMNS", "Cell", "CellKinds", "CellOutcome", "Shard", "cell_kinds_with", "check_setting", "config_digest",
-    "register_cell_kind", "unregister_cell_kind",
+    "SHARED_CONFIG_COLUMNS", "Cell", "CellKinds", "CellOutcome", "Shard", "ball_of", "cell_kinds_with", "check_cell_basics",
+    "check_setting", "config_digest", "register_cell_kind", "unregister_cell_kind", "wasserstein_only",
 ]
 
 
@@ -295,7 +295,7 @@ def cell_kinds_with(*extra: type[Cell]) -> CellKinds:
     return CellKinds((AttackCell, SuiteCell, CertifyCell, *_REGISTERED_KINDS, *extra))
 
 
-def check_model(settings: Mapping[str, Any], problems: list[str], where: str) -> None:
+def check_cell_basics(settings: Mapping[str, Any], problems: list[str], where: str) -> None:
     """Problems of the settings every cell needs: data set, model (registered, of that data set), examples."""
     for required in ("dataset", "model", "n_examples"):
         if required not in settings:

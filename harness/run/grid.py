@@ -25,9 +25,9 @@ from __future__ import annotations
 import itertools
 from typing import Any, Iterable, Mapping
 
-from .cells import Cell, CellKinds, Shard, cell_kinds_with
+from .cells import Cell, CellKinds, cell_kinds_with
 
-__all__ = ["Cell", "GridError", "Shard", "expand_blocks"]
+__all__ = ["GridError", "expand_blocks"]
 
 
 class GridError(ValueError):

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import zoo
 
 from ..data import load_dataset
-from .grid import Cell
+from .cells import Cell
 from .settings import RunSettings
 
 __all__ = ["DataSplit", "Plan", "TrainingRequest", "fetch", "has_weights", "plan_run", "training_requests"]

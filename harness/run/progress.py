@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from .grid import Cell, Shard
+from .cells import Cell, Shard
 from .runner import ShardOutcome, ShardProgress
 
 __all__ = ["RunProgress"]

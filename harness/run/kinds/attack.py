@@ -32,7 +32,7 @@ from ...attack.pgd import AttackProgress, EpsSchedule, Loss
 from ...attack.spec import PROTOCOLS, AttackSpec
 from ...attack.verify import VerificationStatus, robust_accuracy
 from ...vocabulary import BallKind, ModelCheck
-from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting
+from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_cell_basics, check_setting
 from ..fields import setting
 from ..store import EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_cell
 
@@ -218,7 +218,7 @@ class AttackCell(Cell):
     def from_settings(cls, settings: Mapping[str, Any], problems: list[str], where: str) -> tuple[Cell | None, set[str]]:
         before = len(problems)
         used: set[str] = set()
-        check_model_settings(settings, problems, where)
+        check_cell_basics(settings, problems, where)
         presets = _protocol_presets(settings, problems, where)
         merged = {**presets, **settings}
         ball = ball_of(AttackBlock, {**settings, **{k: merged.get(k) for k in ("kernel_size", "p")}}, problems, where, _PROTOCOL_HINT)

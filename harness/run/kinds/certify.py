@@ -23,7 +23,7 @@ import zoo
 
 from ...attack.spec import PROTOCOLS
 from ...vocabulary import DATASETS, BallKind, CertificateStatus, Certifier
-from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting, wasserstein_only
+from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_cell_basics, check_setting, wasserstein_only
 from ..fields import setting
 from ..store import Table, read_cell, write_shard
 
@@ -154,7 +154,7 @@ class CertifyCell(Cell):
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], problems: list[str], where: str) -> tuple[Cell | None, set[str]]:
         before = len(problems)
-        check_model_settings(settings, problems, where)
+        check_cell_basics(settings, problems, where)
         certifier = check_setting(CertifyBlock, "certifier", settings["certifier"], problems, where)
         geometry = {}
         if "protocol" in settings:

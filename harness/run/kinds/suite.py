@@ -21,7 +21,7 @@ from ...attack.pgd import AttackProgress
 from ...attack.spec import AttackSpec
 from ...attack.suite import AttackSuite, attack_suite, evaluate_batch
 from ...vocabulary import BallKind
-from ..cells import Cell, CellOutcome, Shard, ball_of, check_model as check_model_settings, check_setting, wasserstein_only
+from ..cells import Cell, CellOutcome, Shard, ball_of, check_cell_basics, check_setting, wasserstein_only
 from ..fields import setting
 from ..store import Table
 from .attack import AttackCell, attack_outcome, examples_record
@@ -78,7 +78,7 @@ class SuiteCell(Cell):
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], problems: list[str], where: str) -> tuple[Cell | None, set[str]]:
         before = len(problems)
-        check_model_settings(settings, problems, where)
+        check_cell_basics(settings, problems, where)
         suite = None
         if "dataset" in settings:
             try:
