@@ -6,6 +6,7 @@ these from here, so none of them imports another for them.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import subprocess
 from pathlib import Path
@@ -27,7 +28,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
 def package_versions() -> dict[str, str]:
+    """The installed versions of the packages a result depends on (read once per process: they do not change)."""
     versions = {}
     for package in _PACKAGES:
         try:

@@ -33,7 +33,7 @@ from .preflight import cannot_start_message, data_problems, preflight
 from .runner import RunContext
 from .scheduler import Executor, RunReport, ray_session, run_cells, train_models
 from .settings import RunSettings
-from .store import Table, read_table
+from .store import Table, read_cell
 
 __all__ = ["run_benchmark"]
 
@@ -60,7 +60,7 @@ def _suite_summary(cells: list[Cell], results_dir: str) -> str:
     lines = []
     for cell in sorted((c for c in cells if isinstance(c, SuiteCell)), key=lambda c: (c.dataset, c.model, c.ball.key)):
         suite = cell.suite
-        examples = read_table(results_dir, Table.EXAMPLES, filters=[("cell_id", "==", cell.cell_id)]).drop_duplicates("example_index")
+        examples = read_cell(results_dir, Table.EXAMPLES, cell.dataset, cell.model, cell.cell_id).drop_duplicates("example_index")
         if examples.empty:
             continue
         if not lines:
