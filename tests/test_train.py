@@ -214,7 +214,7 @@ def test_wasserstein_adversarial_training_runs_its_inner_attack(world, tmp_path,
     monkeypatch.setattr(loop.PGDAttack, "run", counting_run)
     record = train("mnist/tiny_wasserstein", data_root=world.data_root, weights_dir=tmp_path, progress=False)
     assert len(attacked) == 6 and sum(attacked) > 0  # one attack per batch, and it found adversarial examples
-    assert record["recipe"]["adversarial"]["solver"] == "plan_pgd_box"
+    assert record["recipe"]["adversarial"]["attack"]["solver"] == "plan_pgd_box"
 
 
 def test_recipe_checks():

@@ -28,6 +28,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,12 @@ SHARED_CONFIG_COLUMNS = tuple(
 """The configuration columns that the ``examples`` and ``cells`` tables share (:meth:`Cell.columns` fills them)."""
 
 
+def _value_type(annotation: Any) -> Any:
+    """The type a setting's values have (``int | None`` -> ``int``)."""
+    members = [arg for arg in typing.get_args(annotation) if arg is not type(None)] if typing.get_args(annotation) else [annotation]
+    return members[0] if len(members) == 1 else None
+
+
 def check_setting(block: type, name: str, value: Any, problems: list[str], where: str) -> Any:
     """``value`` of ``block``'s setting ``name`` checked against the field's type and what it allows; None if it fails.
 
@@ -65,7 +72,9 @@ def check_setting(block: type, name: str, value: Any, problems: list[str], where
     if not ok:
         problems.append(f"{where}: {name}={value!r} is invalid: it must be {allowed}")
         return None
-    return converted
+    # A number takes its field's type: p=2 and p=2.0 are one ball, with one id.
+    kind = _value_type(typing.get_type_hints(block)[name])
+    return kind(converted) if kind in (int, float) else converted
 
 
 def config_digest(value: Mapping[str, Any]) -> str:
