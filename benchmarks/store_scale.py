@@ -2,7 +2,7 @@
 
 For each size, a synthetic store is written with the store's own
 :func:`~harness.run.store.write_shard`: attack, suite and certify cells of
-the paper's four MNIST models (real :class:`~harness.run.grid.Cell` objects,
+the paper's four MNIST models (real :class:`~harness.run.cells.Cell` objects,
 so ids, configuration columns and file layout are those of a run), each
 ``--shards-per-cell`` shards of ``--rows`` examples, with gallery images
 for the first shard of each attack and suite cell, seeds added until the
