@@ -14,7 +14,8 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 python -m venv --system-site-packages "$work/venv"
 git -C "$checkout" archive HEAD | (mkdir "$work/source" && tar -x -C "$work/source")
-"$work/venv/bin/pip" wheel -q --no-deps --no-build-isolation -w "$work/wheelhouse" "$work/source"
+# Built by the interpreter that runs this script (a fresh environment's own setuptools may predate wheel building).
+python -m pip wheel -q --no-deps --no-build-isolation -w "$work/wheelhouse" "$work/source"
 wheel="$(ls "$work"/wheelhouse/*.whl)"
 echo "== $(basename "$wheel"): files per folder"
 python - "$wheel" <<'PY'
