@@ -15,6 +15,7 @@ import zoo
 
 from ..data import load_dataset
 from .cells import Cell
+from .fields import check_field, setting
 from .settings import RunSettings
 
 __all__ = ["DataSplit", "Plan", "TrainingRequest", "fetch", "has_weights", "plan_run", "training_requests"]
@@ -25,8 +26,8 @@ class TrainingRequest:
     """A model to train by its recipe before the run (see :func:`harness.train.train`)."""
 
     model: str
-    epochs: int | None = None
-    train_examples: int | None = None
+    epochs: int | None = setting(None, at_least=1, null_means="the recipe's")
+    train_examples: int | None = setting(None, at_least=1, null_means="the whole training split")
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,9 @@ def training_requests(grid: Mapping[str, Any]) -> tuple[list[TrainingRequest], l
             problems.append(f"train: model {settings['model']!r} has no recipe; models with recipes: {', '.join(trainable)}")
             continue
         for key in ("epochs", "train_examples"):
-            value = settings.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                problems.append(f"train: {key}={value!r} of {settings['model']!r} is invalid: it must be an integer >= 1")
+            ok, _, allowed = check_field(TrainingRequest, key, settings.get(key))
+            if not ok:
+                problems.append(f"train: {key}={settings[key]!r} of {settings['model']!r} is invalid: it must be {allowed}")
         requests.append(TrainingRequest(settings["model"], settings.get("epochs"), settings.get("train_examples")))
     return requests, problems
 
