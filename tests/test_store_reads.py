@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import math
-import re
 from pathlib import Path
 
 import numpy as np

@@ -38,7 +38,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-import zoo
 from solvers.iterate import StepRule
 
 from ..data import DATASET_SHAPES

@@ -30,7 +30,6 @@ import torch
 import zoo
 
 from ..data import load_dataset
-from ..vocabulary import DATASETS
 from .cells import Cell
 from .grid import GridError, expand_blocks
 from .grid_files import GridFileError, GridFiles, grid_blocks
