@@ -1,0 +1,275 @@
+"""The project's CPU costs, before and after a change: one Markdown table (a script, not a test).
+
+Measured on the CPU, each beside the model-only floor (200 forward and
+backward passes, cross-entropy input gradient, of the same model on the
+same batch) and the ratio of the two:
+
+* ``suite``: seconds per example of the standard evaluation
+  (:func:`harness.evaluate`) of each model on the first ``--examples`` MNIST
+  test images; floor: seconds per example of the 200 passes;
+* ``certify linear_bounds`` and ``certify milp``: seconds per example of
+  :func:`~harness.certify.run.certify_batch` at the radii 0.001, 0.01, 0.05
+  and 0.1 in the boxed ball, the model on the CPU in float64 as a certify
+  cell runs it (MILP with ``--milp-time-limit`` seconds per example and
+  radius); floor: as for the suite, in float64;
+* ``training attack``: milliseconds per example-step of the inner attack of
+  the ``mnist_wasserstein_plan_pgd`` recipe on ``--train-batch`` training
+  images against ``--train-model`` (the attack's seconds over examples times
+  the steps it took); floor: milliseconds per example of one pass.
+
+With ``--baseline COMMIT`` the same measurements also run on that commit:
+in a temporary ``git worktree`` of it, this script runs itself with
+``--json`` and that worktree first on ``PYTHONPATH``; the table then shows
+both and the speed-up (baseline over current). A measurement the baseline
+cannot make (code it lacks) is named in the table.
+
+Usage::
+
+    python benchmarks/speed.py [--examples 100] [--models ...]
+        [--certifiers linear_bounds milp] [--no-suite] [--baseline COMMIT] [--quick] [--json]
+
+The data root (folder containing ``MNIST/raw``) defaults to ``$DATA_ROOT``;
+the weights folder to ``$WEIGHTS_DIR``. ``--quick`` (1 example, one model,
+the linear bounds only, one attack on 2 training images, and no suite, which
+alone takes minutes per example) checks the script; ``--no-suite`` leaves the
+suite out of a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+try:  # run as a script from a checkout that is not pip-installed
+    import zoo  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PAPER_MODELS = ("mnist/standard", "mnist/binarized", "mnist/linf_certified", "mnist/wasserstein_adversarial")
+CERTIFY_RADII = (0.001, 0.01, 0.05, 0.1)
+FLOOR_PASSES = 200
+TRAINING_RECIPE = "mnist_wasserstein_plan_pgd"
+# What older code may lack: a measurement that meets one of these is reported as missing, not fatal.
+MISSING_CODE = (ImportError, AttributeError, KeyError, TypeError, ValueError)
+
+
+def floor_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Seconds of :data:`FLOOR_PASSES` forward and backward passes of ``model`` on the batch (input gradient)."""
+    model.eval()
+    started = time.perf_counter()
+    for _ in range(FLOOR_PASSES):
+        x = images.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        torch.autograd.grad(loss, x)
+    return time.perf_counter() - started
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def measure_suite(model_name: str, images, labels, weights_dir: str) -> dict:
+    import harness
+    import zoo
+    from harness.attack.ball import Ball
+
+    model = _frozen(zoo.model(model_name, weights_dir=weights_dir))
+    count = images.shape[0]
+    started = time.perf_counter()
+    harness.evaluate(model, images, labels, Ball.wasserstein(5, 1.0))
+    seconds = time.perf_counter() - started
+    return {"value": seconds / count, "floor": floor_seconds(model, images, labels) / count}
+
+
+def measure_certifier(model_name: str, certifier_name: str, images, labels, weights_dir: str, milp_time_limit: float) -> dict:
+    import zoo
+    from harness.attack.ball import Ball
+    from harness.certify.run import CertifySettings, certify_batch
+    from harness.vocabulary import Certifier
+
+    model = _frozen(zoo.model(model_name, weights_dir=weights_dir, device="cpu"))
+    settings = CertifySettings(Certifier(certifier_name), radii=CERTIFY_RADII, box=True, time_limit=milp_time_limit)
+    count = images.shape[0]
+    started = time.perf_counter()
+    certify_batch(model, images.cpu(), labels.cpu(), Ball.wasserstein(5, 1.0).transport, settings)
+    seconds = time.perf_counter() - started
+    # The certifiers compute in float64: so does their floor.
+    floor = floor_seconds(copy.deepcopy(model).double(), images.cpu().double(), labels.cpu())
+    return {"value": seconds / count, "floor": floor / count}
+
+
+def measure_training_attack(model_name: str, batch: int, data_root: str, weights_dir: str) -> dict:
+    import zoo
+    from harness.data import load_dataset
+    from harness.train.recipes import recipe
+
+    adversarial = recipe(TRAINING_RECIPE).adversarial
+    model = _frozen(zoo.model(model_name, weights_dir=weights_dir))
+    images, labels = load_dataset("mnist", data_root, train=True)
+    images, labels = images[:batch], labels[:batch]
+    attack = adversarial.attack.attack(model, adversarial.ball, seed=0)
+    started = time.perf_counter()
+    result = attack.run(images, labels)
+    seconds = time.perf_counter() - started
+    example_steps = int(result.steps.sum())
+    if example_steps == 0:  # every image already misclassified: no step to time
+        return {"missing": "the attack took no step"}
+    return {
+        "value": 1000 * seconds / example_steps,
+        "floor": 1000 * floor_seconds(model, images, labels) / (FLOOR_PASSES * batch),
+        "steps": example_steps,
+    }
+
+
+def _guarded(measurement, *arguments) -> dict:
+    try:
+        return measurement(*arguments)
+    except MISSING_CODE as error:
+        return {"missing": f"{type(error).__name__}: {error}"}
+
+
+def measure(arguments: argparse.Namespace) -> list[dict]:
+    """Every row of the table for the code on ``sys.path``: measure, model, unit, value and floor (or missing)."""
+    from harness.data import test_subset
+
+    torch.manual_seed(0)
+    images, labels = test_subset("mnist", arguments.data_root, arguments.examples)
+    rows = []
+    for model_name in arguments.models:
+        if arguments.suite:
+            rows.append({"measure": "suite", "model": model_name, "unit": "s/example",
+                         **_guarded(measure_suite, model_name, images, labels, arguments.weights_dir)})
+        for certifier_name in arguments.certifiers:
+            rows.append({"measure": f"certify {certifier_name}", "model": model_name, "unit": "s/example",
+                         **_guarded(measure_certifier, model_name, certifier_name, images, labels, arguments.weights_dir,
+                                    arguments.milp_time_limit)})
+    rows.append({"measure": "training attack", "model": arguments.train_model, "unit": "ms/example-step",
+                 **_guarded(measure_training_attack, arguments.train_model, arguments.train_batch, arguments.data_root,
+                            arguments.weights_dir)})
+    return rows
+
+
+def _commit(folder: Path, revision: str = "HEAD") -> str:
+    return subprocess.run(["git", "rev-parse", "--short", revision], cwd=folder, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _forwarded(arguments: argparse.Namespace) -> list[str]:
+    """The command-line options that choose the measurements, to repeat them on the baseline."""
+    return [
+        "--examples", str(arguments.examples), "--models", *arguments.models, "--certifiers", *arguments.certifiers,
+        "--milp-time-limit", str(arguments.milp_time_limit), "--train-model", arguments.train_model,
+        "--train-batch", str(arguments.train_batch), "--data-root", arguments.data_root,
+        "--weights-dir", arguments.weights_dir, "--suite" if arguments.suite else "--no-suite",
+    ]
+
+
+def measure_baseline(arguments: argparse.Namespace, checkout: Path) -> tuple[str, list[dict] | str]:
+    """The baseline's short commit and its rows, or the reason it gave none, measured in a temporary worktree."""
+    commit = _commit(checkout, arguments.baseline)
+    with tempfile.TemporaryDirectory() as parent:
+        worktree = Path(parent) / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), commit], cwd=checkout, check=True,
+                       capture_output=True)
+        try:
+            environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(worktree), os.environ.get("PYTHONPATH")]))}
+            finished = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--json", *_forwarded(arguments)],
+                                      cwd=worktree, env=environment, capture_output=True, text=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=checkout, capture_output=True)
+    if finished.returncode != 0:
+        last_line = (finished.stderr.strip().splitlines() or ["no output"])[-1]
+        return commit, f"the baseline run failed: {last_line}"
+    return commit, json.loads(finished.stdout)["rows"]
+
+
+def _number(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.4g}"
+
+
+def _cells(row: dict | None) -> list[str]:
+    if row is None:
+        return ["not measured", "-", "-"]
+    if "missing" in row:
+        return [f"missing ({row['missing']})", "-", "-"]
+    return [_number(row["value"]), _number(row["floor"]), _number(row["value"] / row["floor"])]
+
+
+def markdown(header: str, current: list[dict], baseline: list[dict] | str | None, baseline_commit: str | None) -> str:
+    """The table: one row per measurement, the current code's columns, then the baseline's and the speed-up."""
+    columns = ["measure", "model", "unit", "value", "floor", "ratio"]
+    if baseline is not None:
+        columns += [f"baseline {baseline_commit}", "baseline floor", "baseline ratio", "speed-up"]
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    before = {(row["measure"], row["model"]): row for row in baseline} if isinstance(baseline, list) else {}
+    for row in current:
+        cells = [row["measure"], row["model"], row["unit"], *_cells(row)]
+        if baseline is not None:
+            if isinstance(baseline, str):
+                cells += [baseline, "-", "-", "-"]
+            else:
+                earlier = before.get((row["measure"], row["model"]))
+                cells += _cells(earlier)
+                measured = earlier is not None and "missing" not in earlier and "missing" not in row
+                cells.append(_number(earlier["value"] / row["value"]) if measured else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"floor: {FLOOR_PASSES} forward and backward passes per example (s) for the suite and the "
+              "certifiers, one pass per example (ms) for the training attack; ratio: value / floor; "
+              "speed-up: baseline / current."]
+    return "\n".join(lines)
+
+
+def header_line(checkout: Path, examples: int) -> str:
+    return (
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}; commit {_commit(checkout)}; "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}; N = {examples}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=100, help="first MNIST test images of the suite and certifiers")
+    parser.add_argument("--models", nargs="+", default=list(PAPER_MODELS))
+    parser.add_argument("--certifiers", nargs="*", default=["linear_bounds"], choices=["linear_bounds", "milp"])
+    parser.add_argument("--milp-time-limit", type=float, default=5.0, help="MILP seconds per example and radius")
+    parser.add_argument("--train-model", default="mnist/standard", help="the model the training attack runs against")
+    parser.add_argument("--train-batch", type=int, default=64, help="training images of the training attack")
+    parser.add_argument("--suite", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the standard suite (minutes per example on a busy CPU)")
+    parser.add_argument("--baseline", help="a commit to measure too, in a temporary git worktree")
+    parser.add_argument("--quick", action="store_true", help="1 example, one model, linear bounds, no suite, 2 training images")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON (the baseline run's output)")
+    parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "data"))
+    parser.add_argument("--weights-dir", default=os.environ.get("WEIGHTS_DIR"))
+    arguments = parser.parse_args(argv)
+    if arguments.quick:
+        arguments.examples, arguments.models, arguments.certifiers = 1, arguments.models[:1], ["linear_bounds"]
+        arguments.train_batch, arguments.suite = 2, False
+    current = measure(arguments)
+    if arguments.json:
+        print(json.dumps({"rows": current}))
+        return
+    checkout = Path(__file__).resolve().parents[1]
+    baseline_commit, baseline = measure_baseline(arguments, checkout) if arguments.baseline else (None, None)
+    print(markdown(header_line(checkout, arguments.examples), current, baseline, baseline_commit))
+
+
+if __name__ == "__main__":
+    main()
