@@ -221,7 +221,8 @@ def test_ray_and_local_give_the_same_rows_with_plugins_from_the_working_director
 
 
 def test_a_killed_actor_is_replaced_and_every_shard_lands_once(world, tmp_path):
-    cells = expand_blocks([_block(world.model, n_examples=12, iterations=60)])
+    # Shards long enough (200 steps) that the sampler below finds one running even on a loaded machine.
+    cells = expand_blocks([_block(world.model, n_examples=12, iterations=200)])
     results = tmp_path / "results"
     killed = []
 
