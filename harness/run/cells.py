@@ -38,14 +38,14 @@ import zoo
 
 from ..attack.ball import Ball
 from ..vocabulary import BallKind
-from .fields import check_field
+from .fields import check_field, setting
 from .store import CELLS_SCHEMA, EXAMPLES_SCHEMA, Table
 
 if TYPE_CHECKING:
     from .runner import ShardProgress, ShardRunner
 
 __all__ = [
-    "SHARED_CONFIG_COLUMNS", "Cell", "CellKinds", "CellOutcome", "Shard", "ball_of", "cell_kinds_with", "check_cell_basics",
+    "SHARED_CONFIG_COLUMNS", "BallBlock", "Cell", "CellKinds", "CellOutcome", "Shard", "ball_of", "cell_kinds_with", "check_cell_basics",
     "check_setting", "config_digest", "register_cell_kind", "unregister_cell_kind", "wasserstein_only",
 ]
 
@@ -75,6 +75,26 @@ def check_setting(block: type, name: str, value: Any, problems: list[str], where
     # A number takes its field's type: p=2 and p=2.0 are one ball, with one id.
     kind = _value_type(typing.get_type_hints(block)[name])
     return kind(converted) if kind in (int, float) else converted
+
+
+def _odd(value: int) -> bool:
+    return value % 2 == 1
+
+
+@dataclass
+class BallBlock:
+    """The settings every block of a kind in a ball shares: data set, model, ball, seed, examples.
+
+    A kind's block dataclass extends it with its own settings.
+    """
+
+    dataset: str | None = None
+    model: str | None = None
+    threat_model: BallKind = BallKind.WASSERSTEIN
+    kernel_size: int | None = setting(None, at_least=3, rule=_odd, words="an odd integer >= 3")
+    p: float | None = setting(None, above=0)
+    seed: int = setting(0, at_least=0)
+    n_examples: int | None = setting(None, at_least=1)
 
 
 def config_digest(value: Mapping[str, Any]) -> str:

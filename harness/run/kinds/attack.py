@@ -31,8 +31,8 @@ from ...attack.model_checks import ModelCheckWarning, check_model
 from ...attack.pgd import AttackProgress, EpsSchedule, Loss
 from ...attack.spec import PROTOCOLS, AttackSpec
 from ...attack.verify import VerificationStatus, robust_accuracy
-from ...vocabulary import BallKind, ModelCheck
-from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_cell_basics, check_setting
+from ...vocabulary import ModelCheck
+from ..cells import BallBlock, SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_cell_basics, check_setting
 from ..fields import setting
 from ..store import EXAMPLES_SCHEMA, TYPED_HYPERPARAMETERS, Table, read_cell
 
@@ -42,21 +42,12 @@ if TYPE_CHECKING:
 __all__ = ["AttackBlock", "AttackCell", "examples_record", "failed_checks", "warn_failed_checks"]
 
 
-def _odd(value: int) -> bool:
-    return value % 2 == 1
-
-
 @dataclass
-class AttackBlock:
+class AttackBlock(BallBlock):
     """What an attack block may set (solver hyperparameters come on top); unset values come from a protocol."""
 
-    dataset: str | None = None
-    model: str | None = None
-    threat_model: BallKind = BallKind.WASSERSTEIN
     solver: str | None = None
     protocol: str | None = None
-    kernel_size: int | None = setting(None, at_least=3, rule=_odd, words="an odd integer >= 3")
-    p: float | None = setting(None, above=0)
     eps_initial: float | None = setting(None, above=0)
     eps_factor: float | None = None
     eps_every: int | None = None
@@ -67,8 +58,6 @@ class AttackBlock:
     clamp: bool = False
     loss: Loss = Loss.CROSS_ENTROPY
     restarts: int = setting(1, at_least=1)
-    seed: int = setting(0, at_least=0)
-    n_examples: int | None = setting(None, at_least=1)
 
 
 _PROTOCOL_HINT = f" (set it, or a protocol: {', '.join(sorted(PROTOCOLS))})"

@@ -22,8 +22,8 @@ import numpy as np
 import zoo
 
 from ...attack.spec import PROTOCOLS
-from ...vocabulary import DATASETS, BallKind, CertificateStatus, Certifier
-from ..cells import SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_cell_basics, check_setting, wasserstein_only
+from ...vocabulary import DATASETS, CertificateStatus, Certifier
+from ..cells import BallBlock, SHARED_CONFIG_COLUMNS, Cell, CellOutcome, Shard, ball_of, check_cell_basics, check_setting, wasserstein_only
 from ..fields import setting
 from ..store import Table, read_cell, write_shard
 
@@ -34,27 +34,16 @@ if TYPE_CHECKING:
 __all__ = ["CertifyBlock", "CertifyCell", "certify_config"]
 
 
-def _odd(value: int) -> bool:
-    return value % 2 == 1
-
-
 @dataclass
-class CertifyBlock:
+class CertifyBlock(BallBlock):
     """What a certify block may set; unset, ``time_limit`` and ``radius_rounds`` keep :class:`CertifySettings`' defaults."""
 
     certifier: Certifier | None = None
-    dataset: str | None = None
-    model: str | None = None
-    threat_model: BallKind = BallKind.WASSERSTEIN
     protocol: str | None = None
-    kernel_size: int | None = setting(None, at_least=3, rule=_odd, words="an odd integer >= 3")
-    p: float | None = setting(None, above=0)
     radii: list | None = None
     box: bool = True
     time_limit: float | None = setting(None, above=0)
     radius_rounds: int | None = setting(None, at_least=0)
-    seed: int = setting(0, at_least=0)
-    n_examples: int | None = setting(None, at_least=1)
 
 
 def certify_config(settings: "CertifySettings") -> dict[str, Any]:

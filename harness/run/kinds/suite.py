@@ -20,9 +20,7 @@ from ...attack.model_checks import check_model
 from ...attack.pgd import AttackProgress
 from ...attack.spec import AttackSpec
 from ...attack.suite import AttackSuite, attack_suite, evaluate_batch
-from ...vocabulary import BallKind
-from ..cells import Cell, CellOutcome, Shard, ball_of, check_cell_basics, check_setting, wasserstein_only
-from ..fields import setting
+from ..cells import BallBlock, Cell, CellOutcome, Shard, ball_of, check_cell_basics, check_setting, wasserstein_only
 from ..store import Table
 from .attack import AttackCell, attack_outcome, examples_record
 
@@ -32,22 +30,11 @@ if TYPE_CHECKING:
 __all__ = ["SuiteBlock", "SuiteCell"]
 
 
-def _odd(value: int) -> bool:
-    return value % 2 == 1
-
-
 @dataclass
-class SuiteBlock:
+class SuiteBlock(BallBlock):
     """What a suite block may set; the suite supplies everything else."""
 
     suite: str | None = None
-    dataset: str | None = None
-    model: str | None = None
-    threat_model: BallKind = BallKind.WASSERSTEIN
-    kernel_size: int | None = setting(None, at_least=3, rule=_odd, words="an odd integer >= 3")
-    p: float | None = setting(None, above=0)
-    seed: int = setting(0, at_least=0)
-    n_examples: int | None = setting(None, at_least=1)
 
 
 _BOX = "every member keeps pixels in [0, 1] inside its projection; every image it keeps is verified in the box"
