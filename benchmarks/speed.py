@@ -82,7 +82,7 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def measure_suite(model_name: str, images, labels, weights_dir: str) -> dict:
+def measure_suite(model_name: str, images, labels, weights_dir: str, frames: str | None) -> dict:
     import harness
     import zoo
     from harness.attack.ball import Ball
@@ -90,9 +90,17 @@ def measure_suite(model_name: str, images, labels, weights_dir: str) -> dict:
     model = _frozen(zoo.model(model_name, weights_dir=weights_dir))
     count = images.shape[0]
     started = time.perf_counter()
-    harness.evaluate(model, images, labels, Ball.wasserstein(5, 1.0))
+    frame = harness.evaluate(model, images, labels, Ball.wasserstein(5, 1.0))
     seconds = time.perf_counter() - started
-    return {"value": seconds / count, "floor": floor_seconds(model, images, labels) / count}
+    if frames is not None:
+        Path(frames).mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(Path(frames) / f"{model_name.replace('/', '_')}.parquet")
+    return {
+        "value": seconds / count, "floor": floor_seconds(model, images, labels) / count, "suite": frame.attrs["suite"],
+        "robust_accuracy": {str(radius): value for radius, value in frame.attrs["robust_accuracy"].items()},
+        "median_radius": frame.attrs["median_radius"], "member_seconds": frame.attrs["member_seconds"],
+        "found_by": frame["found_by"].value_counts().to_dict(),
+    }
 
 
 def measure_certifier(model_name: str, certifier_name: str, images, labels, weights_dir: str, milp_time_limit: float) -> dict:
@@ -152,7 +160,7 @@ def measure(arguments: argparse.Namespace) -> list[dict]:
     for model_name in arguments.models:
         if arguments.suite:
             rows.append({"measure": "suite", "model": model_name, "unit": "s/example",
-                         **_guarded(measure_suite, model_name, images, labels, arguments.weights_dir)})
+                         **_guarded(measure_suite, model_name, images, labels, arguments.weights_dir, arguments.frames)})
         for certifier_name in arguments.certifiers:
             rows.append({"measure": f"certify {certifier_name}", "model": model_name, "unit": "s/example",
                          **_guarded(measure_certifier, model_name, certifier_name, images, labels, arguments.weights_dir,
@@ -175,6 +183,7 @@ def _forwarded(arguments: argparse.Namespace) -> list[str]:
         "--milp-time-limit", str(arguments.milp_time_limit), "--train-model", arguments.train_model,
         "--train-batch", str(arguments.train_batch), "--data-root", arguments.data_root,
         "--weights-dir", arguments.weights_dir, "--suite" if arguments.suite else "--no-suite",
+        *(["--frames", str(Path(arguments.frames).parent / "baseline")] if arguments.frames else []),
     ]
 
 
@@ -195,6 +204,27 @@ def measure_baseline(arguments: argparse.Namespace, checkout: Path) -> tuple[str
         last_line = (finished.stderr.strip().splitlines() or ["no output"])[-1]
         return commit, f"the baseline run failed: {last_line}"
     return commit, json.loads(finished.stdout)["rows"]
+
+
+def saved_baseline(path: str) -> tuple[str, list[dict]]:
+    """The commit and rows of an earlier ``--json`` run (of a baseline checkout, on this machine)."""
+    saved = json.loads(Path(path).read_text())
+    return f"{saved['commit']} (measured {saved['measured']})", saved["rows"]
+
+
+def verdicts(current: list[dict], baseline: list[dict] | str | None) -> str:
+    """The suite's verified robust accuracy and median radius per model, current beside baseline."""
+    before = {row["model"]: row for row in baseline if row["measure"] == "suite"} if isinstance(baseline, list) else {}
+    lines = ["| model | code | suite | robust accuracy by radius | median radius |", "|---|---|---|---|---|"]
+    for row in current:
+        if row["measure"] != "suite":
+            continue
+        for code, measured in (("current", row), ("baseline", before.get(row["model"]))):
+            if measured is None or "robust_accuracy" not in measured:
+                continue
+            accuracy = ", ".join(f"{radius}: {100 * value:.0f}%" for radius, value in measured["robust_accuracy"].items())
+            lines.append(f"| {row['model']} | {code} | {measured['suite']} | {accuracy} | {_number(measured['median_radius'])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _number(value: float | None) -> str:
@@ -254,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suite", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the standard suite (minutes per example on a busy CPU)")
     parser.add_argument("--baseline", help="a commit to measure too, in a temporary git worktree")
+    parser.add_argument("--baseline-rows", help="the --json output of an earlier run of a baseline checkout, in place of --baseline")
+    parser.add_argument("--frames", help="a folder for the suite's per-example frames (Parquet, one per model)")
     parser.add_argument("--quick", action="store_true", help="1 example, one model, linear bounds, no suite, 2 training images")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON (the baseline run's output)")
     parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "data"))
@@ -262,13 +294,23 @@ def main(argv: list[str] | None = None) -> None:
     if arguments.quick:
         arguments.examples, arguments.models, arguments.certifiers = 1, arguments.models[:1], ["linear_bounds"]
         arguments.train_batch, arguments.suite = 2, False
+    if arguments.frames and not arguments.json:
+        arguments.frames = str(Path(arguments.frames) / "current")
+    checkout = Path(__file__).resolve().parents[1]
     current = measure(arguments)
     if arguments.json:
-        print(json.dumps({"rows": current}))
+        commit = _commit(Path(os.environ.get("PYTHONPATH", str(checkout)).split(os.pathsep)[0]))
+        print(json.dumps({"commit": commit, "measured": datetime.datetime.now().isoformat(timespec="seconds"), "rows": current}))
         return
-    checkout = Path(__file__).resolve().parents[1]
-    baseline_commit, baseline = measure_baseline(arguments, checkout) if arguments.baseline else (None, None)
+    baseline_commit, baseline = None, None
+    if arguments.baseline_rows:
+        baseline_commit, baseline = saved_baseline(arguments.baseline_rows)
+    elif arguments.baseline:
+        baseline_commit, baseline = measure_baseline(arguments, checkout)
     print(markdown(header_line(checkout, arguments.examples), current, baseline, baseline_commit))
+    suite_table = verdicts(current, baseline)
+    if suite_table:
+        print("\n" + suite_table)
 
 
 if __name__ == "__main__":

@@ -1409,14 +1409,25 @@ class PlanPGDIterate:
             carried["capacity_multiplier"] = projection.capacity_multiplier
         return carried
 
-    def start(self, x, eps, generator=None):
+    def _cold_multipliers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_centres(x)
         if self.box:
             _check_box_centres(x)
-        k = self.transport.kernel_size
         carried = {"multiplier": x.new_zeros(x.shape[0])}
         if self.box:
             carried["capacity_multiplier"] = torch.zeros_like(x)
+        return carried
+
+    def start_at(self, x: torch.Tensor, plan: torch.Tensor) -> IterateState:
+        """The iterate at the plans ``plan`` ``(B, C, H W, k^2)``, which the caller keeps inside the ball
+        (e.g. a verified example's exact plan, scaled towards the identity plan)."""
+        carried = self._cold_multipliers(x)
+        plan = plan.to(x)
+        return IterateState(x, self.geometry.image(plan, x), {"plan": plan, **carried})
+
+    def start(self, x, eps, generator=None):
+        carried = self._cold_multipliers(x)
+        k = self.transport.kernel_size
         if generator is None:
             plan = identity_plan(x, k)
         else:

@@ -307,7 +307,8 @@ def test_harness_evaluate_warns_and_records_the_failed_checks(monkeypatch):
     from harness.attack.suite import attack_suite
     from test_suite import _cut
 
-    monkeypatch.setitem(suite_module.SUITES, ("standard", "mnist"), _cut(attack_suite("standard", "mnist"), iterations=3))
+    suite = _cut(attack_suite("standard", "mnist"), iterations=3)
+    monkeypatch.setitem(suite_module.SUITES, (suite.name, suite.dataset, suite.version), suite)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 12 * 12, 10)).double().eval()
     x = torch.as_tensor(digit_batch(3, 4, (1, 12, 12)))

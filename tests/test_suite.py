@@ -32,6 +32,7 @@ from harness.run.kinds import SuiteCell
 from harness.run.store import Table, read_table
 from harness.attack.verify import Verification
 from harness.vocabulary import VerificationStatus
+from solvers.iterate import StepRule
 from solvers.exact import local_ot_distance
 from conftest import digit_batch
 
@@ -39,6 +40,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 BALL = Ball.wasserstein(3, 1.0)
 RADII = (0.02, 0.05, 0.1)
+LATEST = max(version for name, dataset, version in suite_module.SUITES if (name, dataset) == ("standard", "mnist"))
 
 
 def _cut(suite, iterations: int = 12):
@@ -157,10 +159,10 @@ def test_only_better_verified_claims_are_kept_and_rejected_ones_are_counted(prob
 
 def test_evaluate_on_a_model_outside_the_zoo_returns_one_row_per_example(problem, monkeypatch):
     model, x, y = problem
-    monkeypatch.setitem(suite_module.SUITES, ("standard", "mnist"), _cut(attack_suite("standard", "mnist"), iterations=4))
+    monkeypatch.setitem(suite_module.SUITES, ("standard", "mnist", LATEST), _cut(attack_suite("standard", "mnist"), iterations=4))
     frame = harness.evaluate(model, x[:5], y[:5], BALL, dataset="mnist", batch_size=3)
     assert isinstance(frame, pd.DataFrame) and list(frame["example_index"]) == [0, 1, 2, 3, 4]
-    assert set(frame["suite"]) == {"standard"} and set(frame["suite_version"]) == {1}
+    assert set(frame["suite"]) == {"standard"} and set(frame["suite_version"]) == {LATEST}
     assert frame.attrs["robust_accuracy"] == {r: float((frame["verified_distance"] > r).mean()) for r in RADII}
     assert frame.attrs["median_radius"] == float(np.median(frame["verified_distance"]))
     assert "plan_pgd_box_targeted" in frame["suite_json"][0]
@@ -187,7 +189,11 @@ def test_the_2020_presets_expand_and_only_an_additive_schedule_records_its_incre
 def test_suite_blocks_refuse_attack_settings():
     block = {"dataset": "mnist", "model": "mnist/standard", "suite": "standard", "kernel_size": 5, "p": 1, "n_examples": 2}
     (cell,) = expand_blocks([block])
-    assert isinstance(cell, SuiteCell) and cell.label == "standard v1" and cell.config()["suite_version"] == 1
+    assert isinstance(cell, SuiteCell) and cell.label == f"standard v{LATEST}" and cell.config()["suite_version"] == LATEST
+    (first,) = expand_blocks([{**block, "suite_version": 1}])
+    assert first.label == "standard v1" and first.cell_id != cell.cell_id
+    with pytest.raises(GridError, match="suite='standard' version=9 for dataset='mnist' does not exist; suites: .*standard v1"):
+        expand_blocks([{**block, "suite_version": 9}])
     with pytest.raises(GridError, match="'eps_initial', 'solver' cannot be set with suite='standard'"):
         expand_blocks([{**block, "solver": "plan_pgd_box", "eps_initial": 0.1}])
     with pytest.raises(GridError, match="suites attack Wasserstein balls"):
@@ -197,7 +203,7 @@ def test_suite_blocks_refuse_attack_settings():
 
 
 def test_suite_grid_lands_on_disk_and_a_rerun_resumes(world, tmp_path, monkeypatch):
-    monkeypatch.setitem(suite_module.SUITES, ("standard", "mnist"), _cut(attack_suite("standard", "mnist"), iterations=3))
+    monkeypatch.setitem(suite_module.SUITES, ("standard", "mnist", LATEST), _cut(attack_suite("standard", "mnist"), iterations=3))
     config = {
         "grid": {"name": "evaluate", "blocks": [
             {"dataset": "mnist", "model": "mnist/standard", "suite": "standard", "kernel_size": 5, "p": 1, "n_examples": 3},
@@ -211,15 +217,74 @@ def test_suite_grid_lands_on_disk_and_a_rerun_resumes(world, tmp_path, monkeypat
     assert run_benchmark(config, printed) == 0
     examples = read_table(tmp_path / "results", Table.EXAMPLES)
     robust = ", ".join(f"{r:g}: {100 * (examples['verified_distance'] > r).mean():.1f}%" for r in RADII)
-    assert f"standard v1  {world.model}" in printed.getvalue() and robust in printed.getvalue()
+    assert f"standard v{LATEST}  {world.model}" in printed.getvalue() and robust in printed.getvalue()
     assert len(examples) == 3 and set(examples["model"].astype(str)) == {world.model}
-    assert set(examples["suite"]) == {"standard"} and examples["suite_json"].str.contains('"version": 1').all()
+    assert set(examples["suite"]) == {"standard"} and examples["suite_json"].str.contains(f'"version": {LATEST}').all()
     assert (examples["verified_distance"] <= examples["schedule_radius"]).all()
     assert examples["solver"].isna().all() and examples["found_by"].notna().all() and examples["rejected_claims"].notna().all()
     cells = read_table(tmp_path / "results", Table.CELLS)
-    assert cells["attack_summary"].str.startswith("attack suite standard v1").all()
+    assert cells["attack_summary"].str.startswith(f"attack suite standard v{LATEST}").all()
     written = sorted(path.stat().st_mtime_ns for path in (tmp_path / "results").rglob("*.parquet") if "examples" in str(path))
     assert run_benchmark(config) == 0
     assert sorted(path.stat().st_mtime_ns for path in (tmp_path / "results").rglob("*.parquet") if "examples" in str(path)) == written
     config["models"] = ["cifar10/resnet18"]
     assert run_benchmark(config) == 2
+
+
+def test_version_1_keeps_its_definition_and_stays_runnable(problem):
+    import json
+    from pathlib import Path
+
+    pinned = json.loads((Path(__file__).parent / "pinned" / "suite_standard_v1.json").read_text())
+    for dataset, definition in pinned.items():
+        assert json.loads(attack_suite("standard", dataset, 1).definition_json()) == definition
+    assert attack_suite("standard", "mnist").version == LATEST > 1
+    model, x, y = problem
+    outcome = evaluate_batch(model, x[:4], y[:4], BALL, _cut(attack_suite("standard", "mnist", 1), iterations=4))
+    assert set(outcome.columns["found_by"]) <= {m.name for m in attack_suite("standard", "mnist", 1).members} | {"", suite_module.CLEAN}
+
+
+def test_a_start_plan_is_the_attacks_first_iterate(problem):
+    from solvers.plan_space import identity_plan
+
+    model, x, y = problem
+    iterate = BALL.iterate(zoo.solver_spec("plan_pgd_box"), {}, None, None)
+    verdict = BALL.verify(model, x, y, PGDAttack(model, iterate, EpsSchedule(0.01, 1.5, 1, 12)).run(x, y))
+    broken = [b for b in sorted(verdict.plans) if verdict.verified_distance[b] > 0]
+    assert broken
+    plans = torch.stack([torch.from_numpy(verdict.plans[b]) for b in broken]).to(x)
+    chosen = torch.as_tensor(broken)
+    # At its own radius the verified plan is adversarial before any step: found at step 0, at that plan's image.
+    radius = torch.as_tensor(verdict.verified_distance[broken], dtype=x.dtype) * (1 + 1e-6)
+    started = PGDAttack(model, iterate, EpsSchedule.fixed(1.0, 5)).run(x[chosen], y[chosen], radius_scale=radius, start_plans=plans)
+    assert bool(started.success.all()) and int(started.steps.sum()) == 0
+    assert torch.allclose(started.adversarial, verdict.image[chosen], atol=1e-9)
+    # The mix with the identity plan costs that fraction of the verified radius.
+    t = 0.5
+    mixed = t * plans + (1 - t) * identity_plan(x[chosen], 3)
+    distances = [local_ot_distance(x[b].numpy(), image.numpy(), 3, 1.0).cost for b, image in zip(broken, iterate.geometry.image(mixed, x[chosen]))]
+    assert np.all(np.array(distances) <= t * verdict.verified_distance[broken] * (1 + 1e-6) + 1e-12)
+    sinkhorn = BALL.iterate(zoo.solver_spec("projected_sinkhorn"), {}, StepRule.LINF_SIGN, 0.1)
+    with pytest.raises(ValueError, match="start_plans is for plan-space solvers"):
+        PGDAttack(model, sinkhorn, EpsSchedule(0.01)).run(x[chosen], y[chosen], start_plans=plans)
+
+
+def test_a_banded_member_attacks_only_below_the_radius_found_and_from_a_quarter_of_it(problem, monkeypatch):
+    model, x, y = problem
+    suite = attack_suite("standard", "mnist")
+    banded = next(member for member in suite.members if member.band is not None and member.role is MemberRole.SCHEDULE)
+    run = suite_module._SuiteRun(model, x, y, BALL, 0)
+    run.best.radius[:] = [0.0, 0.2, np.inf, 0.4, np.inf, 0.1, 0.3, 0.05]
+    calls = []
+    monkeypatch.setattr(run, "_attack", lambda member, indices, *args, **options: calls.append((indices, options)))
+    run._member(banded, suite.radii)
+    (in_band, band_options), (unbroken, plain_options) = calls
+    assert in_band.tolist() == [1, 3, 5, 6, 7] and unbroken.tolist() == [2, 4]
+    start = band_options["radius_scale"].numpy() * banded.schedule.initial
+    assert np.allclose(start, banded.band * run.best.radius[in_band])
+    assert np.allclose(band_options["give_up_above"].numpy(), run.best.radius[in_band])
+    assert "radius_scale" not in plain_options and np.isinf(plain_options["give_up_above"].numpy()).all()
+    with pytest.raises(ValueError, match="band=1.5 is invalid"):
+        replace(banded, band=1.5)
+    with pytest.raises(ValueError, match="warm_start is for fixed_radii members"):
+        replace(banded, warm_start=True)

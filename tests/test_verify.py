@@ -179,3 +179,28 @@ def test_every_registered_solver_makes_claims_that_verify(name):
     assert (verdict.mass_error[claimed] <= Tolerances.for_images(x, 3, 1.0).mass).all()
     if spec.box is not zoo.BoxHandling.NONE:
         assert math.isfinite(float(np.min(verdict.verified_distance)))
+
+
+@pytest.mark.parametrize("kernel_size,p", [(3, 1.0), (5, 2.0)])
+def test_the_window_plan_of_a_verified_claim_reaches_its_stored_image_at_its_verified_cost(kernel_size, p):
+    from solvers.plan_space import plan_cost, plan_image, window_layout
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).double().eval()
+    x = _digits(3).double()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    ball = Ball.wasserstein(kernel_size, p)
+    iterate = ball.iterate(zoo.solver_spec("plan_pgd_box"), {}, None, None)
+    result = PGDAttack(model, iterate, EpsSchedule(EPS, 1.5, 1, 20)).run(x, y)
+    verdict = verify_wasserstein(model, x, y, result.adversarial, result.success, result.eps_found, kernel_size, p)
+    verified = np.flatnonzero(verdict.status == int(VerificationStatus.VERIFIED))
+    assert verified.size == 3 and sorted(verdict.plans) == verified.tolist()
+    cost, _ = window_layout(ball.transport, 28, 28, torch.float64)
+    rounding = Tolerances.for_images(x, kernel_size, p)
+    for b in verified:
+        plan = torch.from_numpy(verdict.plans[int(b)])[None]
+        assert float(plan.min()) >= 0
+        assert torch.allclose(plan_image(plan, 28, 28)[0], verdict.image[b], rtol=0, atol=rounding.box)
+        mass = float(x[b].sum())
+        assert float(plan_cost(plan, cost)) / mass == pytest.approx(verdict.verified_distance[b], rel=rounding.radius, abs=1e-12)

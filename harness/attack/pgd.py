@@ -281,6 +281,7 @@ class PGDAttack:
         on_success: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
         radius_scale: torch.Tensor | None = None,
         give_up_above: torch.Tensor | None = None,
+        start_plans: torch.Tensor | None = None,
     ) -> AttackResult:
         """Attack the batch ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
 
@@ -298,6 +299,9 @@ class PGDAttack:
         eps_found)`` is called at each step where examples are fooled, with
         their indices in the batch, their final adversarial images and
         radii (to start verifying them while the attack goes on).
+        ``start_plans`` (B, C, H W, k^2), for plan-space solvers only: the
+        first attempt starts at these transport plans, each inside its
+        example's first ball, instead of the clean image.
         """
         started = time.perf_counter()
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -315,6 +319,11 @@ class PGDAttack:
             if bool((targets == y).any()):
                 raise ValueError(f"targets equal the true label for examples {torch.nonzero(targets == y).flatten().tolist()}")
         batch, device = x.shape[0], x.device
+        if start_plans is not None:
+            if not hasattr(self.iterate, "start_at"):
+                raise ValueError(f"start_plans is for plan-space solvers; {self.iterate!r} does not start from plans")
+            if start_plans.shape[0] != batch:
+                raise ValueError(f"start_plans has {start_plans.shape[0]} plans for {batch} examples")
         scale = _per_example("radius_scale", radius_scale, batch, x, positive=True)
         ceiling = _per_example("give_up_above", give_up_above, batch, x, positive=False)
         was_training = self.model.training
@@ -340,6 +349,7 @@ class PGDAttack:
                 self._attack_pending(
                     x, y, targets, pending, restart, generator if restart > 0 else None, scale, ceiling,
                     adversarial, success, eps_found, restart_found, tally, on_step, on_success,
+                    start_plans if restart == 0 else None,
                 )
             with torch.no_grad():
                 adversarial_prediction = self.model(adversarial).argmax(1)
@@ -362,14 +372,17 @@ class PGDAttack:
 
     def _attack_pending(
         self, x, y, targets, pending, restart, generator, scale, ceiling, adversarial, success, eps_found, restart_found,
-        tally, on_step, on_success,
+        tally, on_step, on_success, start_plans,
     ):
         """One restart over the examples ``pending``; writes results in place."""
         schedule = self.schedule
-        state: IterateState = self.iterate.start(x[pending], _radii(schedule.initial, scale, pending), generator)
+        if start_plans is not None:
+            state: IterateState = self.iterate.start_at(x[pending], start_plans[pending])
+        else:
+            state = self.iterate.start(x[pending], _radii(schedule.initial, scale, pending), generator)
         active = pending  # indices into the full batch, in the order of ``state``
         # Radius of the ball the current image was projected onto (0: clean start), before the per-example scale.
-        image_eps = 0.0 if generator is None else schedule.initial
+        image_eps = 0.0 if generator is None and start_plans is None else schedule.initial
         for step in range(schedule.iterations + 1):
             image = state.image.detach().requires_grad_(True)
             logits = self.model(image)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from solvers.iterate import StepRule
+from solvers.plan_space import identity_plan
 
 from ..data import DATASET_SHAPES
 from ..vocabulary import STANDARD_RADII, BallKind, VerificationStatus
@@ -91,18 +92,45 @@ class SuiteMember:
         ``EpsSchedule.fixed(1.0, n)``: n steps at each radius. ``targets`` is how many wrong classes a ``targeted``
         member aims at, by clean logit; ``restarts`` the attempts per example (``fixed_radii``: the first from the
         clean image, later ones random).
+    band : float, optional
+        ``schedule`` and ``targeted`` members only. An example that an earlier member already broke, at radius
+        ``r``, is attacked only in the band ``[band * r, r]``: the schedule's growth and steps, scaled to start at
+        ``band * r``, and the example given up once it passes ``r``. The schedule's radii below the band are
+        where this member can no longer help, and its steps there are the cost a later member saves. Examples
+        not yet broken run the schedule as it is.
+    warm_start : bool
+        ``fixed_radii`` members of plan-space solvers only. An example already broken at radius ``r`` is attacked
+        at the radius ``m < r`` from its best verified plan ``P`` mixed with the identity plan ``I``,
+        ``(m / r) P + (1 - m / r) I``: the point of the segment to its best image that lies on the sphere of
+        radius ``m``, rather than from the clean image. Later restarts still start at random points.
     """
 
     name: str
     role: MemberRole
     attack: AttackSpec
+    band: float | None = None
+    warm_start: bool = False
+
+    def __post_init__(self):
+        if self.band is not None and not 0 < self.band < 1:
+            raise ValueError(f"band={self.band!r} is invalid: it must lie in (0, 1)")
+        if self.band is not None and self.role is MemberRole.FIXED_RADII:
+            raise ValueError(f"band is for schedule and targeted members, not {self.role.value} ({self.name})")
+        if self.warm_start and self.role is not MemberRole.FIXED_RADII:
+            raise ValueError(f"warm_start is for fixed_radii members, not {self.role.value} ({self.name})")
 
     @property
     def schedule(self) -> EpsSchedule:
         return self.attack.schedule
 
     def definition(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role.value, **self.attack.to_dict()}
+        written = {"name": self.name, "role": self.role.value, **self.attack.to_dict()}
+        # Written only when set: the definitions of suites without bands stay as they were.
+        if self.band is not None:
+            written["band"] = self.band
+        if self.warm_start:
+            written["warm_start"] = True
+        return written
 
 
 @dataclass(frozen=True)
@@ -169,8 +197,8 @@ class AttackSuite:
         return max(max(m.schedule.final_eps for m in self.members if m.role is not MemberRole.FIXED_RADII), max(self.radii))
 
 
-def _standard(dataset: str, initial: float, plan_step: float, lam: float) -> AttackSuite:
-    """The ``standard`` suite for a data set: the same members, scaled to its radii."""
+def _standard_v1(dataset: str, initial: float, plan_step: float, lam: float) -> AttackSuite:
+    """Version 1 of the ``standard`` suite for a data set: the same members, scaled to its radii."""
     radii = STANDARD_RADII[(dataset, BallKind.WASSERSTEIN.value)]
     # From a twentieth of the smallest standard radius, x1.1 every 3 steps: past 25 times the smallest by step 200.
     growing = EpsSchedule(initial, 1.1, 3, 200)
@@ -209,28 +237,78 @@ def _standard(dataset: str, initial: float, plan_step: float, lam: float) -> Att
     )
 
 
-SUITES: dict[tuple[str, str], AttackSuite] = {
-    (suite.name, suite.dataset): suite
+def _standard_v2(dataset: str, initial: float, plan_step: float) -> AttackSuite:
+    """Version 2 of the ``standard`` suite, built by each member's measured contribution (``docs/evaluate.md``).
+
+    Projected Sinkhorn with the box, which found no example's minimal radius first, is gone. The cheap strong
+    member (plan-space PGD) runs first on every example; the targeted attack and Frank-Wolfe follow, each only
+    in the band ``[r / 4, r]`` below the radius ``r`` already found; the fixed-radius attack and the bisection
+    start from the best verified plan, scaled to their radius.
+    """
+    radii = STANDARD_RADII[(dataset, BallKind.WASSERSTEIN.value)]
+    growing = EpsSchedule(initial, 1.1, 3, 200)
+    plan = (("step_size", plan_step),)
+    band = 0.25
+
+    def member(name: str, role: MemberRole, solver: str, schedule: EpsSchedule = growing, *, band=None,
+               warm_start=False, **attack) -> SuiteMember:
+        return SuiteMember(name, role, AttackSpec(solver, schedule, **attack), band=band, warm_start=warm_start)
+
+    return AttackSuite(
+        name="standard",
+        version=2,
+        dataset=dataset,
+        radii=radii,
+        members=(
+            member("plan_pgd_box", MemberRole.SCHEDULE, "plan_pgd_box", hyperparameters=plan),
+            member(
+                "plan_pgd_box_targeted", MemberRole.TARGETED, "plan_pgd_box", hyperparameters=plan, loss=Loss.LOGIT_MARGIN,
+                targets=3, band=band,
+            ),
+            member("frank_wolfe_box", MemberRole.SCHEDULE, "frank_wolfe_box", band=band),
+            member(
+                "plan_pgd_box_fixed_radius", MemberRole.FIXED_RADII, "plan_pgd_box", EpsSchedule.fixed(1.0, 100),
+                hyperparameters=plan, restarts=2, warm_start=True,
+            ),
+        ),
+        refinement=Refinement(
+            segment_steps=12,
+            member=member(
+                "bisection", MemberRole.FIXED_RADII, "plan_pgd_box", EpsSchedule.fixed(1.0, 25), hyperparameters=plan,
+                warm_start=True,
+            ),
+            rounds=4,
+            lower_end=0.5,
+        ),
+    )
+
+
+SUITES: dict[tuple[str, str, int], AttackSuite] = {
+    (suite.name, suite.dataset, suite.version): suite
     for suite in (
-        _standard("mnist", initial=0.005, plan_step=0.1, lam=1000.0),
-        _standard("cifar10", initial=0.0005, plan_step=0.01, lam=3000.0),
+        _standard_v1("mnist", initial=0.005, plan_step=0.1, lam=1000.0),
+        _standard_v1("cifar10", initial=0.0005, plan_step=0.01, lam=3000.0),
+        _standard_v2("mnist", initial=0.005, plan_step=0.1),
+        _standard_v2("cifar10", initial=0.0005, plan_step=0.01),
     )
 }
-"""The suites by (name, data set)."""
+"""The suites by (name, data set, version)."""
 
 
-def attack_suite(name: str, dataset: str) -> AttackSuite:
-    """The suite ``name`` for ``dataset``.
+def attack_suite(name: str, dataset: str, version: int | None = None) -> AttackSuite:
+    """The suite ``name`` for ``dataset``: version ``version``, or its latest.
 
     Raises
     ------
     ValueError
-        An unknown name or data set; the message lists the suites there are.
+        An unknown name, data set or version; the message lists the suites there are.
     """
-    suite = SUITES.get((name, dataset))
+    versions = {v: suite for (n, d, v), suite in SUITES.items() if (n, d) == (name, dataset)}
+    suite = versions.get(max(versions) if version is None and versions else version)
     if suite is None:
-        known = ", ".join(f"{n} ({d})" for n, d in sorted(SUITES))
-        raise ValueError(f"suite={name!r} for dataset={dataset!r} does not exist; suites: {known}")
+        known = ", ".join(f"{n} v{v} ({d})" for n, d, v in sorted(SUITES))
+        asked = f"suite={name!r} version={version!r}" if version is not None else f"suite={name!r}"
+        raise ValueError(f"{asked} for dataset={dataset!r} does not exist; suites: {known}")
     return suite
 
 
@@ -275,6 +353,8 @@ class _Best:
         self.prediction = clean_prediction.cpu().numpy().copy()
         self.tallies = {name: np.zeros(batch, dtype=np.int64) for name in _TALLIES}
         self.rejected_claims = np.zeros(batch, dtype=np.int64)
+        self.plans: dict[int, np.ndarray] = {}
+        """The exact window plan of each verified best image (Wasserstein balls), by example."""
         wrong = (clean_prediction != y).cpu().numpy()
         self.radius[wrong] = 0.0
         self.found_by[wrong] = CLEAN
@@ -295,6 +375,8 @@ class _Best:
             self.found_by[chosen] = found_by
         self.refined_by[chosen] = refined_by.value
         self.status[chosen] = verdict.status[better]
+        for position in np.flatnonzero(better):
+            self.plans[int(indices[position])] = verdict.plans.get(int(position))
         for name in ("distance", "mass_error", "box_violation", "unreachable_mass", "prediction"):
             getattr(self, name)[chosen] = getattr(verdict, name)[better]
         return better
@@ -394,16 +476,27 @@ class _SuiteRun:
         if member.role is MemberRole.FIXED_RADII:
             for fixed in radii:
                 pending = np.flatnonzero(radius > fixed)
-                self._attack(member, pending, radius_scale=self._tensor(np.full(pending.size, fixed)))
+                self._fixed(member, pending, np.full(pending.size, fixed), RefinementStep.NONE)
         elif member.role is MemberRole.TARGETED:
             ranked = _wrong_classes(self.clean_logits, self.y, member.attack.targets)
             for rank in range(ranked.shape[1]):
-                pending = np.flatnonzero(radius > member.schedule.initial)
-                targets = ranked[torch.as_tensor(pending, device=self.x.device), rank]
-                self._attack(member, pending, targets=targets, give_up_above=self._tensor(radius[pending]))
+                self._scheduled(member, np.flatnonzero(radius > member.schedule.initial), ranked[:, rank])
         else:
-            pending = np.flatnonzero(radius > member.schedule.initial)
-            self._attack(member, pending, give_up_above=self._tensor(radius[pending]))
+            self._scheduled(member, np.flatnonzero(radius > member.schedule.initial), None)
+
+    def _scheduled(self, member: SuiteMember, pending: np.ndarray, targets: torch.Tensor | None) -> None:
+        """Run a growing schedule on ``pending`` up to each example's best radius; in its band where it has one."""
+        radius = self.best.radius[pending]
+        banded = np.isfinite(radius) & (member.band is not None)
+        for chosen, in_band in ((pending[banded], True), (pending[~banded], False)):
+            if chosen.size == 0:
+                continue
+            options = {"give_up_above": self._tensor(self.best.radius[chosen])}
+            if in_band:
+                options["radius_scale"] = self._tensor(member.band * self.best.radius[chosen] / member.schedule.initial)
+            if targets is not None:
+                options["targets"] = targets[torch.as_tensor(chosen, device=self.x.device)]
+            self._attack(member, chosen, **options)
 
     def _refine(self, refinement: Refinement, stage) -> None:
         """Shrink every positive verified radius: segment line search, bisection over fixed-radius attacks, segment again."""
@@ -416,10 +509,31 @@ class _SuiteRun:
         stage(RefinementStep.BISECTION.value)
         for _ in range(refinement.rounds):
             middle = (low + radius[broken]) / 2
-            improved = self._attack(refinement.member, broken, RefinementStep.BISECTION, radius_scale=self._tensor(middle))
+            improved = self._fixed(refinement.member, broken, middle, RefinementStep.BISECTION)
             low = np.where(improved, low, middle)
             improved_any |= improved
         self._segment(broken[improved_any], refinement.segment_steps)
+
+    def _fixed(self, member: SuiteMember, indices: np.ndarray, radii: np.ndarray, refined_by: RefinementStep) -> np.ndarray:
+        """Attack each example of ``indices`` at its own fixed radius; returns the improved mask."""
+        best = self.best.radius[indices]
+        warm = np.isfinite(best) & (best > 0) if member.warm_start else np.zeros(indices.size, dtype=bool)
+        improved = np.zeros(indices.size, dtype=bool)
+        for part in (warm, ~warm):
+            chosen, fixed = indices[part], radii[part]
+            options = {"radius_scale": self._tensor(fixed)}
+            if part is warm and chosen.size:
+                options["start_plans"] = self._plans_towards(chosen, fixed / best[part])
+            improved[part] = self._attack(member, chosen, refined_by, **options)
+        return improved
+
+    def _plans_towards(self, indices: np.ndarray, fraction: np.ndarray) -> torch.Tensor:
+        """``t P + (1 - t) I`` for the best plans ``P`` of ``indices``: the plans of cost ``t`` times theirs."""
+        chosen = torch.as_tensor(indices, device=self.x.device)
+        identity = identity_plan(self.x[chosen], self.ball.transport.kernel_size)
+        best = torch.from_numpy(np.stack([self.best.plans[int(index)] for index in indices])).to(identity)
+        t = self._tensor(fraction).view(-1, 1, 1, 1)
+        return t * best + (1 - t) * identity
 
     def _tensor(self, values: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(values, dtype=self.x.dtype, device=self.x.device)
@@ -473,6 +587,7 @@ def evaluate(
     ball: Ball,
     suite: str = "standard",
     *,
+    version: int | None = None,
     dataset: str | None = None,
     batch_size: int = 100,
     seed: int = 0,
@@ -491,6 +606,8 @@ def evaluate(
         A Wasserstein ball (``Ball.wasserstein(5, 1.0)``).
     suite : str, default "standard"
         A suite of :data:`SUITES`.
+    version : int, optional
+        Its version; by default the latest. Earlier versions stay runnable, and every row names its version.
     dataset : str, optional
         Whose suite and standard radii to use; by default the data set whose
         image shape ``images`` has.
@@ -539,7 +656,7 @@ def evaluate(
         raise ValueError(f"labels must be a ({images.shape[0]},) tensor, got {getattr(labels, 'shape', type(labels).__name__)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: it must be an integer >= 1")
-    definition = attack_suite(suite, dataset or _dataset_of(images))
+    definition = attack_suite(suite, dataset or _dataset_of(images), version)
     # Before the attacks; the checks change no state they read (random generators included).
     checks = check_model(model, images, labels, batch_size=batch_size)
     parts, seconds = [], {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from ..vocabulary import VerificationStatus
 
 __all__ = [
     "ExactDistances", "Tolerances", "Verification", "VerificationStatus", "robust_accuracy", "verify_norm",
-    "verify_wasserstein",
+    "verify_wasserstein", "window_plan",
 ]
 
 
@@ -129,6 +129,11 @@ class Verification:
     image : Tensor
         The stored images (B, C, H, W): where the Wasserstein check repaired a
         claim, the repaired image in the attack's dtype; elsewhere the attack's.
+    plans : dict of int to ndarray
+        Wasserstein checks only: for each verified example ``b``, the exact
+        plan that reaches its stored image, in the window layout of the
+        plan-space solvers (``(C, H W, k^2)``, float64; :func:`window_plan`).
+        It starts an attack from the example (the suite's bisection).
     """
 
     status: np.ndarray
@@ -139,6 +144,7 @@ class Verification:
     unreachable_mass: np.ndarray
     prediction: np.ndarray
     image: torch.Tensor
+    plans: dict[int, np.ndarray] = field(default_factory=dict)
 
     def status_names(self) -> list[str]:
         return [VerificationStatus(int(code)).name for code in self.status]
@@ -149,8 +155,8 @@ class Verification:
         return dict(zip(names.tolist(), counts.tolist()))
 
     def to_dict(self) -> dict[str, np.ndarray]:
-        """The per-example columns (everything but ``image``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}
+        """The per-example columns (everything but ``image`` and ``plans``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("image", "plans")}
 
 
 class ExactDistances:
@@ -208,6 +214,40 @@ def _ball_member(x: np.ndarray, result: TransportResult) -> np.ndarray:
     plan = result.plan
     left = x.ravel() - np.asarray(plan.sum(axis=1)).ravel()
     return (np.asarray(plan.sum(axis=0)).ravel() + np.maximum(left, 0.0)).reshape(x.shape)
+
+
+def window_plan(x: np.ndarray, result: TransportResult, kernel_size: int) -> np.ndarray:
+    r"""The exact plan of ``result`` in the window layout of :mod:`solvers.plan_space`, with what it leaves unshipped.
+
+    Entry ``[c, i, o]`` is the mass moved from pixel ``i`` of channel ``c`` by
+    the window offset ``o = (dr + h) k + (ds + h)``, ``h = k // 2``; the mass
+    of ``x`` the plan leaves unshipped stays on offset ``(0, 0)``. Its image
+    is the verified member :math:`z^\star` of :func:`verify_wasserstein`,
+    its cost the verified distance times :math:`m(x)`.
+
+    Parameters
+    ----------
+    x : ndarray (C, H, W)
+        The clean image.
+    result : TransportResult
+        Of :func:`solvers.exact.local_ot_distance` with ``return_plan=True``.
+    kernel_size : int
+
+    Returns
+    -------
+    ndarray (C, H W, k^2), float64
+    """
+    channels, height, width = x.shape
+    half = kernel_size // 2
+    coo = result.plan.tocoo()
+    source_pixel, destination_pixel = coo.row % (height * width), coo.col % (height * width)
+    dr = destination_pixel // width - source_pixel // width
+    ds = destination_pixel % width - source_pixel % width
+    plan = np.zeros((channels, height * width, kernel_size * kernel_size))
+    np.add.at(plan, (coo.row // (height * width), source_pixel, (dr + half) * kernel_size + ds + half), coo.data)
+    left = x.reshape(channels, -1) - plan.sum(axis=2)
+    plan[:, :, (kernel_size * kernel_size) // 2] += np.maximum(left, 0.0)
+    return plan
 
 
 def _predictions(model: nn.Module, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
@@ -333,7 +373,7 @@ def verify_wasserstein(
             )
         exact = distances.results(checked, xs, zs)
     stored = adversarial.detach().clone()
-    repaired = []
+    repaired, exact_of = [], dict(zip(checked.tolist(), exact))
     for b, result in zip(checked, exact):
         distance[b] = result.cost
         member = _ball_member(xs[b], result)
@@ -360,7 +400,10 @@ def verify_wasserstein(
             status[b] = int(VerificationStatus.RADIUS_EXCEEDED)
         else:
             status[b] = int(VerificationStatus.VERIFIED)
-    return _finish(status, candidates, clean_fooled, eps, distance, mass_error, box_violation, unreachable, prediction, stored)
+    verification = _finish(status, candidates, clean_fooled, eps, distance, mass_error, box_violation, unreachable, prediction, stored)
+    verified = np.flatnonzero(status == int(VerificationStatus.VERIFIED))
+    verification.plans = {int(b): window_plan(xs[b], exact_of[int(b)], kernel_size) for b in verified}
+    return verification
 
 
 def verify_norm(

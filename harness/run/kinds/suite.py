@@ -21,6 +21,7 @@ from ...attack.pgd import AttackProgress
 from ...attack.spec import AttackSpec
 from ...attack.suite import AttackSuite, attack_suite, evaluate_batch
 from ..cells import BallBlock, Cell, CellOutcome, Shard, ball_of, check_cell_basics, check_setting, wasserstein_only
+from ..fields import setting
 from ..store import Table
 from .attack import AttackCell, attack_outcome, examples_record
 
@@ -35,6 +36,8 @@ class SuiteBlock(BallBlock):
     """What a suite block may set; the suite supplies everything else."""
 
     suite: str | None = None
+    suite_version: int | None = setting(None, at_least=1)
+    """The suite's version; the latest when unset."""
 
 
 _BOX = "every member keeps pixels in [0, 1] inside its projection; every image it keeps is verified in the box"
@@ -69,7 +72,7 @@ class SuiteCell(Cell):
         suite = None
         if "dataset" in settings:
             try:
-                suite = attack_suite(settings["suite"], settings["dataset"])
+                suite = attack_suite(settings["suite"], settings["dataset"], settings.get("suite_version"))
             except ValueError as error:
                 problems.append(f"{where}: {error}")
         ball = ball_of(SuiteBlock, settings, problems, where)
