@@ -521,6 +521,28 @@ class _CapacityDual:
         targets = target.reshape(-1, target.shape[-1])[data.index].double()
         return cls(data, targets, cost.double(), budget.double(), destination, x.shape[0], x[0].numel())
 
+    def restrict(self, examples: torch.Tensor) -> tuple[_CapacityDual, torch.Tensor | None]:
+        """The dual of the examples ``examples`` (increasing) alone, and where their rows are among these.
+
+        Examples are independent problems, so this is the same dual on fewer
+        examples, its columns renumbered; row order is kept, so every sum
+        adds the same terms in the same order as on the whole batch. With
+        every example, ``self`` and ``None`` (no rows to pick).
+        """
+        count = examples.numel()
+        if count == self.batch:
+            return self, None
+        local = torch.full((self.batch,), -1, dtype=torch.int64, device=examples.device)
+        local[examples] = torch.arange(count, device=examples.device)
+        row_local = local[self.data.image]
+        on = torch.nonzero(row_local >= 0).flatten()
+        image = row_local[on]
+        shift = (image - self.data.image[on]) * self.columns_per_image
+        valid = self.data.valid[on]
+        destination = torch.where(valid, self.destination[on] + shift[:, None], count * self.columns_per_image)
+        data = _Rows(self.data.index[on] + shift, image, self.data.mass[on], valid)
+        return _CapacityDual(data, self.targets[on], self.cost, self.budget[examples], destination, count, self.columns_per_image), on
+
     def spread(self, nu: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         r""":math:`A^\top(\nu, \mu)`: each entry's multiplier, shape ``(R, K)``.
 
@@ -565,10 +587,10 @@ class _CapacityDual:
         return self.collect(centred)
 
 
-def _natural_residual(nu, mu, grad_nu, grad_mu, dual: _CapacityDual):
+def _natural_residual(nu, mu, grad_nu, grad_mu, budget):
     r"""Per example: max column residual :math:`|\nu - (\nu + g)_+|` and the budget's, relative to the budget."""
     column = (nu - (nu + grad_nu).clamp_min(0)).abs().amax(1)
-    budget = (mu - (mu + grad_mu).clamp_min(0)).abs() / dual.budget.clamp_min(torch.finfo(torch.float64).tiny)
+    budget = (mu - (mu + grad_mu).clamp_min(0)).abs() / budget.clamp_min(torch.finfo(torch.float64).tiny)
     return column, budget
 
 
@@ -614,6 +636,96 @@ def _newton_direction(dual, grad_nu, grad_mu, free_nu, free_mu, support, damping
         p_nu, p_mu = z_nu + beta[:, None] * p_nu, z_mu + beta * p_mu
         rz = torch.where(moving, rz_next, rz)
     return d_nu, d_mu
+
+
+def _per_example(value: torch.Tensor | float, examples: torch.Tensor) -> torch.Tensor | float:
+    """``value[examples]`` for a per-example tensor, ``value`` itself for a number."""
+    return value[examples] if isinstance(value, torch.Tensor) else value
+
+
+@dataclass
+class _SubState:
+    """The dual iterate of some examples: multipliers, plan rows, support, gradient and value."""
+
+    nu: torch.Tensor
+    mu: torch.Tensor
+    rows: torch.Tensor
+    support: torch.Tensor
+    grad_nu: torch.Tensor
+    grad_mu: torch.Tensor
+    value: torch.Tensor
+
+    @classmethod
+    def gather(cls, examples, on, nu, mu, rows, support, grad_nu, grad_mu, value) -> _SubState:
+        """The examples ``examples`` (their rows ``on``, ``None`` for all) of the batch's iterate."""
+        if on is None:
+            return cls(nu, mu, rows, support, grad_nu, grad_mu, value)
+        return cls(nu[examples], mu[examples], rows[on], support[on], grad_nu[examples], grad_mu[examples], value[examples])
+
+    def scatter(self, examples, on, nu, mu, rows, support, grad_nu, grad_mu, value) -> None:
+        """Write this iterate back into the batch's (in place)."""
+        if on is None:
+            for whole, part in zip((nu, mu, rows, support, grad_nu, grad_mu, value), self.fields()):
+                if whole is not part:
+                    whole.copy_(part)
+            return
+        nu[examples], mu[examples], grad_nu[examples], grad_mu[examples] = self.nu, self.mu, self.grad_nu, self.grad_mu
+        value[examples] = self.value
+        rows[on], support[on] = self.rows, self.support
+
+    def fields(self):
+        return self.nu, self.mu, self.rows, self.support, self.grad_nu, self.grad_mu, self.value
+
+
+def _line_search(dual, state: _SubState, d_nu, d_mu, live, residual, steps, interval) -> torch.Tensor:
+    """Backtracking along the projected path, every example with its own step length; updates ``state`` in place.
+
+    Returns the examples of ``live`` that found no acceptable step. Trials
+    after the first run on the dual of the examples still searching (most
+    accept the full Newton step).
+    """
+    length = torch.ones_like(state.mu)
+    searching = live.clone()
+    trial_dual, examples, on = dual, None, None
+    for trial_step in range(steps):
+        if trial_step > 0 and trial_step % interval == 0:
+            examples = torch.nonzero(searching).flatten()
+            if examples.numel() == 0:
+                break
+            trial_dual, on = dual.restrict(examples)
+        part = _SubState.gather(examples, on, *state.fields()) if on is not None else state
+        pick = (lambda t: t) if on is None else (lambda t: t[examples])
+        trial_nu = (part.nu + pick(length)[:, None] * pick(d_nu)).clamp_min(0)
+        trial_mu = (part.mu + pick(length) * pick(d_mu)).clamp_min(0)
+        trial = trial_dual.evaluate(trial_nu, trial_mu)
+        ascent = (part.grad_nu * (trial_nu - part.nu)).sum(1) + part.grad_mu * (trial_mu - part.mu)
+        # Near the solution the gain in D is below its rounding: a step that keeps D to rounding and
+        # halves the KKT residual is taken then.
+        trial_residual = torch.maximum(*_natural_residual(trial_nu, trial_mu, trial[2], trial[3], trial_dual.budget))
+        level = trial[4] >= part.value - 1e-12 * part.value.abs().clamp_min(1.0)
+        accepted = pick(searching) & (
+            (trial[4] >= part.value + 1e-4 * ascent) | (level & (trial_residual <= 0.5 * pick(residual)))
+        )
+        on_rows = accepted[trial_dual.data.image, None]
+        updated = _SubState(
+            torch.where(accepted[:, None], trial_nu, part.nu),
+            torch.where(accepted, trial_mu, part.mu),
+            torch.where(on_rows, trial[0], part.rows),
+            torch.where(on_rows, trial[1], part.support),
+            torch.where(accepted[:, None], trial[2], part.grad_nu),
+            torch.where(accepted, trial[3], part.grad_mu),
+            torch.where(accepted, trial[4], part.value),
+        )
+        if on is None:
+            state.nu, state.mu, state.rows, state.support, state.grad_nu, state.grad_mu, state.value = updated.fields()
+            searching &= ~accepted
+        else:
+            updated.scatter(examples, on, *state.fields())
+            searching[examples] &= ~accepted
+        length = torch.where(searching, 0.5 * length, length)
+        if trial_step % interval == 0 and not bool(searching.any()):
+            break
+    return searching
 
 
 def _project_with_box(
@@ -662,44 +774,34 @@ def _project_with_box(
     active = torch.ones(batch, dtype=torch.bool, device=x.device)
     interval = sync_interval(x.device)
     for step in range(box_max_iter + 1):
-        column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual)
+        column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual.budget)
         active &= (column_residual > box_tol) | (budget_residual > tol)
-        if step == box_max_iter or (step % interval == 0 and not bool(active.any())):
+        if step == box_max_iter:
             break
-        free_nu = ((nu > 0) | (grad_nu > 0)) & active[:, None]
-        free_mu = ((mu > 0) | (grad_mu > 0)) & active
-        residual = torch.maximum(column_residual, budget_residual)
-        damping = (1e-2 * residual.clamp_max(1.0) * damping_scale).clamp_min(1e-12)
+        # Newton steps run on the dual of the active examples alone (refreshed with the host sync every
+        # ``interval`` steps; in between, examples that finish stay in it, frozen): late steps often
+        # have a few examples left, and the batch's finished ones would cost as much as at the start.
+        if step % interval == 0:
+            examples = torch.nonzero(active).flatten()
+            if examples.numel() == 0:
+                break
+            sub, on = dual.restrict(examples)
+        live = active[examples]
+        state = _SubState.gather(examples, on, nu, mu, rows, support, grad_nu, grad_mu, value)
+        residual = torch.maximum(column_residual, budget_residual)[examples]
+        free_nu = ((state.nu > 0) | (state.grad_nu > 0)) & live[:, None]
+        free_mu = ((state.mu > 0) | (state.grad_mu > 0)) & live
+        damping = (1e-2 * residual.clamp_max(1.0) * _per_example(damping_scale, examples)).clamp_min(1e-12)
         forcing = residual.sqrt().clamp(1e-6, 0.1)
         d_nu, d_mu = _newton_direction(
-            dual, grad_nu, grad_mu, free_nu, free_mu, support, damping, forcing, cg_iterations, interval
+            sub, state.grad_nu, state.grad_mu, free_nu, free_mu, state.support, damping, forcing, cg_iterations, interval
         )
-        iterations += active.long()
-        # Backtracking along the projected path, every example with its own step length.
-        length = torch.ones(batch, dtype=torch.float64, device=x.device)
-        searching = active.clone()
-        for trial_step in range(line_search_steps):
-            trial_nu = (nu + length[:, None] * d_nu).clamp_min(0)
-            trial_mu = (mu + length * d_mu).clamp_min(0)
-            trial = dual.evaluate(trial_nu, trial_mu)
-            ascent = (grad_nu * (trial_nu - nu)).sum(1) + grad_mu * (trial_mu - mu)
-            # Near the solution the gain in D is below its rounding: a step that keeps D to rounding and
-            # halves the KKT residual is taken then.
-            trial_residual = torch.maximum(*_natural_residual(trial_nu, trial_mu, trial[2], trial[3], dual))
-            level = trial[4] >= value - 1e-12 * value.abs().clamp_min(1.0)
-            accepted = searching & ((trial[4] >= value + 1e-4 * ascent) | (level & (trial_residual <= 0.5 * residual)))
-            nu, mu = torch.where(accepted[:, None], trial_nu, nu), torch.where(accepted, trial_mu, mu)
-            on_rows = accepted[dual.data.image, None]
-            rows, support = torch.where(on_rows, trial[0], rows), torch.where(on_rows, trial[1], support)
-            grad_nu, grad_mu = torch.where(accepted[:, None], trial[2], grad_nu), torch.where(accepted, trial[3], grad_mu)
-            value = torch.where(accepted, trial[4], value)
-            searching &= ~accepted
-            length = torch.where(searching, 0.5 * length, length)
-            if trial_step % interval == 0 and not bool(searching.any()):
-                break
+        iterations[examples] += live.long()
+        searching = _line_search(sub, state, d_nu, d_mu, live, residual, line_search_steps, interval)
+        state.scatter(examples, on, nu, mu, rows, support, grad_nu, grad_mu, value)
         # No ascent left in the working precision: the example is as solved as it gets.
-        active &= ~searching
-    column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual)
+        active[examples] &= ~searching
+    column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual.budget)
     converged = (column_residual <= box_tol) & (budget_residual <= tol)
     settled = budget <= 0
     center = target.shape[-1] // 2
