@@ -268,18 +268,21 @@ def _project_rows_onto_simplex(values: torch.Tensor, mass: torch.Tensor, valid: 
 
     Returns
     -------
-    Tensor (R, K)
+    rows : Tensor (R, K)
         Exactly 0 off ``valid`` and on rows with zero mass.
+    threshold : Tensor (R,)
+        :math:`\tau`, in the units of ``values``.
     """
     shifted = values.masked_fill(~valid, -math.inf)
-    shifted = shifted - shifted.amax(-1, keepdim=True)
+    top = shifted.amax(-1, keepdim=True)
+    shifted = shifted - top
     shifted = torch.maximum(shifted, -2 * mass[:, None])
     ordered = shifted.sort(-1, descending=True).values
     excess = ordered.cumsum(-1) - mass[:, None]
     ranks = torch.arange(1, values.shape[-1] + 1, dtype=values.dtype, device=values.device)
     support = (ordered * ranks > excess).sum(-1, keepdim=True).clamp_min(1)
     threshold = excess.gather(-1, support - 1) / support
-    return (shifted - threshold).clamp_min(0).masked_fill(~valid, 0.0)
+    return (shifted - threshold).clamp_min(0).masked_fill(~valid, 0.0), (threshold + top)[:, 0]
 
 
 def _image_sums(per_row: torch.Tensor, row_image: torch.Tensor, batch: int) -> torch.Tensor:
@@ -427,7 +430,7 @@ def _project_ball(
         frozen = settled[active]
         mu_now = mu[active]
         shifted_targets = targets[on] - mu_now.to(dtype)[local, None] * cost
-        plan_rows = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
+        plan_rows, _ = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
         iterations[active] += (~frozen).long()
 
         spent = _image_sums(plan_rows @ cost, local, active.numel())
@@ -469,7 +472,7 @@ def _project_ball(
         mu = torch.where(unfinished, upper, mu)
         on = torch.nonzero(unfinished[data.image]).flatten()
         shifted_targets = targets[on] - mu.to(dtype)[data.image[on], None] * cost
-        rows[on] = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
+        rows[on], _ = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
 
     rows = _fit_budget(rows, data, cost, budget)
     return PlanProjection(data.scatter(rows, target.shape), mu.to(dtype), iterations, converged)
@@ -501,6 +504,12 @@ class _CapacityDual:
     row-wise projection (on the support :math:`S_i` of row ``i``,
     :math:`I - \mathbf 1 \mathbf 1^\top / |S_i|`).
 
+    With :math:`P = (W - \tau)_+` row by row, the value is
+    :math:`\sum_i \big(\tfrac12 \|T_i\|^2 - \tfrac12 \|P_i\|^2 - \tau_i x_i\big)
+    - \mu b - \sum_j \nu_j` (expand the squares; on the support
+    :math:`W = P + \tau`), which needs no pass over the entries beyond
+    :math:`\|P_i\|^2`.
+
     Everything is float64 on the massive rows (:class:`_Rows`); columns are
     the ``B C N`` pixels, flat, plus one sink slot (index ``B C N``) for the
     offsets that leave the image.
@@ -513,13 +522,18 @@ class _CapacityDual:
     destination: torch.Tensor  # (R, K) flat column of each entry, sink when invalid
     batch: int
     columns_per_image: int
+    mass: torch.Tensor  # (R,) float64
+    target_norms: torch.Tensor  # (B,) float64, the constant sum_i ||T_i||^2 / 2 of the value
 
     @classmethod
     def of(cls, target, x, cost, valid, budget) -> _CapacityDual:
         data = _Rows.of(x, valid)
         destination = _destinations(data, x, math.isqrt(target.shape[-1]))
         targets = target.reshape(-1, target.shape[-1])[data.index].double()
-        return cls(data, targets, cost.double(), budget.double(), destination, x.shape[0], x[0].numel())
+        norms = _image_sums(0.5 * targets.masked_fill(~data.valid, 0.0).square().sum(-1), data.image, x.shape[0])
+        return cls(
+            data, targets, cost.double(), budget.double(), destination, x.shape[0], x[0].numel(), data.mass.double(), norms
+        )
 
     def restrict(self, examples: torch.Tensor) -> tuple[_CapacityDual, torch.Tensor | None]:
         """The dual of the examples ``examples`` (increasing) alone, and where their rows are among these.
@@ -541,7 +555,10 @@ class _CapacityDual:
         valid = self.data.valid[on]
         destination = torch.where(valid, self.destination[on] + shift[:, None], count * self.columns_per_image)
         data = _Rows(self.data.index[on] + shift, image, self.data.mass[on], valid)
-        return _CapacityDual(data, self.targets[on], self.cost, self.budget[examples], destination, count, self.columns_per_image), on
+        return _CapacityDual(
+            data, self.targets[on], self.cost, self.budget[examples], destination, count, self.columns_per_image,
+            self.mass[on], self.target_norms[examples],
+        ), on
 
     def spread(self, nu: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         r""":math:`A^\top(\nu, \mu)`: each entry's multiplier, shape ``(R, K)``.
@@ -559,32 +576,12 @@ class _CapacityDual:
         return sums[:-1].view(self.batch, -1), _image_sums(entries @ self.cost, self.data.image, self.batch)
 
     def evaluate(self, nu: torch.Tensor, mu: torch.Tensor):
-        """Plan rows, support, dual gradient (columns, budget) and dual value at ``(nu, mu)``."""
-        shift = self.spread(nu, mu)
-        shifted = self.targets - shift
-        rows = _project_rows_onto_simplex(shifted, self.data.mass.double(), self.data.valid)
-        support = rows > 0
+        """Plan rows, dual gradient (columns, budget) and dual value at ``(nu, mu)``."""
+        rows, threshold = _project_rows_onto_simplex(self.targets - self.spread(nu, mu), self.mass, self.data.valid)
         filled, spent = self.collect(rows)
-        per_entry = 0.5 * (rows - shifted).square() + shift * self.targets - 0.5 * shift.square()
-        value = _image_sums(per_entry.masked_fill(~self.data.valid, 0.0).sum(-1), self.data.image, self.batch)
-        value = value - mu * self.budget - nu.sum(1)
-        return rows, support, filled - 1, spent - self.budget, value
-
-    def curvature(self, support: torch.Tensor):
-        r"""Diagonal of :math:`A J A^\top` (columns, budget) and the support sizes, for preconditioning."""
-        count = support.sum(-1, keepdim=True).clamp_min(1).double()
-        weight = support.double() * (1 - 1 / count)
-        diagonal_nu, _ = self.collect(weight)
-        chosen = support.double()
-        first, second = chosen @ self.cost, chosen @ (self.cost * self.cost)
-        diagonal_mu = _image_sums(second - first * first / count[:, 0], self.data.image, self.batch)
-        return diagonal_nu, diagonal_mu, count
-
-    def hessian_product(self, v_nu, v_mu, support, count):
-        r""":math:`A J A^\top (v_\nu, v_\mu)`."""
-        spread = self.spread(v_nu, v_mu) * support
-        centred = (spread - spread.sum(-1, keepdim=True) / count) * support
-        return self.collect(centred)
+        per_row = 0.5 * rows.square().sum(-1) + threshold * self.mass
+        value = self.target_norms - _image_sums(per_row, self.data.image, self.batch) - mu * self.budget - nu.sum(1)
+        return rows, filled - 1, spent - self.budget, value
 
 
 def _natural_residual(nu, mu, grad_nu, grad_mu, budget):
@@ -594,48 +591,104 @@ def _natural_residual(nu, mu, grad_nu, grad_mu, budget):
     return column, budget
 
 
+class _NewtonSystem:
+    r""":math:`A J A^\top + \delta I` on the free multipliers, on the support's entries only.
+
+    The product touches only the entries in the support (a sixth or so of
+    the window on MNIST), and the vectors hold only the free columns (a few
+    dozen pixels per image, those at capacity), so each is a small fraction
+    of an evaluation of the dual. Column vectors are ``(F,)``, the free
+    columns in flat order; budget vectors ``(B,)``, 0 where not free.
+    """
+
+    def __init__(self, dual: _CapacityDual, support, free_nu, free_mu, damping):
+        batch, columns = free_nu.shape
+        k2 = support.shape[1]
+        entry = torch.nonzero(support.flatten()).flatten()
+        self.row = entry // k2
+        self.entry_cost = dual.cost[entry % k2]
+        self.entry_image = dual.data.image[self.row]
+        rows = support.shape[0]
+        self.inverse_count = 1 / support.sum(-1).clamp_min(1).double()
+        self.free = torch.nonzero(free_nu.flatten()).flatten()
+        self.free_image = self.free // columns
+        free_count = self.free.numel()
+        # Slot of each entry's destination among the free columns; the extra slot F takes the held ones.
+        position = torch.full((batch * columns + 1,), free_count, dtype=torch.int64, device=entry.device)
+        position[self.free] = torch.arange(free_count, device=entry.device)
+        self.slot = position[dual.destination.flatten()[entry]]
+        self.rows, self.batch, self.shape = rows, batch, free_nu.shape
+        self.free_mu, self.damping = free_mu, damping
+        self.column_damping = damping[self.free_image]
+        row_weight = (1 - self.inverse_count)[self.row]
+        self.diagonal_nu = self._to_columns(row_weight) + self.column_damping
+        first = self._to_rows(self.entry_cost)
+        second = self._to_rows(self.entry_cost.square())
+        self.diagonal_mu = _image_sums(second - first * first * self.inverse_count, dual.data.image, batch) + damping
+
+    def _to_rows(self, entries):
+        return entries.new_zeros(self.rows).index_add_(0, self.row, entries)
+
+    def _to_columns(self, entries):
+        return entries.new_zeros(self.free.numel() + 1).index_add_(0, self.slot, entries)[:-1]
+
+    def columns(self, nu: torch.Tensor) -> torch.Tensor:
+        """The free columns of a ``(B, C N)`` tensor."""
+        return nu.flatten()[self.free]
+
+    def expand(self, v: torch.Tensor) -> torch.Tensor:
+        """A ``(B, C N)`` tensor with ``v`` on the free columns and 0 elsewhere."""
+        return v.new_zeros(self.shape).flatten().index_copy_(0, self.free, v).view(self.shape)
+
+    def dot(self, a, b, a_mu, b_mu) -> torch.Tensor:
+        """Per-example inner products ``(B,)``."""
+        return a.new_zeros(self.batch).index_add_(0, self.free_image, a * b) + a_mu * b_mu
+
+    def apply(self, v, v_mu):
+        r""":math:`(A J A^\top + \delta I)(v, v_\mu)` on the free multipliers."""
+        spread = torch.cat([v, v.new_zeros(1)])[self.slot] + v_mu[self.entry_image] * self.entry_cost
+        centred = spread - (self._to_rows(spread) * self.inverse_count)[self.row]
+        out_mu = _image_sums(centred * self.entry_cost, self.entry_image, self.batch)
+        return (
+            self._to_columns(centred) + self.column_damping * v,
+            torch.where(self.free_mu, out_mu + self.damping * v_mu, 0.0),
+        )
+
+
 def _newton_direction(dual, grad_nu, grad_mu, free_nu, free_mu, support, damping, forcing, iterations, interval):
     r"""Preconditioned conjugate gradients for :math:`(A J A^\top + \delta I) d = g` on the free multipliers.
 
     Batched over examples with per-example step lengths; an example stops
     once its preconditioned residual has shrunk by ``forcing`` (an inexact
     Newton step), the loop once every example has stopped (read every
-    ``interval`` iterations) or after ``iterations``.
+    ``interval`` iterations) or after ``iterations``. Jacobi-preconditioned.
     """
     tiny = torch.finfo(torch.float64).tiny
-    diagonal_nu, diagonal_mu, count = dual.curvature(support)
-    inverse_nu = torch.where(free_nu, 1 / (diagonal_nu + damping[:, None]), 0.0)
-    inverse_mu = torch.where(free_mu, 1 / (diagonal_mu + damping), 0.0)
-
-    def apply(v_nu, v_mu):
-        out_nu, out_mu = dual.hessian_product(v_nu, v_mu, support, count)
-        return (
-            torch.where(free_nu, out_nu + damping[:, None] * v_nu, 0.0),
-            torch.where(free_mu, out_mu + damping * v_mu, 0.0),
-        )
-
-    d_nu, d_mu = torch.zeros_like(grad_nu), torch.zeros_like(grad_mu)
-    r_nu, r_mu = torch.where(free_nu, grad_nu, 0.0), torch.where(free_mu, grad_mu, 0.0)
-    z_nu, z_mu = inverse_nu * r_nu, inverse_mu * r_mu
-    p_nu, p_mu = z_nu, z_mu
-    rz = (r_nu * z_nu).sum(1) + r_mu * z_mu
+    system = _NewtonSystem(dual, support, free_nu, free_mu, damping)
+    inverse, inverse_mu = 1 / system.diagonal_nu, torch.where(free_mu, 1 / system.diagonal_mu, 0.0)
+    r, r_mu = system.columns(grad_nu), torch.where(free_mu, grad_mu, 0.0)
+    d, d_mu = torch.zeros_like(r), torch.zeros_like(r_mu)
+    z, z_mu = inverse * r, inverse_mu * r_mu
+    p, p_mu = z, z_mu
+    rz = system.dot(r, z, r_mu, z_mu)
     target = rz * forcing.square()
     for step in range(iterations):
         moving = rz > target
         if step % interval == 0 and not bool(moving.any()):
             break
-        q_nu, q_mu = apply(p_nu, p_mu)
-        curvature = (p_nu * q_nu).sum(1) + p_mu * q_mu
+        q, q_mu = system.apply(p, p_mu)
+        curvature = system.dot(p, q, p_mu, q_mu)
         moving &= curvature > 0
         alpha = torch.where(moving, rz / curvature.clamp_min(tiny), 0.0)
-        d_nu, d_mu = d_nu + alpha[:, None] * p_nu, d_mu + alpha * p_mu
-        r_nu, r_mu = r_nu - alpha[:, None] * q_nu, r_mu - alpha * q_mu
-        z_nu, z_mu = inverse_nu * r_nu, inverse_mu * r_mu
-        rz_next = (r_nu * z_nu).sum(1) + r_mu * z_mu
+        column_alpha = alpha[system.free_image]
+        d, d_mu = d + column_alpha * p, d_mu + alpha * p_mu
+        r, r_mu = r - column_alpha * q, r_mu - alpha * q_mu
+        z, z_mu = inverse * r, inverse_mu * r_mu
+        rz_next = system.dot(r, z, r_mu, z_mu)
         beta = torch.where(moving, rz_next / rz.clamp_min(tiny), 0.0)
-        p_nu, p_mu = z_nu + beta[:, None] * p_nu, z_mu + beta * p_mu
+        p, p_mu = z + beta[system.free_image] * p, z_mu + beta * p_mu
         rz = torch.where(moving, rz_next, rz)
-    return d_nu, d_mu
+    return system.expand(d), d_mu
 
 
 def _per_example(value: torch.Tensor | float, examples: torch.Tensor) -> torch.Tensor | float:
@@ -645,36 +698,35 @@ def _per_example(value: torch.Tensor | float, examples: torch.Tensor) -> torch.T
 
 @dataclass
 class _SubState:
-    """The dual iterate of some examples: multipliers, plan rows, support, gradient and value."""
+    """The dual iterate of some examples: multipliers, plan rows, gradient and value."""
 
     nu: torch.Tensor
     mu: torch.Tensor
     rows: torch.Tensor
-    support: torch.Tensor
     grad_nu: torch.Tensor
     grad_mu: torch.Tensor
     value: torch.Tensor
 
     @classmethod
-    def gather(cls, examples, on, nu, mu, rows, support, grad_nu, grad_mu, value) -> _SubState:
+    def gather(cls, examples, on, nu, mu, rows, grad_nu, grad_mu, value) -> _SubState:
         """The examples ``examples`` (their rows ``on``, ``None`` for all) of the batch's iterate."""
         if on is None:
-            return cls(nu, mu, rows, support, grad_nu, grad_mu, value)
-        return cls(nu[examples], mu[examples], rows[on], support[on], grad_nu[examples], grad_mu[examples], value[examples])
+            return cls(nu, mu, rows, grad_nu, grad_mu, value)
+        return cls(nu[examples], mu[examples], rows[on], grad_nu[examples], grad_mu[examples], value[examples])
 
-    def scatter(self, examples, on, nu, mu, rows, support, grad_nu, grad_mu, value) -> None:
+    def scatter(self, examples, on, nu, mu, rows, grad_nu, grad_mu, value) -> None:
         """Write this iterate back into the batch's (in place)."""
         if on is None:
-            for whole, part in zip((nu, mu, rows, support, grad_nu, grad_mu, value), self.fields()):
+            for whole, part in zip((nu, mu, rows, grad_nu, grad_mu, value), self.fields()):
                 if whole is not part:
                     whole.copy_(part)
             return
         nu[examples], mu[examples], grad_nu[examples], grad_mu[examples] = self.nu, self.mu, self.grad_nu, self.grad_mu
         value[examples] = self.value
-        rows[on], support[on] = self.rows, self.support
+        rows[on] = self.rows
 
     def fields(self):
-        return self.nu, self.mu, self.rows, self.support, self.grad_nu, self.grad_mu, self.value
+        return self.nu, self.mu, self.rows, self.grad_nu, self.grad_mu, self.value
 
 
 def _line_search(dual, state: _SubState, d_nu, d_mu, live, residual, steps, interval) -> torch.Tensor:
@@ -697,27 +749,28 @@ def _line_search(dual, state: _SubState, d_nu, d_mu, live, residual, steps, inte
         pick = (lambda t: t) if on is None else (lambda t: t[examples])
         trial_nu = (part.nu + pick(length)[:, None] * pick(d_nu)).clamp_min(0)
         trial_mu = (part.mu + pick(length) * pick(d_mu)).clamp_min(0)
-        trial = trial_dual.evaluate(trial_nu, trial_mu)
+        trial_rows, trial_grad_nu, trial_grad_mu, trial_value = trial_dual.evaluate(trial_nu, trial_mu)
         ascent = (part.grad_nu * (trial_nu - part.nu)).sum(1) + part.grad_mu * (trial_mu - part.mu)
         # Near the solution the gain in D is below its rounding: a step that keeps D to rounding and
         # halves the KKT residual is taken then.
-        trial_residual = torch.maximum(*_natural_residual(trial_nu, trial_mu, trial[2], trial[3], trial_dual.budget))
-        level = trial[4] >= part.value - 1e-12 * part.value.abs().clamp_min(1.0)
+        trial_residual = torch.maximum(
+            *_natural_residual(trial_nu, trial_mu, trial_grad_nu, trial_grad_mu, trial_dual.budget)
+        )
+        level = trial_value >= part.value - 1e-12 * part.value.abs().clamp_min(1.0)
         accepted = pick(searching) & (
-            (trial[4] >= part.value + 1e-4 * ascent) | (level & (trial_residual <= 0.5 * pick(residual)))
+            (trial_value >= part.value + 1e-4 * ascent) | (level & (trial_residual <= 0.5 * pick(residual)))
         )
         on_rows = accepted[trial_dual.data.image, None]
         updated = _SubState(
             torch.where(accepted[:, None], trial_nu, part.nu),
             torch.where(accepted, trial_mu, part.mu),
-            torch.where(on_rows, trial[0], part.rows),
-            torch.where(on_rows, trial[1], part.support),
-            torch.where(accepted[:, None], trial[2], part.grad_nu),
-            torch.where(accepted, trial[3], part.grad_mu),
-            torch.where(accepted, trial[4], part.value),
+            torch.where(on_rows, trial_rows, part.rows),
+            torch.where(accepted[:, None], trial_grad_nu, part.grad_nu),
+            torch.where(accepted, trial_grad_mu, part.grad_mu),
+            torch.where(accepted, trial_value, part.value),
         )
         if on is None:
-            state.nu, state.mu, state.rows, state.support, state.grad_nu, state.grad_mu, state.value = updated.fields()
+            state.nu, state.mu, state.rows, state.grad_nu, state.grad_mu, state.value = updated.fields()
             searching &= ~accepted
         else:
             updated.scatter(examples, on, *state.fields())
@@ -769,7 +822,7 @@ def _project_with_box(
     dual = _CapacityDual.of(target, x, cost, valid, budget)
     nu = capacity_multiplier.reshape(batch, -1).double().clamp_min(0)
     mu = multiplier.double().clamp_min(0)
-    rows, support, grad_nu, grad_mu, value = dual.evaluate(nu, mu)
+    rows, grad_nu, grad_mu, value = dual.evaluate(nu, mu)
     iterations = torch.zeros(batch, dtype=torch.int64, device=x.device)
     active = torch.ones(batch, dtype=torch.bool, device=x.device)
     interval = sync_interval(x.device)
@@ -787,18 +840,18 @@ def _project_with_box(
                 break
             sub, on = dual.restrict(examples)
         live = active[examples]
-        state = _SubState.gather(examples, on, nu, mu, rows, support, grad_nu, grad_mu, value)
+        state = _SubState.gather(examples, on, nu, mu, rows, grad_nu, grad_mu, value)
         residual = torch.maximum(column_residual, budget_residual)[examples]
         free_nu = ((state.nu > 0) | (state.grad_nu > 0)) & live[:, None]
         free_mu = ((state.mu > 0) | (state.grad_mu > 0)) & live
         damping = (1e-2 * residual.clamp_max(1.0) * _per_example(damping_scale, examples)).clamp_min(1e-12)
         forcing = residual.sqrt().clamp(1e-6, 0.1)
         d_nu, d_mu = _newton_direction(
-            sub, state.grad_nu, state.grad_mu, free_nu, free_mu, state.support, damping, forcing, cg_iterations, interval
+            sub, state.grad_nu, state.grad_mu, free_nu, free_mu, state.rows > 0, damping, forcing, cg_iterations, interval
         )
         iterations[examples] += live.long()
         searching = _line_search(sub, state, d_nu, d_mu, live, residual, line_search_steps, interval)
-        state.scatter(examples, on, nu, mu, rows, support, grad_nu, grad_mu, value)
+        state.scatter(examples, on, nu, mu, rows, grad_nu, grad_mu, value)
         # No ascent left in the working precision: the example is as solved as it gets.
         active[examples] &= ~searching
     column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual.budget)
