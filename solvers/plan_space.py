@@ -230,7 +230,9 @@ def _check_plan_problem(name: str, values: torch.Tensor, x: torch.Tensor, cost: 
             f"cost {tuple(cost.shape)} and valid {tuple(valid.shape)} ({valid.dtype}) do not fit {k2} offsets "
             f"of {height}x{width} images: build them with window_layout"
         )
-    if not bool(torch.isfinite(values).all()):
+    # A finite sum (one pass, no mask) proves every entry finite; only a sum that is not finite
+    # (NaN or inf somewhere, or finite values that overflow it) needs the entrywise test.
+    if not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
         raise ValueError(f"{name} has NaN or infinite entries")
 
 
@@ -1596,7 +1598,9 @@ class PlanPGDIterate:
         direction = plan_gradient(self._direction(grad), self.transport.kernel_size)
         target = state.extra["plan"] + self.step_size * direction
         projection = self._project(target, x, eps, state.extra)
-        plan = torch.where(failed.view(-1, 1, 1, 1), identity_plan(x, self.transport.kernel_size), projection.plan)
+        plan = projection.plan
+        if bool(failed.any()):  # a plan-sized identity and select only when some gradient failed
+            plan = torch.where(failed.view(-1, 1, 1, 1), identity_plan(x, self.transport.kernel_size), plan)
         report = StepReport(
             converged=projection.converged & ~failed,
             solver_iterations=projection.iterations,
