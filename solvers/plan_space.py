@@ -287,6 +287,27 @@ def _project_rows_onto_simplex(values: torch.Tensor, mass: torch.Tensor, valid: 
     return (shifted - threshold).clamp_min(0).masked_fill(~valid, 0.0), (threshold + top)[:, 0]
 
 
+def _project_rows_from_support(
+    values: torch.Tensor, mass: torch.Tensor, valid: torch.Tensor, support: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`_project_rows_onto_simplex` given a guess of each row's support (``values`` -inf off ``valid``).
+
+    With the guess :math:`S`, :math:`\tau = (\sum_S v - a) / |S|` is the
+    exact threshold whenever :math:`\{v > \tau\} = S`: then
+    :math:`(v - \tau)_+` is positive exactly on :math:`S` and sums to
+    :math:`a`. Rows where the test fails are projected by sorting. Between
+    nearby dual points most supports do not change, so most rows skip the
+    sort, the bulk of the projection's cost.
+    """
+    count = support.sum(-1).clamp_min(1)
+    threshold = (torch.where(support, values, 0.0).sum(-1) - mass) / count
+    wrong = torch.nonzero(((values > threshold[:, None]) != support).any(-1)).flatten()
+    rows = (values - threshold[:, None]).clamp_min_(0)
+    if wrong.numel() > 0:
+        rows[wrong], threshold[wrong] = _project_rows_onto_simplex(values[wrong], mass[wrong], valid[wrong])
+    return rows, threshold
+
+
 def _image_sums(per_row: torch.Tensor, row_image: torch.Tensor, batch: int) -> torch.Tensor:
     """Sum a per-row quantity over the rows of each image, in float64."""
     return torch.zeros(batch, dtype=torch.float64, device=per_row.device).index_add_(0, row_image, per_row.double())
@@ -518,7 +539,7 @@ class _CapacityDual:
     """
 
     data: _Rows
-    targets: torch.Tensor  # (R, K) float64
+    targets: torch.Tensor  # (R, K) float64, -inf off the window
     cost: torch.Tensor  # (K,) float64
     budget: torch.Tensor  # (B,) float64
     destination: torch.Tensor  # (R, K) flat column of each entry, sink when invalid
@@ -531,7 +552,8 @@ class _CapacityDual:
     def of(cls, target, x, cost, valid, budget) -> _CapacityDual:
         data = _Rows.of(x, valid)
         destination = _destinations(data, x, math.isqrt(target.shape[-1]))
-        targets = target.reshape(-1, target.shape[-1])[data.index].double()
+        # -inf off the window: every entry the row-wise projections see there is then -inf too, with no mask.
+        targets = target.reshape(-1, target.shape[-1])[data.index].double().masked_fill(~data.valid, -math.inf)
         norms = _image_sums(0.5 * targets.masked_fill(~data.valid, 0.0).square().sum(-1), data.image, x.shape[0])
         return cls(
             data, targets, cost.double(), budget.double(), destination, x.shape[0], x[0].numel(), data.mass.double(), norms
@@ -577,9 +599,16 @@ class _CapacityDual:
         sums.index_add_(0, self.destination.flatten(), entries.flatten())
         return sums[:-1].view(self.batch, -1), _image_sums(entries @ self.cost, self.data.image, self.batch)
 
-    def evaluate(self, nu: torch.Tensor, mu: torch.Tensor):
-        """Plan rows, dual gradient (columns, budget) and dual value at ``(nu, mu)``."""
-        rows, threshold = _project_rows_onto_simplex(self.targets - self.spread(nu, mu), self.mass, self.data.valid)
+    def evaluate(self, nu: torch.Tensor, mu: torch.Tensor, support: torch.Tensor | None = None):
+        """Plan rows, dual gradient (columns, budget) and dual value at ``(nu, mu)``.
+
+        ``support``: the plan's support at a nearby point, a guess that saves most rows their sort.
+        """
+        values = self.targets - self.spread(nu, mu)
+        if support is None:
+            rows, threshold = _project_rows_onto_simplex(values, self.mass, self.data.valid)
+        else:
+            rows, threshold = _project_rows_from_support(values, self.mass, self.data.valid, support)
         filled, spent = self.collect(rows)
         per_row = 0.5 * rows.square().sum(-1) + threshold * self.mass
         value = self.target_norms - _image_sums(per_row, self.data.image, self.batch) - mu * self.budget - nu.sum(1)
@@ -731,12 +760,13 @@ class _SubState:
         return self.nu, self.mu, self.rows, self.grad_nu, self.grad_mu, self.value
 
 
-def _line_search(dual, state: _SubState, d_nu, d_mu, live, residual, steps, interval) -> torch.Tensor:
+def _line_search(dual, state: _SubState, support, d_nu, d_mu, live, residual, steps, interval) -> torch.Tensor:
     """Backtracking along the projected path, every example with its own step length; updates ``state`` in place.
 
     Returns the examples of ``live`` that found no acceptable step. Trials
     after the first run on the dual of the examples still searching (most
-    accept the full Newton step).
+    accept the full Newton step). ``support``, the support of ``state``'s
+    plan, is the row-wise projections' guess at every trial.
     """
     length = torch.ones_like(state.mu)
     searching = live.clone()
@@ -751,7 +781,9 @@ def _line_search(dual, state: _SubState, d_nu, d_mu, live, residual, steps, inte
         pick = (lambda t: t) if on is None else (lambda t: t[examples])
         trial_nu = (part.nu + pick(length)[:, None] * pick(d_nu)).clamp_min(0)
         trial_mu = (part.mu + pick(length) * pick(d_mu)).clamp_min(0)
-        trial_rows, trial_grad_nu, trial_grad_mu, trial_value = trial_dual.evaluate(trial_nu, trial_mu)
+        trial_rows, trial_grad_nu, trial_grad_mu, trial_value = trial_dual.evaluate(
+            trial_nu, trial_mu, support if on is None else support[on]
+        )
         ascent = (part.grad_nu * (trial_nu - part.nu)).sum(1) + part.grad_mu * (trial_mu - part.mu)
         # Near the solution the gain in D is below its rounding: a step that keeps D to rounding and
         # halves the KKT residual is taken then.
@@ -848,11 +880,12 @@ def _project_with_box(
         free_mu = ((state.mu > 0) | (state.grad_mu > 0)) & live
         damping = (1e-2 * residual.clamp_max(1.0) * _per_example(damping_scale, examples)).clamp_min(1e-12)
         forcing = residual.sqrt().clamp(1e-6, 0.1)
+        support = state.rows > 0
         d_nu, d_mu = _newton_direction(
-            sub, state.grad_nu, state.grad_mu, free_nu, free_mu, state.rows > 0, damping, forcing, cg_iterations, interval
+            sub, state.grad_nu, state.grad_mu, free_nu, free_mu, support, damping, forcing, cg_iterations, interval
         )
         iterations[examples] += live.long()
-        searching = _line_search(sub, state, d_nu, d_mu, live, residual, line_search_steps, interval)
+        searching = _line_search(sub, state, support, d_nu, d_mu, live, residual, line_search_steps, interval)
         state.scatter(examples, on, nu, mu, rows, grad_nu, grad_mu, value)
         # No ascent left in the working precision: the example is as solved as it gets.
         active[examples] &= ~searching
