@@ -623,45 +623,50 @@ def _natural_residual(nu, mu, grad_nu, grad_mu, budget):
 
 
 class _NewtonSystem:
-    r""":math:`A J A^\top + \delta I` on the free multipliers, on the support's entries only.
+    r""":math:`A J A^\top + \delta I` on the free multipliers, in the few entries that touch them.
 
-    The product touches only the entries in the support (a sixth or so of
-    the window on MNIST), and the vectors hold only the free columns (a few
-    dozen pixels per image, those at capacity), so each is a small fraction
-    of an evaluation of the dual. Column vectors are ``(F,)``, the free
-    columns in flat order; budget vectors ``(B,)``, 0 where not free.
+    On row ``i`` with support :math:`S_i`, :math:`J_i` centres a vector over
+    :math:`S_i`. With :math:`v` on the free columns (0 elsewhere) and
+    :math:`\bar c_i` the mean cost over :math:`S_i`, the product is
+
+    .. math::
+
+        (H v)_j = \sum_{e \to j} \big(v_e - \overline{v}_{i(e)}\big) + v_\mu \sum_{e \to j} (c_e - \bar c_{i(e)}),
+        \qquad (H v)_\mu = \sum_e (c_e - \bar c_{i(e)})\, v_e + v_\mu \sum_i \sum_{e \in S_i} (c_e - \bar c_i)^2
+
+    (:math:`v_e` the value at entry ``e``'s destination, :math:`c^\top J u = (J c)^\top u`),
+    so only the support's entries into free columns (pixels at capacity, a
+    few dozen per image) take part in a product; the rest is set up once
+    per Newton step. Column vectors are ``(F,)``, the free columns in flat
+    order; budget vectors ``(B,)``, 0 where not free.
     """
 
     def __init__(self, dual: _CapacityDual, support, free_nu, free_mu, damping):
         batch, columns = free_nu.shape
         k2 = support.shape[1]
-        entry = torch.nonzero(support.flatten()).flatten()
-        self.row = entry // k2
-        self.entry_cost = dual.cost[entry % k2]
-        self.entry_image = dual.data.image[self.row]
-        rows = support.shape[0]
-        self.inverse_count = 1 / support.sum(-1).clamp_min(1).double()
+        chosen = support.double()
+        self.inverse_count = 1 / chosen.sum(-1).clamp_min(1)
+        first, second = chosen @ dual.cost, chosen @ dual.cost.square()
         self.free = torch.nonzero(free_nu.flatten()).flatten()
         self.free_image = self.free // columns
         free_count = self.free.numel()
-        # Slot of each entry's destination among the free columns; the extra slot F takes the held ones.
-        position = torch.full((batch * columns + 1,), free_count, dtype=torch.int64, device=entry.device)
-        position[self.free] = torch.arange(free_count, device=entry.device)
-        self.slot = position[dual.destination.flatten()[entry]]
-        self.rows, self.batch, self.shape = rows, batch, free_nu.shape
-        self.free_mu, self.damping = free_mu, damping
+        # Slot of each entry's destination among the free columns (F: held at 0, or the sink).
+        position = torch.full((batch * columns + 1,), free_count, dtype=torch.int64, device=support.device)
+        position[self.free] = torch.arange(free_count, device=support.device)
+        slot = position[dual.destination]
+        entry = torch.nonzero(((slot < free_count) & support).flatten()).flatten()
+        self.row = entry // k2
+        self.slot = slot.flatten()[entry]
+        self.centred_cost = dual.cost[entry % k2] - (first * self.inverse_count)[self.row]
+        self.entry_image = dual.data.image[self.row]
+        self.rows, self.batch, self.shape, self.free_mu = support.shape[0], batch, free_nu.shape, free_mu
+        self.column_cost = self._to_columns(self.centred_cost)
         self.column_damping = damping[self.free_image]
-        row_weight = (1 - self.inverse_count)[self.row]
-        self.diagonal_nu = self._to_columns(row_weight) + self.column_damping
-        first = self._to_rows(self.entry_cost)
-        second = self._to_rows(self.entry_cost.square())
+        self.diagonal_nu = self._to_columns((1 - self.inverse_count)[self.row]) + self.column_damping
         self.diagonal_mu = _image_sums(second - first * first * self.inverse_count, dual.data.image, batch) + damping
 
-    def _to_rows(self, entries):
-        return entries.new_zeros(self.rows).index_add_(0, self.row, entries)
-
     def _to_columns(self, entries):
-        return entries.new_zeros(self.free.numel() + 1).index_add_(0, self.slot, entries)[:-1]
+        return entries.new_zeros(self.free.numel()).index_add_(0, self.slot, entries)
 
     def columns(self, nu: torch.Tensor) -> torch.Tensor:
         """The free columns of a ``(B, C N)`` tensor."""
@@ -677,13 +682,11 @@ class _NewtonSystem:
 
     def apply(self, v, v_mu):
         r""":math:`(A J A^\top + \delta I)(v, v_\mu)` on the free multipliers."""
-        spread = torch.cat([v, v.new_zeros(1)])[self.slot] + v_mu[self.entry_image] * self.entry_cost
-        centred = spread - (self._to_rows(spread) * self.inverse_count)[self.row]
-        out_mu = _image_sums(centred * self.entry_cost, self.entry_image, self.batch)
-        return (
-            self._to_columns(centred) + self.column_damping * v,
-            torch.where(self.free_mu, out_mu + self.damping * v_mu, 0.0),
-        )
+        spread = v[self.slot]
+        means = spread.new_zeros(self.rows).index_add_(0, self.row, spread) * self.inverse_count
+        out = self._to_columns(spread - means[self.row]) + self.column_cost * v_mu[self.free_image] + self.column_damping * v
+        out_mu = _image_sums(spread * self.centred_cost, self.entry_image, self.batch) + self.diagonal_mu * v_mu
+        return out, torch.where(self.free_mu, out_mu, 0.0)
 
 
 def _newton_direction(dual, grad_nu, grad_mu, free_nu, free_mu, support, damping, forcing, iterations, interval):
