@@ -911,13 +911,9 @@ def _project_with_box(
 
 def _destinations(data: _Rows, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Flat pixel (over ``B C H W``) each entry of the massive rows moves to; ``B C H W`` (a sink) when invalid."""
-    height, width = x.shape[-2:]
-    pixels = height * width
     dr, ds = _offsets(kernel_size, x.device)
-    pixel = data.index % pixels
-    row, col = pixel // width, pixel % width
-    flat = (data.index - pixel)[:, None] + (row[:, None] + dr) * width + (col[:, None] + ds)
-    return torch.where(data.valid, flat, x.numel())
+    # Inside the image the window's offsets are fixed flat steps dr W + ds; the invalid ones go to the sink.
+    return torch.where(data.valid, data.index[:, None] + (dr * x.shape[-1] + ds), x.numel())
 
 
 def _repair_rows(
@@ -1632,7 +1628,7 @@ class PlanPGDIterate:
         grad, failed = _checked_gradient(state, grad)
         x = state.center
         direction = plan_gradient(self._direction(grad), self.transport.kernel_size)
-        target = state.extra["plan"] + self.step_size * direction
+        target = torch.add(state.extra["plan"], direction, alpha=self.step_size)  # one pass over the strided direction
         projection = self._project(target, x, eps, state.extra)
         plan = projection.plan
         if bool(failed.any()):  # a plan-sized identity and select only when some gradient failed
