@@ -780,7 +780,7 @@ def _line_search(dual, state: _SubState, support, d_nu, d_mu, live, residual, st
             if examples.numel() == 0:
                 break
             trial_dual, on = dual.restrict(examples)
-        part = _SubState.gather(examples, on, *state.fields()) if on is not None else state
+        part = _SubState.gather(examples, on, *state.fields())
         pick = (lambda t: t) if on is None else (lambda t: t[examples])
         trial_nu = (part.nu + pick(length)[:, None] * pick(d_nu)).clamp_min(0)
         trial_mu = (part.mu + pick(length) * pick(d_mu)).clamp_min(0)
