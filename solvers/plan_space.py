@@ -230,7 +230,9 @@ def _check_plan_problem(name: str, values: torch.Tensor, x: torch.Tensor, cost: 
             f"cost {tuple(cost.shape)} and valid {tuple(valid.shape)} ({valid.dtype}) do not fit {k2} offsets "
             f"of {height}x{width} images: build them with window_layout"
         )
-    if not bool(torch.isfinite(values).all()):
+    # A finite sum (one pass, no mask) proves every entry finite; only a sum that is not finite
+    # (NaN or inf somewhere, or finite values that overflow it) needs the entrywise test.
+    if not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
         raise ValueError(f"{name} has NaN or infinite entries")
 
 
@@ -268,18 +270,42 @@ def _project_rows_onto_simplex(values: torch.Tensor, mass: torch.Tensor, valid: 
 
     Returns
     -------
-    Tensor (R, K)
+    rows : Tensor (R, K)
         Exactly 0 off ``valid`` and on rows with zero mass.
+    threshold : Tensor (R,)
+        :math:`\tau`, in the units of ``values``.
     """
     shifted = values.masked_fill(~valid, -math.inf)
-    shifted = shifted - shifted.amax(-1, keepdim=True)
+    top = shifted.amax(-1, keepdim=True)
+    shifted = shifted - top
     shifted = torch.maximum(shifted, -2 * mass[:, None])
     ordered = shifted.sort(-1, descending=True).values
     excess = ordered.cumsum(-1) - mass[:, None]
     ranks = torch.arange(1, values.shape[-1] + 1, dtype=values.dtype, device=values.device)
     support = (ordered * ranks > excess).sum(-1, keepdim=True).clamp_min(1)
     threshold = excess.gather(-1, support - 1) / support
-    return (shifted - threshold).clamp_min(0).masked_fill(~valid, 0.0)
+    return (shifted - threshold).clamp_min(0).masked_fill(~valid, 0.0), (threshold + top)[:, 0]
+
+
+def _project_rows_from_support(
+    values: torch.Tensor, mass: torch.Tensor, valid: torch.Tensor, support: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`_project_rows_onto_simplex` given a guess of each row's support (``values`` -inf off ``valid``).
+
+    With the guess :math:`S`, :math:`\tau = (\sum_S v - a) / |S|` is the
+    exact threshold whenever :math:`\{v > \tau\} = S`: then
+    :math:`(v - \tau)_+` is positive exactly on :math:`S` and sums to
+    :math:`a`. Rows where the test fails are projected by sorting. Between
+    nearby dual points most supports do not change, so most rows skip the
+    sort, the bulk of the projection's cost.
+    """
+    count = support.sum(-1).clamp_min(1)
+    threshold = (torch.where(support, values, 0.0).sum(-1) - mass) / count
+    wrong = torch.nonzero(((values > threshold[:, None]) != support).any(-1)).flatten()
+    rows = (values - threshold[:, None]).clamp_min_(0)
+    if wrong.numel() > 0:
+        rows[wrong], threshold[wrong] = _project_rows_onto_simplex(values[wrong], mass[wrong], valid[wrong])
+    return rows, threshold
 
 
 def _image_sums(per_row: torch.Tensor, row_image: torch.Tensor, batch: int) -> torch.Tensor:
@@ -427,7 +453,7 @@ def _project_ball(
         frozen = settled[active]
         mu_now = mu[active]
         shifted_targets = targets[on] - mu_now.to(dtype)[local, None] * cost
-        plan_rows = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
+        plan_rows, _ = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
         iterations[active] += (~frozen).long()
 
         spent = _image_sums(plan_rows @ cost, local, active.numel())
@@ -469,7 +495,7 @@ def _project_ball(
         mu = torch.where(unfinished, upper, mu)
         on = torch.nonzero(unfinished[data.image]).flatten()
         shifted_targets = targets[on] - mu.to(dtype)[data.image[on], None] * cost
-        rows[on] = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
+        rows[on], _ = _project_rows_onto_simplex(shifted_targets, data.mass[on], data.valid[on])
 
     rows = _fit_budget(rows, data, cost, budget)
     return PlanProjection(data.scatter(rows, target.shape), mu.to(dtype), iterations, converged)
@@ -501,25 +527,62 @@ class _CapacityDual:
     row-wise projection (on the support :math:`S_i` of row ``i``,
     :math:`I - \mathbf 1 \mathbf 1^\top / |S_i|`).
 
+    With :math:`P = (W - \tau)_+` row by row, the value is
+    :math:`\sum_i \big(\tfrac12 \|T_i\|^2 - \tfrac12 \|P_i\|^2 - \tau_i x_i\big)
+    - \mu b - \sum_j \nu_j` (expand the squares; on the support
+    :math:`W = P + \tau`), which needs no pass over the entries beyond
+    :math:`\|P_i\|^2`.
+
     Everything is float64 on the massive rows (:class:`_Rows`); columns are
     the ``B C N`` pixels, flat, plus one sink slot (index ``B C N``) for the
     offsets that leave the image.
     """
 
     data: _Rows
-    targets: torch.Tensor  # (R, K) float64
+    targets: torch.Tensor  # (R, K) float64, -inf off the window
     cost: torch.Tensor  # (K,) float64
     budget: torch.Tensor  # (B,) float64
     destination: torch.Tensor  # (R, K) flat column of each entry, sink when invalid
     batch: int
     columns_per_image: int
+    mass: torch.Tensor  # (R,) float64
+    target_norms: torch.Tensor  # (B,) float64, the constant sum_i ||T_i||^2 / 2 of the value
 
     @classmethod
     def of(cls, target, x, cost, valid, budget) -> _CapacityDual:
         data = _Rows.of(x, valid)
         destination = _destinations(data, x, math.isqrt(target.shape[-1]))
-        targets = target.reshape(-1, target.shape[-1])[data.index].double()
-        return cls(data, targets, cost.double(), budget.double(), destination, x.shape[0], x[0].numel())
+        # -inf off the window: every entry the row-wise projections see there is then -inf too, with no mask.
+        targets = target.reshape(-1, target.shape[-1])[data.index].double().masked_fill(~data.valid, -math.inf)
+        norms = _image_sums(0.5 * targets.masked_fill(~data.valid, 0.0).square().sum(-1), data.image, x.shape[0])
+        return cls(
+            data, targets, cost.double(), budget.double(), destination, x.shape[0], x[0].numel(), data.mass.double(), norms
+        )
+
+    def restrict(self, examples: torch.Tensor) -> tuple[_CapacityDual, torch.Tensor | None]:
+        """The dual of the examples ``examples`` (increasing) alone, and where their rows are among these.
+
+        Examples are independent problems, so this is the same dual on fewer
+        examples, its columns renumbered; row order is kept, so every sum
+        adds the same terms in the same order as on the whole batch. With
+        every example, ``self`` and ``None`` (no rows to pick).
+        """
+        count = examples.numel()
+        if count == self.batch:
+            return self, None
+        local = torch.full((self.batch,), -1, dtype=torch.int64, device=examples.device)
+        local[examples] = torch.arange(count, device=examples.device)
+        row_local = local[self.data.image]
+        on = torch.nonzero(row_local >= 0).flatten()
+        image = row_local[on]
+        shift = (image - self.data.image[on]) * self.columns_per_image
+        valid = self.data.valid[on]
+        destination = torch.where(valid, self.destination[on] + shift[:, None], count * self.columns_per_image)
+        data = _Rows(self.data.index[on] + shift, image, self.data.mass[on], valid)
+        return _CapacityDual(
+            data, self.targets[on], self.cost, self.budget[examples], destination, count, self.columns_per_image,
+            self.mass[on], self.target_norms[examples],
+        ), on
 
     def spread(self, nu: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         r""":math:`A^\top(\nu, \mu)`: each entry's multiplier, shape ``(R, K)``.
@@ -536,40 +599,94 @@ class _CapacityDual:
         sums.index_add_(0, self.destination.flatten(), entries.flatten())
         return sums[:-1].view(self.batch, -1), _image_sums(entries @ self.cost, self.data.image, self.batch)
 
-    def evaluate(self, nu: torch.Tensor, mu: torch.Tensor):
-        """Plan rows, support, dual gradient (columns, budget) and dual value at ``(nu, mu)``."""
-        shift = self.spread(nu, mu)
-        shifted = self.targets - shift
-        rows = _project_rows_onto_simplex(shifted, self.data.mass.double(), self.data.valid)
-        support = rows > 0
+    def evaluate(self, nu: torch.Tensor, mu: torch.Tensor, support: torch.Tensor | None = None):
+        """Plan rows, dual gradient (columns, budget) and dual value at ``(nu, mu)``.
+
+        ``support``: the plan's support at a nearby point, a guess that saves most rows their sort.
+        """
+        values = self.targets - self.spread(nu, mu)
+        if support is None:
+            rows, threshold = _project_rows_onto_simplex(values, self.mass, self.data.valid)
+        else:
+            rows, threshold = _project_rows_from_support(values, self.mass, self.data.valid, support)
         filled, spent = self.collect(rows)
-        per_entry = 0.5 * (rows - shifted).square() + shift * self.targets - 0.5 * shift.square()
-        value = _image_sums(per_entry.masked_fill(~self.data.valid, 0.0).sum(-1), self.data.image, self.batch)
-        value = value - mu * self.budget - nu.sum(1)
-        return rows, support, filled - 1, spent - self.budget, value
-
-    def curvature(self, support: torch.Tensor):
-        r"""Diagonal of :math:`A J A^\top` (columns, budget) and the support sizes, for preconditioning."""
-        count = support.sum(-1, keepdim=True).clamp_min(1).double()
-        weight = support.double() * (1 - 1 / count)
-        diagonal_nu, _ = self.collect(weight)
-        chosen = support.double()
-        first, second = chosen @ self.cost, chosen @ (self.cost * self.cost)
-        diagonal_mu = _image_sums(second - first * first / count[:, 0], self.data.image, self.batch)
-        return diagonal_nu, diagonal_mu, count
-
-    def hessian_product(self, v_nu, v_mu, support, count):
-        r""":math:`A J A^\top (v_\nu, v_\mu)`."""
-        spread = self.spread(v_nu, v_mu) * support
-        centred = (spread - spread.sum(-1, keepdim=True) / count) * support
-        return self.collect(centred)
+        per_row = 0.5 * rows.square().sum(-1) + threshold * self.mass
+        value = self.target_norms - _image_sums(per_row, self.data.image, self.batch) - mu * self.budget - nu.sum(1)
+        return rows, filled - 1, spent - self.budget, value
 
 
-def _natural_residual(nu, mu, grad_nu, grad_mu, dual: _CapacityDual):
+def _natural_residual(nu, mu, grad_nu, grad_mu, budget):
     r"""Per example: max column residual :math:`|\nu - (\nu + g)_+|` and the budget's, relative to the budget."""
     column = (nu - (nu + grad_nu).clamp_min(0)).abs().amax(1)
-    budget = (mu - (mu + grad_mu).clamp_min(0)).abs() / dual.budget.clamp_min(torch.finfo(torch.float64).tiny)
+    budget = (mu - (mu + grad_mu).clamp_min(0)).abs() / budget.clamp_min(torch.finfo(torch.float64).tiny)
     return column, budget
+
+
+class _NewtonSystem:
+    r""":math:`A J A^\top + \delta I` on the free multipliers, in the few entries that touch them.
+
+    On row ``i`` with support :math:`S_i`, :math:`J_i` centres a vector over
+    :math:`S_i`. With :math:`v` on the free columns (0 elsewhere) and
+    :math:`\bar c_i` the mean cost over :math:`S_i`, the product is
+
+    .. math::
+
+        (H v)_j = \sum_{e \to j} \big(v_e - \overline{v}_{i(e)}\big) + v_\mu \sum_{e \to j} (c_e - \bar c_{i(e)}),
+        \qquad (H v)_\mu = \sum_e (c_e - \bar c_{i(e)})\, v_e + v_\mu \sum_i \sum_{e \in S_i} (c_e - \bar c_i)^2
+
+    (:math:`v_e` the value at entry ``e``'s destination, :math:`c^\top J u = (J c)^\top u`),
+    so only the support's entries into free columns (pixels at capacity, a
+    few dozen per image) take part in a product; the rest is set up once
+    per Newton step. Column vectors are ``(F,)``, the free columns in flat
+    order; budget vectors ``(B,)``, 0 where not free.
+    """
+
+    def __init__(self, dual: _CapacityDual, support, free_nu, free_mu, damping):
+        batch, columns = free_nu.shape
+        k2 = support.shape[1]
+        chosen = support.double()
+        self.inverse_count = 1 / chosen.sum(-1).clamp_min(1)
+        first, second = chosen @ dual.cost, chosen @ dual.cost.square()
+        self.free = torch.nonzero(free_nu.flatten()).flatten()
+        self.free_image = self.free // columns
+        free_count = self.free.numel()
+        # Slot of each entry's destination among the free columns (F: held at 0, or the sink).
+        position = torch.full((batch * columns + 1,), free_count, dtype=torch.int64, device=support.device)
+        position[self.free] = torch.arange(free_count, device=support.device)
+        slot = position[dual.destination]
+        entry = torch.nonzero(((slot < free_count) & support).flatten()).flatten()
+        self.row = entry // k2
+        self.slot = slot.flatten()[entry]
+        self.centred_cost = dual.cost[entry % k2] - (first * self.inverse_count)[self.row]
+        self.entry_image = dual.data.image[self.row]
+        self.rows, self.batch, self.shape, self.free_mu = support.shape[0], batch, free_nu.shape, free_mu
+        self.column_cost = self._to_columns(self.centred_cost)
+        self.column_damping = damping[self.free_image]
+        self.diagonal_nu = self._to_columns((1 - self.inverse_count)[self.row]) + self.column_damping
+        self.diagonal_mu = _image_sums(second - first * first * self.inverse_count, dual.data.image, batch) + damping
+
+    def _to_columns(self, entries):
+        return entries.new_zeros(self.free.numel()).index_add_(0, self.slot, entries)
+
+    def columns(self, nu: torch.Tensor) -> torch.Tensor:
+        """The free columns of a ``(B, C N)`` tensor."""
+        return nu.flatten()[self.free]
+
+    def expand(self, v: torch.Tensor) -> torch.Tensor:
+        """A ``(B, C N)`` tensor with ``v`` on the free columns and 0 elsewhere."""
+        return v.new_zeros(self.shape).flatten().index_copy_(0, self.free, v).view(self.shape)
+
+    def dot(self, a, b, a_mu, b_mu) -> torch.Tensor:
+        """Per-example inner products ``(B,)``."""
+        return a.new_zeros(self.batch).index_add_(0, self.free_image, a * b) + a_mu * b_mu
+
+    def apply(self, v, v_mu):
+        r""":math:`(A J A^\top + \delta I)(v, v_\mu)` on the free multipliers."""
+        spread = v[self.slot]
+        means = spread.new_zeros(self.rows).index_add_(0, self.row, spread) * self.inverse_count
+        out = self._to_columns(spread - means[self.row]) + self.column_cost * v_mu[self.free_image] + self.column_damping * v
+        out_mu = _image_sums(spread * self.centred_cost, self.entry_image, self.batch) + self.diagonal_mu * v_mu
+        return out, torch.where(self.free_mu, out_mu, 0.0)
 
 
 def _newton_direction(dual, grad_nu, grad_mu, free_nu, free_mu, support, damping, forcing, iterations, interval):
@@ -578,42 +695,127 @@ def _newton_direction(dual, grad_nu, grad_mu, free_nu, free_mu, support, damping
     Batched over examples with per-example step lengths; an example stops
     once its preconditioned residual has shrunk by ``forcing`` (an inexact
     Newton step), the loop once every example has stopped (read every
-    ``interval`` iterations) or after ``iterations``.
+    ``interval`` iterations) or after ``iterations``. Jacobi-preconditioned.
     """
     tiny = torch.finfo(torch.float64).tiny
-    diagonal_nu, diagonal_mu, count = dual.curvature(support)
-    inverse_nu = torch.where(free_nu, 1 / (diagonal_nu + damping[:, None]), 0.0)
-    inverse_mu = torch.where(free_mu, 1 / (diagonal_mu + damping), 0.0)
-
-    def apply(v_nu, v_mu):
-        out_nu, out_mu = dual.hessian_product(v_nu, v_mu, support, count)
-        return (
-            torch.where(free_nu, out_nu + damping[:, None] * v_nu, 0.0),
-            torch.where(free_mu, out_mu + damping * v_mu, 0.0),
-        )
-
-    d_nu, d_mu = torch.zeros_like(grad_nu), torch.zeros_like(grad_mu)
-    r_nu, r_mu = torch.where(free_nu, grad_nu, 0.0), torch.where(free_mu, grad_mu, 0.0)
-    z_nu, z_mu = inverse_nu * r_nu, inverse_mu * r_mu
-    p_nu, p_mu = z_nu, z_mu
-    rz = (r_nu * z_nu).sum(1) + r_mu * z_mu
+    system = _NewtonSystem(dual, support, free_nu, free_mu, damping)
+    inverse, inverse_mu = 1 / system.diagonal_nu, torch.where(free_mu, 1 / system.diagonal_mu, 0.0)
+    r, r_mu = system.columns(grad_nu), torch.where(free_mu, grad_mu, 0.0)
+    d, d_mu = torch.zeros_like(r), torch.zeros_like(r_mu)
+    z, z_mu = inverse * r, inverse_mu * r_mu
+    p, p_mu = z, z_mu
+    rz = system.dot(r, z, r_mu, z_mu)
     target = rz * forcing.square()
     for step in range(iterations):
         moving = rz > target
         if step % interval == 0 and not bool(moving.any()):
             break
-        q_nu, q_mu = apply(p_nu, p_mu)
-        curvature = (p_nu * q_nu).sum(1) + p_mu * q_mu
+        q, q_mu = system.apply(p, p_mu)
+        curvature = system.dot(p, q, p_mu, q_mu)
         moving &= curvature > 0
         alpha = torch.where(moving, rz / curvature.clamp_min(tiny), 0.0)
-        d_nu, d_mu = d_nu + alpha[:, None] * p_nu, d_mu + alpha * p_mu
-        r_nu, r_mu = r_nu - alpha[:, None] * q_nu, r_mu - alpha * q_mu
-        z_nu, z_mu = inverse_nu * r_nu, inverse_mu * r_mu
-        rz_next = (r_nu * z_nu).sum(1) + r_mu * z_mu
+        column_alpha = alpha[system.free_image]
+        d, d_mu = d + column_alpha * p, d_mu + alpha * p_mu
+        r, r_mu = r - column_alpha * q, r_mu - alpha * q_mu
+        z, z_mu = inverse * r, inverse_mu * r_mu
+        rz_next = system.dot(r, z, r_mu, z_mu)
         beta = torch.where(moving, rz_next / rz.clamp_min(tiny), 0.0)
-        p_nu, p_mu = z_nu + beta[:, None] * p_nu, z_mu + beta * p_mu
+        p, p_mu = z + beta[system.free_image] * p, z_mu + beta * p_mu
         rz = torch.where(moving, rz_next, rz)
-    return d_nu, d_mu
+    return system.expand(d), d_mu
+
+
+def _per_example(value: torch.Tensor | float, examples: torch.Tensor) -> torch.Tensor | float:
+    """``value[examples]`` for a per-example tensor, ``value`` itself for a number."""
+    return value[examples] if isinstance(value, torch.Tensor) else value
+
+
+@dataclass
+class _SubState:
+    """The dual iterate of some examples: multipliers, plan rows, gradient and value."""
+
+    nu: torch.Tensor
+    mu: torch.Tensor
+    rows: torch.Tensor
+    grad_nu: torch.Tensor
+    grad_mu: torch.Tensor
+    value: torch.Tensor
+
+    @classmethod
+    def gather(cls, examples, on, nu, mu, rows, grad_nu, grad_mu, value) -> _SubState:
+        """The examples ``examples`` (their rows ``on``, ``None`` for all) of the batch's iterate."""
+        if on is None:
+            return cls(nu, mu, rows, grad_nu, grad_mu, value)
+        return cls(nu[examples], mu[examples], rows[on], grad_nu[examples], grad_mu[examples], value[examples])
+
+    def scatter(self, examples, on, nu, mu, rows, grad_nu, grad_mu, value) -> None:
+        """Write this iterate back into the batch's (in place)."""
+        if on is None:
+            for whole, part in zip((nu, mu, rows, grad_nu, grad_mu, value), self.fields()):
+                if whole is not part:
+                    whole.copy_(part)
+            return
+        nu[examples], mu[examples], grad_nu[examples], grad_mu[examples] = self.nu, self.mu, self.grad_nu, self.grad_mu
+        value[examples] = self.value
+        rows[on] = self.rows
+
+    def fields(self):
+        return self.nu, self.mu, self.rows, self.grad_nu, self.grad_mu, self.value
+
+
+def _line_search(dual, state: _SubState, support, d_nu, d_mu, live, residual, steps, interval) -> torch.Tensor:
+    """Backtracking along the projected path, every example with its own step length; updates ``state`` in place.
+
+    Returns the examples of ``live`` that found no acceptable step. Trials
+    after the first run on the dual of the examples still searching (most
+    accept the full Newton step). ``support``, the support of ``state``'s
+    plan, is the row-wise projections' guess at every trial.
+    """
+    length = torch.ones_like(state.mu)
+    searching = live.clone()
+    trial_dual, examples, on = dual, None, None
+    for trial_step in range(steps):
+        if trial_step > 0 and trial_step % interval == 0:
+            examples = torch.nonzero(searching).flatten()
+            if examples.numel() == 0:
+                break
+            trial_dual, on = dual.restrict(examples)
+        part = _SubState.gather(examples, on, *state.fields())
+        pick = (lambda t: t) if on is None else (lambda t: t[examples])
+        trial_nu = (part.nu + pick(length)[:, None] * pick(d_nu)).clamp_min(0)
+        trial_mu = (part.mu + pick(length) * pick(d_mu)).clamp_min(0)
+        trial_rows, trial_grad_nu, trial_grad_mu, trial_value = trial_dual.evaluate(
+            trial_nu, trial_mu, support if on is None else support[on]
+        )
+        ascent = (part.grad_nu * (trial_nu - part.nu)).sum(1) + part.grad_mu * (trial_mu - part.mu)
+        # Near the solution the gain in D is below its rounding: a step that keeps D to rounding and
+        # halves the KKT residual is taken then.
+        trial_residual = torch.maximum(
+            *_natural_residual(trial_nu, trial_mu, trial_grad_nu, trial_grad_mu, trial_dual.budget)
+        )
+        level = trial_value >= part.value - 1e-12 * part.value.abs().clamp_min(1.0)
+        accepted = pick(searching) & (
+            (trial_value >= part.value + 1e-4 * ascent) | (level & (trial_residual <= 0.5 * pick(residual)))
+        )
+        on_rows = accepted[trial_dual.data.image, None]
+        updated = _SubState(
+            torch.where(accepted[:, None], trial_nu, part.nu),
+            torch.where(accepted, trial_mu, part.mu),
+            torch.where(on_rows, trial_rows, part.rows),
+            torch.where(accepted[:, None], trial_grad_nu, part.grad_nu),
+            torch.where(accepted, trial_grad_mu, part.grad_mu),
+            torch.where(accepted, trial_value, part.value),
+        )
+        if on is None:
+            state.nu, state.mu, state.rows, state.grad_nu, state.grad_mu, state.value = updated.fields()
+            searching &= ~accepted
+        else:
+            updated.scatter(examples, on, *state.fields())
+            searching[examples] &= ~accepted
+        length = torch.where(searching, 0.5 * length, length)
+        if trial_step % interval == 0 and not bool(searching.any()):
+            break
+    return searching
 
 
 def _project_with_box(
@@ -657,49 +859,42 @@ def _project_with_box(
     dual = _CapacityDual.of(target, x, cost, valid, budget)
     nu = capacity_multiplier.reshape(batch, -1).double().clamp_min(0)
     mu = multiplier.double().clamp_min(0)
-    rows, support, grad_nu, grad_mu, value = dual.evaluate(nu, mu)
+    rows, grad_nu, grad_mu, value = dual.evaluate(nu, mu)
     iterations = torch.zeros(batch, dtype=torch.int64, device=x.device)
     active = torch.ones(batch, dtype=torch.bool, device=x.device)
     interval = sync_interval(x.device)
     for step in range(box_max_iter + 1):
-        column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual)
+        column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual.budget)
         active &= (column_residual > box_tol) | (budget_residual > tol)
-        if step == box_max_iter or (step % interval == 0 and not bool(active.any())):
+        if step == box_max_iter:
             break
-        free_nu = ((nu > 0) | (grad_nu > 0)) & active[:, None]
-        free_mu = ((mu > 0) | (grad_mu > 0)) & active
-        residual = torch.maximum(column_residual, budget_residual)
-        damping = (1e-2 * residual.clamp_max(1.0) * damping_scale).clamp_min(1e-12)
-        forcing = residual.sqrt().clamp(1e-6, 0.1)
-        d_nu, d_mu = _newton_direction(
-            dual, grad_nu, grad_mu, free_nu, free_mu, support, damping, forcing, cg_iterations, interval
-        )
-        iterations += active.long()
-        # Backtracking along the projected path, every example with its own step length.
-        length = torch.ones(batch, dtype=torch.float64, device=x.device)
-        searching = active.clone()
-        for trial_step in range(line_search_steps):
-            trial_nu = (nu + length[:, None] * d_nu).clamp_min(0)
-            trial_mu = (mu + length * d_mu).clamp_min(0)
-            trial = dual.evaluate(trial_nu, trial_mu)
-            ascent = (grad_nu * (trial_nu - nu)).sum(1) + grad_mu * (trial_mu - mu)
-            # Near the solution the gain in D is below its rounding: a step that keeps D to rounding and
-            # halves the KKT residual is taken then.
-            trial_residual = torch.maximum(*_natural_residual(trial_nu, trial_mu, trial[2], trial[3], dual))
-            level = trial[4] >= value - 1e-12 * value.abs().clamp_min(1.0)
-            accepted = searching & ((trial[4] >= value + 1e-4 * ascent) | (level & (trial_residual <= 0.5 * residual)))
-            nu, mu = torch.where(accepted[:, None], trial_nu, nu), torch.where(accepted, trial_mu, mu)
-            on_rows = accepted[dual.data.image, None]
-            rows, support = torch.where(on_rows, trial[0], rows), torch.where(on_rows, trial[1], support)
-            grad_nu, grad_mu = torch.where(accepted[:, None], trial[2], grad_nu), torch.where(accepted, trial[3], grad_mu)
-            value = torch.where(accepted, trial[4], value)
-            searching &= ~accepted
-            length = torch.where(searching, 0.5 * length, length)
-            if trial_step % interval == 0 and not bool(searching.any()):
+        # Newton steps run on the dual of the active examples alone (refreshed with the host sync every
+        # ``interval`` steps; in between, examples that finish stay in it, frozen): late steps often
+        # have a few examples left, and the batch's finished ones would cost as much as at the start.
+        if step % interval == 0:
+            examples = torch.nonzero(active).flatten()
+            if examples.numel() == 0:
                 break
+            sub, on = dual.restrict(examples)
+        live = active[examples]
+        state = _SubState.gather(examples, on, nu, mu, rows, grad_nu, grad_mu, value)
+        residual = torch.maximum(column_residual, budget_residual)[examples]
+        free_nu = ((state.nu > 0) | (state.grad_nu > 0)) & live[:, None]
+        free_mu = ((state.mu > 0) | (state.grad_mu > 0)) & live
+        damping = (1e-2 * residual.clamp_max(1.0) * _per_example(damping_scale, examples)).clamp_min(1e-12)
+        # Conjugate-gradient steps cost a small fraction of an evaluation of the dual (see _NewtonSystem):
+        # near-exact Newton directions (residual shrunk 1e4-fold) save Newton steps, each a full evaluation.
+        forcing = residual.sqrt().clamp(1e-6, 1e-4)
+        support = state.rows > 0
+        d_nu, d_mu = _newton_direction(
+            sub, state.grad_nu, state.grad_mu, free_nu, free_mu, support, damping, forcing, cg_iterations, interval
+        )
+        iterations[examples] += live.long()
+        searching = _line_search(sub, state, support, d_nu, d_mu, live, residual, line_search_steps, interval)
+        state.scatter(examples, on, nu, mu, rows, grad_nu, grad_mu, value)
         # No ascent left in the working precision: the example is as solved as it gets.
-        active &= ~searching
-    column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual)
+        active[examples] &= ~searching
+    column_residual, budget_residual = _natural_residual(nu, mu, grad_nu, grad_mu, dual.budget)
     converged = (column_residual <= box_tol) & (budget_residual <= tol)
     settled = budget <= 0
     center = target.shape[-1] // 2
@@ -718,13 +913,9 @@ def _project_with_box(
 
 def _destinations(data: _Rows, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Flat pixel (over ``B C H W``) each entry of the massive rows moves to; ``B C H W`` (a sink) when invalid."""
-    height, width = x.shape[-2:]
-    pixels = height * width
     dr, ds = _offsets(kernel_size, x.device)
-    pixel = data.index % pixels
-    row, col = pixel // width, pixel % width
-    flat = (data.index - pixel)[:, None] + (row[:, None] + dr) * width + (col[:, None] + ds)
-    return torch.where(data.valid, flat, x.numel())
+    # Inside the image the window's offsets are fixed flat steps dr W + ds; the invalid ones go to the sink.
+    return torch.where(data.valid, data.index[:, None] + (dr * x.shape[-1] + ds), x.numel())
 
 
 def _repair_rows(
@@ -1450,9 +1641,11 @@ class PlanPGDIterate:
         grad, failed = _checked_gradient(state, grad)
         x = state.center
         direction = plan_gradient(self._direction(grad), self.transport.kernel_size)
-        target = state.extra["plan"] + self.step_size * direction
+        target = torch.add(state.extra["plan"], direction, alpha=self.step_size)  # one pass over the strided direction
         projection = self._project(target, x, eps, state.extra)
-        plan = torch.where(failed.view(-1, 1, 1, 1), identity_plan(x, self.transport.kernel_size), projection.plan)
+        plan = projection.plan
+        if bool(failed.any()):  # a plan-sized identity and select only when some gradient failed
+            plan = torch.where(failed.view(-1, 1, 1, 1), identity_plan(x, self.transport.kernel_size), plan)
         report = StepReport(
             converged=projection.converged & ~failed,
             solver_iterations=projection.iterations,
