@@ -17,6 +17,11 @@ same batch) and the ratio of the two:
   images against ``--train-model`` (the attack's seconds over examples times
   the steps it took); floor: milliseconds per example of one pass.
 
+For the suite a second table gives, per model and code, the suite's
+version, verified robust accuracy at the standard radii, median minimal
+radius, which member found each minimal radius first, and each member's
+seconds (``--frames DIR`` keeps the per-example frames).
+
 With ``--baseline COMMIT`` the same measurements also run on that commit:
 in a temporary ``git worktree`` of it, this script runs itself with
 ``--json`` and that worktree first on ``PYTHONPATH``; the table then shows
@@ -26,13 +31,16 @@ cannot make (code it lacks) is named in the table.
 Usage::
 
     python benchmarks/speed.py [--examples 100] [--models ...]
-        [--certifiers linear_bounds milp] [--no-suite] [--baseline COMMIT] [--quick] [--json]
+        [--certifiers linear_bounds milp] [--no-suite] [--baseline COMMIT | --baseline-rows FILE]
+        [--frames DIR] [--quick] [--json]
 
 The data root (folder containing ``MNIST/raw``) defaults to ``$DATA_ROOT``;
 the weights folder to ``$WEIGHTS_DIR``. ``--quick`` (1 example, one model,
 the linear bounds only, one attack on 2 training images, and no suite, which
 alone takes minutes per example) checks the script; ``--no-suite`` leaves the
-suite out of a full run.
+suite out of a full run. ``--baseline-rows FILE`` takes the baseline's rows
+from an earlier ``--json`` run of the baseline checkout instead (the table
+names the commit and when it was measured).
 """
 
 from __future__ import annotations
@@ -215,7 +223,10 @@ def saved_baseline(path: str) -> tuple[str, list[dict]]:
 def verdicts(current: list[dict], baseline: list[dict] | str | None) -> str:
     """The suite's verified robust accuracy and median radius per model, current beside baseline."""
     before = {row["model"]: row for row in baseline if row["measure"] == "suite"} if isinstance(baseline, list) else {}
-    lines = ["| model | code | suite | robust accuracy by radius | median radius |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | code | suite | robust accuracy by radius | median radius | minimal radius found first by | seconds by member |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in current:
         if row["measure"] != "suite":
             continue
@@ -223,7 +234,11 @@ def verdicts(current: list[dict], baseline: list[dict] | str | None) -> str:
             if measured is None or "robust_accuracy" not in measured:
                 continue
             accuracy = ", ".join(f"{radius}: {100 * value:.0f}%" for radius, value in measured["robust_accuracy"].items())
-            lines.append(f"| {row['model']} | {code} | {measured['suite']} | {accuracy} | {_number(measured['median_radius'])} |")
+            found = ", ".join(f"{name or 'none'} {count}" for name, count in sorted(measured["found_by"].items(), key=lambda item: -item[1]))
+            seconds = ", ".join(f"{name} {value:.0f}" for name, value in measured["member_seconds"].items())
+            lines.append(
+                f"| {row['model']} | {code} | {measured['suite']} | {accuracy} | {_number(measured['median_radius'])} | {found} | {seconds} |"
+            )
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
