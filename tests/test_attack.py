@@ -75,6 +75,21 @@ def test_box_solver_attack_successes_all_verified():
     assert result.adversarial_prediction[result.success].ne(y[result.success]).all()
 
 
+def test_fast_training_attack_cuts_the_projection_short_and_its_successes_still_verify():
+    """The fast training recipe's inexact box projection (one Newton step) still leaves every iterate in the ball."""
+    from dataclasses import replace
+
+    from harness.train.recipes import recipe
+
+    model, x, y = problem()
+    spec = replace(recipe("mnist_wasserstein_plan_pgd_fast").adversarial.attack, schedule=SCHEDULE)
+    result = spec.attack(model, Ball.wasserstein(KERNEL, P), seed=0).run(x, y)
+    assert int(result.unconverged_steps.sum()) > 0, "every projection converged in one step: nothing was cut short"
+    assert int(result.success.sum()) >= 8, f"only {int(result.success.sum())} of 12 examples fooled"
+    verdict = verify_wasserstein(model, x, y, result.adversarial, result.success, result.eps_found, KERNEL, P)
+    assert np.all(verdict.status[result.success.numpy()] == int(VerificationStatus.VERIFIED)), verdict.status_names()
+
+
 def test_free_solver_successes_leave_box_and_are_rejected():
     """Sign steps push bright pixels past 1; without the box the projection keeps them there."""
     model, x, y = problem()

@@ -29,7 +29,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 MNIST_MODELS = ("mnist/binarized", "mnist/linf_certified", "mnist/standard", "mnist/wasserstein_adversarial")
 TRAINED_MNIST_MODELS = tuple(
-    f"mnist/trained_{kind}" for kind in ("binarized", "linf_certified", "standard", "wasserstein_plan_pgd", "wasserstein_sinkhorn")
+    f"mnist/trained_{kind}" for kind in (
+        "binarized", "linf_certified", "standard", "wasserstein_plan_pgd", "wasserstein_plan_pgd_fast", "wasserstein_sinkhorn"
+    )
 )
 CIFAR_MODELS = ("cifar10/fast_standard", "cifar10/resnet18", "cifar10/resnet18_wasserstein_adversarial", "cifar10/small_resnet")
 # Accuracy on 1000 images has a standard error of about 0.4 points at 98%.

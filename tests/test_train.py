@@ -217,6 +217,15 @@ def test_wasserstein_adversarial_training_runs_its_inner_attack(world, tmp_path,
     assert record["recipe"]["adversarial"]["attack"]["solver"] == "plan_pgd_box"
 
 
+def test_the_fast_plan_pgd_recipe_differs_from_the_paper_one_only_in_its_projection_budget():
+    paper, fast = RECIPES["mnist_wasserstein_plan_pgd"], RECIPES["mnist_wasserstein_plan_pgd_fast"]
+    assert dict(fast.adversarial.attack.hyperparameters) == {"box_max_iter": 1}
+    assert paper.adversarial.attack.hyperparameters == ()  # the solver's exact defaults
+    unchanged = dataclasses.replace(fast.adversarial.attack, hyperparameters=())
+    assert dataclasses.replace(fast, name=paper.name, description=paper.description,
+                               adversarial=dataclasses.replace(fast.adversarial, attack=unchanged)) == paper
+
+
 def test_recipe_checks():
     with pytest.raises(ValueError, match="adversarial settings are needed"):
         dataclasses.replace(TINY_RECIPE, objective=Objective.WASSERSTEIN_ADVERSARIAL)

@@ -405,6 +405,9 @@ BUILTIN_MODELS = (
              "mnist/wasserstein_adversarial"),
             ("wasserstein_plan_pgd", TrainedFor.WASSERSTEIN_ADVERSARIAL,
              "Wasserstein adversarial training with plan-space PGD in the boxed ball", "mnist/wasserstein_adversarial"),
+            ("wasserstein_plan_pgd_fast", TrainedFor.WASSERSTEIN_ADVERSARIAL,
+             "Wasserstein adversarial training with plan-space PGD in the boxed ball, one Newton step of the box "
+             "projection per attack step", "mnist/wasserstein_adversarial"),
         )
     ),
     ModelSpec(

@@ -257,8 +257,7 @@ def train(
                 x = _augment(training_set[index], recipe, epoch, generator)
                 y = labels[index]
                 if adversary is not None:
-                    x = adversary.run(x, y).adversarial.detach()
-                    module.train()
+                    x = adversary.run(x, y).adversarial.detach()  # run() puts the model back in train mode
                 with torch.autocast(target.type, dtype=torch.bfloat16, enabled=autocast):
                     logits = module(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
