@@ -34,7 +34,7 @@ Usage::
 
     python benchmarks/speed.py [--examples 100] [--models ...]
         [--certifiers linear_bounds milp] [--no-suite] [--baseline COMMIT | --baseline-rows FILE]
-        [--frames DIR] [--quick] [--json]
+        [--frames DIR] [--markdown PATH] [--quick] [--json]
 
 The data root (folder containing ``MNIST/raw``) defaults to ``$DATA_ROOT``;
 the weights folder to ``$WEIGHTS_DIR``. ``--quick`` (1 example, one model,
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", help="a commit to measure too, in a temporary git worktree")
     parser.add_argument("--baseline-rows", help="the --json output of an earlier run of a baseline checkout, in place of --baseline")
     parser.add_argument("--frames", help="a folder for the suite's per-example frames (Parquet, one per model)")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the tables to PATH (a results page's block)")
     parser.add_argument("--quick", action="store_true", help="1 example, one model, linear bounds, no suite, 2 training images")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON (the baseline run's output)")
     parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "data"))
@@ -326,10 +327,25 @@ def main(argv: list[str] | None = None) -> None:
         baseline_commit, baseline = saved_baseline(arguments.baseline_rows)
     elif arguments.baseline:
         baseline_commit, baseline = measure_baseline(arguments, checkout)
-    print(markdown(header_line(checkout, arguments.examples), current, baseline, baseline_commit))
+    output = markdown(header_line(checkout, arguments.examples), current, baseline, baseline_commit)
     suite_table = verdicts(current, baseline)
     if suite_table:
-        print("\n" + suite_table)
+        output += "\n\n" + suite_table
+    print(output)
+    if arguments.markdown:
+        Path(arguments.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(arguments.markdown).write_text(output + "\n", encoding="utf-8")
+
+
+BLOCK_KINDS = ("markdown",)
+
+
+def generate(kind: str, folders, options: dict) -> str:
+    """A generated block (``benchmarks/regenerate_results.py``): the ``--markdown`` file this script wrote."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generated_blocks import markdown_block
+
+    return markdown_block(Path(__file__).name, "speed.md", kind, folders, options)
 
 
 if __name__ == "__main__":

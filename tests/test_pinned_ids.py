@@ -88,7 +88,7 @@ def test_smoke_grid_rows_are_pinned_through_the_command_line_on_ray(tmp_path, pu
                 assert row[name] == pytest.approx(value, rel=float(np.finfo(np.float32).eps), abs=1e-12), f"{where}: {name}"
             else:
                 assert row[name] == value, f"{where}: {name}"
-    bad = subprocess.run(command + ["+grid.blocks.0.kernel_size=4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(command + ["grid.blocks.0.kernel_size=4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "kernel_size=4 is invalid" in bad.stdout
 
 
