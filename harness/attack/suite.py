@@ -197,40 +197,42 @@ class AttackSuite:
         return max(max(m.schedule.final_eps for m in self.members if m.role is not MemberRole.FIXED_RADII), max(self.radii))
 
 
+def _member(name: str, role: MemberRole, solver: str, schedule: EpsSchedule, *, band: float | None = None,
+            warm_start: bool = False, **attack) -> SuiteMember:
+    return SuiteMember(name, role, AttackSpec(solver, schedule, **attack), band=band, warm_start=warm_start)
+
+
+def _standard_suite(version: int, dataset: str, members: tuple[SuiteMember, ...], refinement: Refinement) -> AttackSuite:
+    return AttackSuite("standard", version, dataset, STANDARD_RADII[(dataset, BallKind.WASSERSTEIN.value)], members, refinement)
+
+
 def _standard_v1(dataset: str, initial: float, plan_step: float, lam: float) -> AttackSuite:
     """Version 1 of the ``standard`` suite for a data set: the same members, scaled to its radii."""
-    radii = STANDARD_RADII[(dataset, BallKind.WASSERSTEIN.value)]
     # From a twentieth of the smallest standard radius, x1.1 every 3 steps: past 25 times the smallest by step 200.
     growing = EpsSchedule(initial, 1.1, 3, 200)
     plan = (("step_size", plan_step),)
-
-    def member(name: str, role: MemberRole, solver: str, schedule: EpsSchedule = growing, **attack) -> SuiteMember:
-        return SuiteMember(name, role, AttackSpec(solver, schedule, **attack))
-
-    return AttackSuite(
-        name="standard",
-        version=1,
-        dataset=dataset,
-        radii=radii,
+    return _standard_suite(
+        1,
+        dataset,
         members=(
-            member("plan_pgd_box", MemberRole.SCHEDULE, "plan_pgd_box", hyperparameters=plan),
-            member("frank_wolfe_box", MemberRole.SCHEDULE, "frank_wolfe_box"),
-            member(
-                "projected_sinkhorn_box", MemberRole.SCHEDULE, "projected_sinkhorn_box", hyperparameters=(("lam", lam),),
-                step_rule=StepRule.LINF_SIGN, step_size=0.1,
+            _member("plan_pgd_box", MemberRole.SCHEDULE, "plan_pgd_box", growing, hyperparameters=plan),
+            _member("frank_wolfe_box", MemberRole.SCHEDULE, "frank_wolfe_box", growing),
+            _member(
+                "projected_sinkhorn_box", MemberRole.SCHEDULE, "projected_sinkhorn_box", growing,
+                hyperparameters=(("lam", lam),), step_rule=StepRule.LINF_SIGN, step_size=0.1,
             ),
-            member(
-                "plan_pgd_box_targeted", MemberRole.TARGETED, "plan_pgd_box", hyperparameters=plan, loss=Loss.LOGIT_MARGIN,
-                targets=3,
+            _member(
+                "plan_pgd_box_targeted", MemberRole.TARGETED, "plan_pgd_box", growing, hyperparameters=plan,
+                loss=Loss.LOGIT_MARGIN, targets=3,
             ),
-            member(
+            _member(
                 "plan_pgd_box_fixed_radius", MemberRole.FIXED_RADII, "plan_pgd_box", EpsSchedule.fixed(1.0, 200),
                 hyperparameters=plan, restarts=2,
             ),
         ),
         refinement=Refinement(
             segment_steps=12,
-            member=member("bisection", MemberRole.FIXED_RADII, "plan_pgd_box", EpsSchedule.fixed(1.0, 50), hyperparameters=plan),
+            member=_member("bisection", MemberRole.FIXED_RADII, "plan_pgd_box", EpsSchedule.fixed(1.0, 50), hyperparameters=plan),
             rounds=4,
             lower_end=0.5,
         ),
@@ -245,35 +247,27 @@ def _standard_v2(dataset: str, initial: float, plan_step: float) -> AttackSuite:
     in the band ``[r / 4, r]`` below the radius ``r`` already found; the fixed-radius attack and the bisection
     start from the best verified plan, scaled to their radius.
     """
-    radii = STANDARD_RADII[(dataset, BallKind.WASSERSTEIN.value)]
     growing = EpsSchedule(initial, 1.1, 3, 200)
     plan = (("step_size", plan_step),)
     band = 0.25
-
-    def member(name: str, role: MemberRole, solver: str, schedule: EpsSchedule = growing, *, band=None,
-               warm_start=False, **attack) -> SuiteMember:
-        return SuiteMember(name, role, AttackSpec(solver, schedule, **attack), band=band, warm_start=warm_start)
-
-    return AttackSuite(
-        name="standard",
-        version=2,
-        dataset=dataset,
-        radii=radii,
+    return _standard_suite(
+        2,
+        dataset,
         members=(
-            member("plan_pgd_box", MemberRole.SCHEDULE, "plan_pgd_box", hyperparameters=plan),
-            member(
-                "plan_pgd_box_targeted", MemberRole.TARGETED, "plan_pgd_box", hyperparameters=plan, loss=Loss.LOGIT_MARGIN,
-                targets=3, band=band,
+            _member("plan_pgd_box", MemberRole.SCHEDULE, "plan_pgd_box", growing, hyperparameters=plan),
+            _member(
+                "plan_pgd_box_targeted", MemberRole.TARGETED, "plan_pgd_box", growing, hyperparameters=plan,
+                loss=Loss.LOGIT_MARGIN, targets=3, band=band,
             ),
-            member("frank_wolfe_box", MemberRole.SCHEDULE, "frank_wolfe_box", band=band),
-            member(
+            _member("frank_wolfe_box", MemberRole.SCHEDULE, "frank_wolfe_box", growing, band=band),
+            _member(
                 "plan_pgd_box_fixed_radius", MemberRole.FIXED_RADII, "plan_pgd_box", EpsSchedule.fixed(1.0, 100),
                 hyperparameters=plan, restarts=2, warm_start=True,
             ),
         ),
         refinement=Refinement(
             segment_steps=12,
-            member=member(
+            member=_member(
                 "bisection", MemberRole.FIXED_RADII, "plan_pgd_box", EpsSchedule.fixed(1.0, 25), hyperparameters=plan,
                 warm_start=True,
             ),
