@@ -22,7 +22,9 @@ same batch) and the ratio of the two:
 For the suite a second table gives, per model and code, the suite's
 version, verified robust accuracy at the standard radii, median minimal
 radius, which member found each minimal radius first, and each member's
-seconds (``--frames DIR`` keeps the per-example frames).
+seconds (``--frames DIR`` keeps the per-example frames). With
+``--verify-workers N`` the suite's exact LPs run in N processes, started
+once before any measurement (as a run's workers keep theirs).
 
 With ``--baseline COMMIT`` the same measurements also run on that commit:
 in a temporary ``git worktree`` of it, this script runs itself with
@@ -33,7 +35,8 @@ cannot make (code it lacks) is named in the table.
 Usage::
 
     python benchmarks/speed.py [--examples 100] [--models ...]
-        [--certifiers linear_bounds milp] [--no-suite] [--baseline COMMIT | --baseline-rows FILE]
+        [--certifiers linear_bounds milp] [--no-suite] [--verify-workers 2]
+        [--baseline COMMIT | --baseline-rows FILE]
         [--frames DIR] [--markdown PATH] [--quick] [--json]
 
 The data root (folder containing ``MNIST/raw``) defaults to ``$DATA_ROOT``;
@@ -52,12 +55,14 @@ import copy
 import datetime
 import json
 import math
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -93,15 +98,17 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def measure_suite(model_name: str, images, labels, weights_dir: str, frames: str | None) -> dict:
+def measure_suite(model_name: str, images, labels, weights_dir: str, frames: str | None, verify_pool) -> dict:
     import harness
     import zoo
     from harness.attack.ball import Ball
 
     model = _frozen(zoo.model(model_name, weights_dir=weights_dir))
     count = images.shape[0]
+    # Only when asked for: a baseline checkout may predate the option.
+    pooled = {} if verify_pool is None else {"verify_executor": verify_pool}
     started = time.perf_counter()
-    frame = harness.evaluate(model, images, labels, Ball.wasserstein(5, 1.0))
+    frame = harness.evaluate(model, images, labels, Ball.wasserstein(5, 1.0), **pooled)
     seconds = time.perf_counter() - started
     if frames is not None:
         Path(frames).mkdir(parents=True, exist_ok=True)
@@ -154,6 +161,17 @@ def measure_training_attack(recipe_name: str, model_name: str, batch: int, data_
     }
 
 
+def started_pool(workers: int) -> ProcessPoolExecutor | None:
+    """The suite's verification processes, started before any clock runs, as a run's workers keep theirs."""
+    if workers == 0:
+        return None
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    from harness.attack.verify import robust_accuracy  # what a claim's LP imports in the worker
+
+    list(pool.map(robust_accuracy, [[1.0]] * workers, [0.5] * workers))
+    return pool
+
+
 def _guarded(measurement, *arguments) -> dict:
     try:
         return measurement(*arguments)
@@ -167,11 +185,21 @@ def measure(arguments: argparse.Namespace) -> list[dict]:
 
     torch.manual_seed(0)
     images, labels = test_subset("mnist", arguments.data_root, arguments.examples)
+    verify_pool = started_pool(arguments.verify_workers) if arguments.suite else None
+    try:
+        return _measured_rows(arguments, images, labels, verify_pool)
+    finally:
+        if verify_pool is not None:
+            verify_pool.shutdown()
+
+
+def _measured_rows(arguments: argparse.Namespace, images, labels, verify_pool) -> list[dict]:
     rows = []
     for model_name in arguments.models:
         if arguments.suite:
             rows.append({"measure": "suite", "model": model_name, "unit": "s/example",
-                         **_guarded(measure_suite, model_name, images, labels, arguments.weights_dir, arguments.frames)})
+                         **_guarded(measure_suite, model_name, images, labels, arguments.weights_dir, arguments.frames,
+                                    verify_pool)})
         for certifier_name in arguments.certifiers:
             rows.append({"measure": f"certify {certifier_name}", "model": model_name, "unit": "s/example",
                          **_guarded(measure_certifier, model_name, certifier_name, images, labels, arguments.weights_dir,
@@ -284,11 +312,12 @@ def markdown(header: str, current: list[dict], baseline: list[dict] | str | None
     return "\n".join(lines)
 
 
-def header_line(checkout: Path, examples: int) -> str:
+def header_line(checkout: Path, examples: int, verify_workers: int) -> str:
     return (
         f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}; commit {_commit(checkout)}; "
-        f"{datetime.datetime.now().isoformat(timespec='seconds')}; N = {examples}"
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}; N = {examples}; "
+        f"the current code's suite verifies in {verify_workers or 'no'} worker processes, a baseline in its own process"
     )
 
 
@@ -302,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-batch", type=int, default=64, help="training images of the training attack")
     parser.add_argument("--suite", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the standard suite (minutes per example on a busy CPU)")
+    parser.add_argument("--verify-workers", type=int, default=0,
+                        help="processes that run the suite's exact LPs (harness.evaluate's verify_executor); 0: in this one")
     parser.add_argument("--baseline", help="a commit to measure too, in a temporary git worktree")
     parser.add_argument("--baseline-rows", help="the --json output of an earlier run of a baseline checkout, in place of --baseline")
     parser.add_argument("--frames", help="a folder for the suite's per-example frames (Parquet, one per model)")
@@ -311,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "data"))
     parser.add_argument("--weights-dir", default=os.environ.get("WEIGHTS_DIR"))
     arguments = parser.parse_args(argv)
+    if arguments.verify_workers < 0:
+        parser.error(f"--verify-workers {arguments.verify_workers} is invalid: it must be 0 (no pool) or more")
     if arguments.quick:
         arguments.examples, arguments.models, arguments.certifiers = 1, arguments.models[:1], ["linear_bounds"]
         arguments.train_batch, arguments.suite = 2, False
@@ -327,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         baseline_commit, baseline = saved_baseline(arguments.baseline_rows)
     elif arguments.baseline:
         baseline_commit, baseline = measure_baseline(arguments, checkout)
-    output = markdown(header_line(checkout, arguments.examples), current, baseline, baseline_commit)
+    output = markdown(header_line(checkout, arguments.examples, arguments.verify_workers), current, baseline, baseline_commit)
     suite_table = verdicts(current, baseline)
     if suite_table:
         output += "\n\n" + suite_table

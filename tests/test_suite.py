@@ -231,17 +231,19 @@ def test_suite_grid_lands_on_disk_and_a_rerun_resumes(world, tmp_path, monkeypat
     assert run_benchmark(config) == 2
 
 
-def test_version_1_keeps_its_definition_and_stays_runnable(problem):
+@pytest.mark.parametrize("version", [1, 2])
+def test_earlier_versions_keep_their_definitions_and_stay_runnable(problem, version):
     import json
     from pathlib import Path
 
-    pinned = json.loads((Path(__file__).parent / "pinned" / "suite_standard_v1.json").read_text())
+    pinned = json.loads((Path(__file__).parent / "pinned" / f"suite_standard_v{version}.json").read_text())
     for dataset, definition in pinned.items():
-        assert json.loads(attack_suite("standard", dataset, 1).definition_json()) == definition
-    assert attack_suite("standard", "mnist").version == LATEST > 1
+        assert json.loads(attack_suite("standard", dataset, version).definition_json()) == definition
+    assert attack_suite("standard", "mnist").version == LATEST > version
     model, x, y = problem
-    outcome = evaluate_batch(model, x[:4], y[:4], BALL, _cut(attack_suite("standard", "mnist", 1), iterations=4))
-    assert set(outcome.columns["found_by"]) <= {m.name for m in attack_suite("standard", "mnist", 1).members} | {"", suite_module.CLEAN}
+    outcome = evaluate_batch(model, x[:4], y[:4], BALL, _cut(attack_suite("standard", "mnist", version), iterations=4))
+    members = {m.name for m in attack_suite("standard", "mnist", version).members}
+    assert set(outcome.columns["found_by"]) <= members | {"", suite_module.CLEAN}
 
 
 def test_a_start_plan_is_the_attacks_first_iterate(problem):
@@ -269,7 +271,7 @@ def test_a_start_plan_is_the_attacks_first_iterate(problem):
         PGDAttack(model, sinkhorn, EpsSchedule(0.01)).run(x[chosen], y[chosen], start_plans=plans)
 
 
-def test_a_banded_member_attacks_only_below_the_radius_found_and_from_a_quarter_of_it(problem, monkeypatch):
+def test_a_banded_member_attacks_only_below_the_radius_found_and_from_its_band(problem, monkeypatch):
     model, x, y = problem
     suite = attack_suite("standard", "mnist")
     banded = next(member for member in suite.members if member.band is not None and member.role is MemberRole.SCHEDULE)
@@ -288,3 +290,17 @@ def test_a_banded_member_attacks_only_below_the_radius_found_and_from_a_quarter_
         replace(banded, band=1.5)
     with pytest.raises(ValueError, match="warm_start is for fixed_radii members"):
         replace(banded, warm_start=True)
+
+
+def test_verification_in_worker_processes_gives_the_same_verdicts(problem, evaluated):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    model, x, y = problem
+    suite, alone = evaluated
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pooled = evaluate_batch(model, x, y, BALL, suite, verify_executor=pool)
+    for name in ("verification_status", "verified_distance", "found_by", "refined_by", "steps", "rejected_claims"):
+        assert np.array_equal(pooled.columns[name], alone.columns[name]), name
+    assert torch.equal(pooled.adversarial, alone.adversarial)
+    assert pooled.verify_seconds > 0

@@ -408,6 +408,9 @@ BUILTIN_MODELS = (
             ("wasserstein_plan_pgd_fast", TrainedFor.WASSERSTEIN_ADVERSARIAL,
              "Wasserstein adversarial training with plan-space PGD in the boxed ball, one Newton step of the box "
              "projection per attack step", "mnist/wasserstein_adversarial"),
+            ("wasserstein_plan_pgd_full", TrainedFor.WASSERSTEIN_ADVERSARIAL,
+             "Wasserstein adversarial training with plan-space PGD in the boxed ball on the whole training set, one "
+             "Newton step of the box projection per attack step", "mnist/wasserstein_adversarial"),
         )
     ),
     ModelSpec(

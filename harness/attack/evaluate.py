@@ -20,7 +20,7 @@ from solvers.iterate import BallIterate
 from .ball import Ball
 from .pgd import AttackProgress, EpsSchedule, Loss, PGDAttack
 
-__all__ = ["attack_and_verify", "clean_accuracy"]
+__all__ = ["attack_and_verify", "clean_accuracy", "submitter"]
 
 
 def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
@@ -33,7 +33,7 @@ def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / images.shape[0]
 
 
-def _submitter(distances, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+def submitter(distances, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
     """An ``on_success`` hook that hands each claim with a positive radius to ``distances``."""
     clean = x.detach().cpu().double().numpy()
 
@@ -101,7 +101,7 @@ def attack_and_verify(
         result = attack.run(
             x, y,
             on_step=None if on_progress is None else lambda progress: on_progress(before, progress),
-            on_success=None if distances is None else _submitter(distances, x),
+            on_success=None if distances is None else submitter(distances, x),
         )
         started = time.perf_counter()
         verdict = ball.verify(model, x, y, result, distances=distances)

@@ -31,6 +31,7 @@ import enum
 import json
 import time
 from dataclasses import dataclass, field
+from concurrent.futures import Executor
 from typing import Any, Callable
 
 import numpy as np
@@ -45,9 +46,10 @@ from ..data import DATASET_SHAPES
 from ..vocabulary import STANDARD_RADII, BallKind, VerificationStatus
 from .ball import Ball
 from .model_checks import check_model
+from .evaluate import submitter
 from .pgd import AttackResult, EpsSchedule, Loss
 from .spec import AttackSpec
-from .verify import Verification, robust_accuracy
+from .verify import ExactDistances, Verification, robust_accuracy
 
 __all__ = [
     "AttackSuite", "MemberRole", "Refinement", "SUITES", "SuiteEvaluation", "SuiteMember", "attack_suite", "evaluate",
@@ -239,19 +241,22 @@ def _standard_v1(dataset: str, initial: float, plan_step: float, lam: float) -> 
     )
 
 
-def _standard_v2(dataset: str, initial: float, plan_step: float) -> AttackSuite:
-    """Version 2 of the ``standard`` suite, built by each member's measured contribution (``docs/evaluate.md``).
+def _standard_banded(dataset: str, initial: float, plan_step: float, version: int) -> AttackSuite:
+    """Versions 2 and 3 of the ``standard`` suite, built by each member's measured contribution (``docs/evaluate.md``).
 
     Projected Sinkhorn with the box, which found no example's minimal radius first, is gone. The cheap strong
     member (plan-space PGD) runs first on every example; the targeted attack and Frank-Wolfe follow, each only
     in the band ``[r / 4, r]`` below the radius ``r`` already found; the fixed-radius attack and the bisection
     start from the best verified plan, scaled to their radius.
+
+    Version 3 keeps everything but the band, narrowed to ``[r / 2, r]``: half the banded members' steps
+    (``benchmarks/speed.py`` measures it against version 1 on the same images).
     """
     growing = EpsSchedule(initial, 1.1, 3, 200)
     plan = (("step_size", plan_step),)
-    band = 0.25
+    band = 0.25 if version == 2 else 0.5
     return _standard_suite(
-        2,
+        version,
         dataset,
         members=(
             _member("plan_pgd_box", MemberRole.SCHEDULE, "plan_pgd_box", growing, hyperparameters=plan),
@@ -282,8 +287,11 @@ SUITES: dict[tuple[str, str, int], AttackSuite] = {
     for suite in (
         _standard_v1("mnist", initial=0.005, plan_step=0.1, lam=1000.0),
         _standard_v1("cifar10", initial=0.0005, plan_step=0.01, lam=3000.0),
-        _standard_v2("mnist", initial=0.005, plan_step=0.1),
-        _standard_v2("cifar10", initial=0.0005, plan_step=0.01),
+        *(
+            _standard_banded(dataset, initial, plan_step, version)
+            for version in (2, 3)
+            for dataset, initial, plan_step in (("mnist", 0.005, 0.1), ("cifar10", 0.0005, 0.01))
+        ),
     )
 }
 """The suites by (name, data set, version)."""
@@ -408,15 +416,18 @@ def evaluate_batch(
     suite: AttackSuite,
     seed: int = 0,
     on_stage: Callable[[int, int, str], None] | None = None,
+    verify_executor: Executor | None = None,
 ) -> SuiteEvaluation:
     """Run ``suite`` on one batch; see :func:`evaluate` for the columns.
 
     ``on_stage(index, stages, name)`` is called as each member and each refinement step starts (for progress reports).
+    With ``verify_executor`` (a process pool) the exact LPs of a stage run in its workers, each starting as soon as
+    the attack makes its claim; the verdicts are the same either way.
     """
     was_training = model.training
     model.eval()
     try:
-        return _SuiteRun(model, x, y, ball, seed).evaluate(suite, on_stage)
+        return _SuiteRun(model, x, y, ball, seed, verify_executor).evaluate(suite, on_stage)
     finally:
         model.train(was_training)
 
@@ -424,8 +435,12 @@ def evaluate_batch(
 class _SuiteRun:
     """One batch's evaluation: the attacks, their verification, and the best example held for each example."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ball: Ball, seed: int):
+    def __init__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ball: Ball, seed: int,
+        verify_executor: Executor | None = None,
+    ):
         self.model, self.x, self.y, self.ball, self.seed = model, x, y, ball, seed
+        self.verify_executor = verify_executor
         with torch.no_grad():
             self.clean_logits = model(x)
         self.best = _Best(x, y, self.clean_logits.argmax(1))
@@ -538,9 +553,17 @@ class _SuiteRun:
             return np.zeros(0, dtype=bool)
         started = time.perf_counter()
         chosen = torch.as_tensor(indices, device=self.x.device)
+        distances = self._distances()
+        if distances is not None:
+            options["on_success"] = submitter(distances, self.x[chosen])
         result = member.attack.attack(self.model, self.ball, self.seed).run(self.x[chosen], self.y[chosen], **options)
         self.best.count(indices, result)
-        return self._keep(member.name, refined_by, indices, result.adversarial, result.success, result.eps_found, started)
+        return self._keep(
+            member.name, refined_by, indices, result.adversarial, result.success, result.eps_found, started, distances
+        )
+
+    def _distances(self) -> ExactDistances | None:
+        return None if self.verify_executor is None else self.ball.exact_distances(self.verify_executor)
 
     def _segment(self, indices: np.ndarray, steps: int) -> None:
         if indices.size == 0:
@@ -551,13 +574,17 @@ class _SuiteRun:
         # Within t times the current radius, so within it: that is the claim the exact check tests.
         claimed = self._tensor(self.best.radius[indices])
         success = torch.ones(indices.size, dtype=torch.bool, device=self.x.device)
-        self._keep(RefinementStep.SEGMENT.value, RefinementStep.SEGMENT, indices, closer, success, claimed, started)
+        self._keep(
+            RefinementStep.SEGMENT.value, RefinementStep.SEGMENT, indices, closer, success, claimed, started, self._distances()
+        )
 
-    def _keep(self, name, refined_by, indices, images, success, claimed, started: float) -> np.ndarray:
+    def _keep(self, name, refined_by, indices, images, success, claimed, started: float, distances) -> np.ndarray:
         """Verify claims exactly, keep those that beat the best radius so far, and book the time under ``name``."""
         chosen = torch.as_tensor(indices, device=self.x.device)
         verifying = time.perf_counter()
-        verdict = self.ball.verify_claims(self.model, self.x[chosen], self.y[chosen], images, success, claimed)
+        verdict = self.ball.verify_claims(
+            self.model, self.x[chosen], self.y[chosen], images, success, claimed, distances=distances
+        )
         self.verify_seconds += time.perf_counter() - verifying
         improved = self.best.absorb(indices, verdict, name, refined_by)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
@@ -586,6 +613,7 @@ def evaluate(
     batch_size: int = 100,
     seed: int = 0,
     progress: bool = False,
+    verify_executor: Executor | None = None,
 ) -> pd.DataFrame:
     """The standard evaluation of ``model``: each example's minimal verified radius.
 
@@ -610,6 +638,10 @@ def evaluate(
         Seed of the random restarts.
     progress : bool, default False
         Print which member runs on which batch.
+    verify_executor : concurrent.futures.Executor, optional
+        A process pool (``ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))``) where the
+        exact LPs run in parallel, each as soon as its claim is made; by default one after another in this process.
+        The verdicts are the same either way.
 
     Returns
     -------
@@ -660,7 +692,7 @@ def evaluate(
             lambda index, stages, name, start=start: print(f"examples {start}-{start + x.shape[0] - 1}: {name} ({index + 1}/{stages})", flush=True)
         )
         started = time.perf_counter()
-        outcome = evaluate_batch(model, x, y, ball, definition, seed, report)
+        outcome = evaluate_batch(model, x, y, ball, definition, seed, report, verify_executor)
         columns = dict(outcome.columns)
         columns["seconds"] = np.full(x.shape[0], (time.perf_counter() - started) / x.shape[0])
         part = pd.DataFrame({"example_index": np.arange(start, start + x.shape[0]), **columns})

@@ -122,7 +122,9 @@ class SuiteCell(Cell):
         def on_stage(index: int, stages: int, name: str) -> None:
             report(0, AttackProgress(0, rows, index, stages, math.nan), name)
 
-        outcome = evaluate_batch(model, images, labels, self.ball, self.suite, self.seed, None if report is None else on_stage)
+        outcome = evaluate_batch(
+            model, images, labels, self.ball, self.suite, self.seed, None if report is None else on_stage, worker.verifier()
+        )
         total = time.perf_counter() - started
         columns = dict(outcome.columns)
         columns.update(
