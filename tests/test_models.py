@@ -30,7 +30,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 MNIST_MODELS = ("mnist/binarized", "mnist/linf_certified", "mnist/standard", "mnist/wasserstein_adversarial")
 TRAINED_MNIST_MODELS = tuple(
     f"mnist/trained_{kind}" for kind in (
-        "binarized", "linf_certified", "standard", "wasserstein_plan_pgd", "wasserstein_plan_pgd_fast", "wasserstein_sinkhorn"
+        "binarized", "linf_certified", "standard", "wasserstein_plan_pgd", "wasserstein_plan_pgd_fast",
+        "wasserstein_plan_pgd_full", "wasserstein_sinkhorn",
     )
 )
 CIFAR_MODELS = ("cifar10/fast_standard", "cifar10/resnet18", "cifar10/resnet18_wasserstein_adversarial", "cifar10/small_resnet")
