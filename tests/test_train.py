@@ -172,6 +172,30 @@ def test_a_killed_run_resumes_from_its_last_epoch_and_ends_where_an_unbroken_one
     assert resumed["clean_accuracy"] == unbroken["clean_accuracy"]
 
 
+def test_a_run_killed_within_an_epoch_resumes_from_its_batch_and_ends_where_an_unbroken_one_does(world, tmp_path):
+    unbroken = train(TINY, data_root=world.data_root, weights_dir=tmp_path / "unbroken", progress=False)
+
+    def kill_in_epoch_two(step):
+        if step.epoch == 1 and step.batch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, data_root=world.data_root, weights_dir=tmp_path / "killed", progress=False,
+              on_step=kill_in_epoch_two, checkpoint_seconds=0)
+    saved = _state(zoo.trained_weights_path(TINY, tmp_path / "killed").with_suffix(".checkpoint.pt"))
+    assert (saved["epoch"], saved["within"]["batch"]) == (1, 2)  # batches 0 and 1 of epoch 1 are in it
+    seen = []
+    resumed = train(
+        TINY, data_root=world.data_root, weights_dir=tmp_path / "killed", progress=False, checkpoint_seconds=0,
+        on_step=lambda step: seen.append((step.epoch, step.batch)),
+    )
+    assert seen[0] == (1, 2)
+    assert resumed["sha256"] == unbroken["sha256"]
+    assert resumed["history"][1]["loss"] == pytest.approx(unbroken["history"][1]["loss"], rel=1e-12)
+    with pytest.raises(ValueError, match="checkpoint_seconds=-1 is invalid"):
+        train(TINY, data_root=world.data_root, weights_dir=tmp_path / "other", progress=False, checkpoint_seconds=-1)
+
+
 def test_a_checkpoint_of_other_settings_is_not_resumed(world, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(TINY, data_root=world.data_root, weights_dir=tmp_path, progress=False, epochs=2,

@@ -21,8 +21,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--epochs", type=int, default=None, help="instead of the recipe's (recorded)")
     parser.add_argument("--train-examples", type=int, default=None, help="only the first this many training images (recorded)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                        help="also checkpoint within an epoch this often (training time); 0: after every batch")
     parser.add_argument("--download", action="store_true")
     args = parser.parse_args(argv)
+    if args.checkpoint_minutes < 0:
+        parser.error(f"--checkpoint-minutes {args.checkpoint_minutes} is invalid: it must be 0 or more")
     unknown = [name for name in args.models if name not in trainable]
     if unknown:
         parser.error(f"{', '.join(map(repr, unknown))}: no recipe; models with recipes: {', '.join(trainable)}")
@@ -31,6 +35,7 @@ def main(argv=None) -> int:
             record = train(
                 name, data_root=args.data_root, weights_dir=args.weights_dir, device=args.device, epochs=args.epochs,
                 train_examples=args.train_examples, download=args.download,
+                checkpoint_seconds=60.0 * args.checkpoint_minutes,
             )
         except TrainingDiverged as error:
             print(error, file=sys.stderr)
