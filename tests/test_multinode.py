@@ -96,7 +96,7 @@ def _assert_every_row_once(results_dir, cells):
 def test_shards_fan_out_over_the_nodes_and_land_once(cluster, worker_nodes, world, tmp_path):
     first, second = worker_nodes(num_cpus=1), worker_nodes(num_cpus=1)
     # Shards of some seconds each, so that no actor finishes the grid before the others have started.
-    cells = _cells(world, n_examples=6, iterations=100)
+    cells = _cells(world, n_examples=6, iterations=60)
     report = _run(cluster, world, cells, tmp_path, shard_size=2)
     assert not report.failures and report.shards_run == 6
     _assert_every_row_once(tmp_path, cells)
