@@ -5,7 +5,9 @@ worker and finishes each cell once; it drives a :class:`ShardExecutor`:
 :class:`LocalExecutor` (in this process) or :class:`RayExecutor`. Both run
 the same :class:`~harness.run.runner.ShardRunner` code. The Ray executor keeps one long-lived actor per GPU (or per ``cpus_per_actor``
 CPUs when the cluster has no GPU, with torch's thread count set to match);
-each actor caches the models it loads; each data set's test images go into
+an actor gets shards once Ray has placed it and it has started, so an actor
+no node has room for (a replacement after a node was lost) waits without
+holding a shard; each actor caches the models it loads; each data set's test images go into
 the object store once and every actor reads them from there. Execution is at
 least once with idempotent outputs: a shard whose actor dies is run again on
 a fresh actor, a shard that raises is retried up to ``max_retries`` times,
@@ -63,6 +65,8 @@ class RunReport:
     """
 
     shards_run: int = 0
+    shards_by_node: dict[str, int] = field(default_factory=dict)
+    """Shards run (not skipped) on each Ray node, by node id; empty in process."""
     shards_skipped: int = 0
     retries: int = 0
     replaced_actors: int = 0
@@ -89,6 +93,8 @@ class ShardEvent:
     """``"<type>: <message>"`` of what the shard raised."""
     worker_lost: bool = False
     """The worker died under it (killed, out of memory, node lost): the shard runs again elsewhere."""
+    node: str | None = None
+    """The Ray node id of the worker that ran it (None in process)."""
 
 
 class ShardExecutor(ABC):
@@ -153,6 +159,8 @@ def _schedule(executor: ShardExecutor, cells: list[Cell], shards: list[Shard], p
             else:
                 report.shards_skipped += event.outcome.skipped
                 report.shards_run += not event.outcome.skipped
+                if event.node is not None and not event.outcome.skipped:
+                    report.shards_by_node[event.node] = report.shards_by_node.get(event.node, 0) + 1
                 if meter is not None:
                     meter.shard_done(shard.cell.cell_id, event.outcome)
             cell_id = shard.cell.cell_id
@@ -308,10 +316,8 @@ def _actor_class(ray):
         def finish_cell(self, cell: Cell, started_at) -> dict:
             return self.runner.finish_cell(cell, started_at)
 
-        def pid(self) -> int:
-            import os
-
-            return os.getpid()
+        def node_id(self) -> str:
+            return ray.get_runtime_context().get_node_id()
 
     return ray.remote(ShardActor)
 
@@ -419,7 +425,12 @@ class RayExecutor(ShardExecutor):
             run_context = replace(context, device="cpu")
         actor_class = _actor_class(ray)
         self.test_sets = {}
-        self.new_actor = lambda: self._provided(actor_class.options(**actor_options).remote(run_context, threads, plugins))
+        self.free = deque()
+        self.starting = {}
+        self.node_of = {}
+        self.in_flight = {}
+        self.finishing = {}
+        self.new_actor = lambda: self._started(actor_class.options(**actor_options).remote(run_context, threads, plugins))
         # The actors start (a process each, importing torch) while the driver reads the test sets.
         self.actors = [self.new_actor() for _ in range(self.count)]
         if meter is not None:
@@ -434,13 +445,12 @@ class RayExecutor(ShardExecutor):
             self.test_sets[dataset] = ray.put((images[:n].clone(), labels[:n].clone()))
             for actor in self.actors:
                 actor.provide_test_set.remote(dataset, self.test_sets[dataset])
-        self.free = deque(self.actors)
-        self.in_flight = {}
-        self.finishing = {}
 
-    def _provided(self, actor):
+    def _started(self, actor):
+        """``actor`` given the test sets read so far; it joins the free actors when its node id comes back."""
         for dataset, ref in self.test_sets.items():
             actor.provide_test_set.remote(dataset, ref)
+        self.starting[actor.node_id.remote()] = actor
         return actor
 
     def idle(self) -> bool:
@@ -450,37 +460,53 @@ class RayExecutor(ShardExecutor):
         actor = self.free.popleft()
         self.in_flight[actor.run_shard.remote(shard, self.board)] = (shard, actor)
 
+    def _replace(self, actor, error: Exception):
+        """A fresh actor for ``actor``, which died; unless workers keep dying before finishing anything (they cannot start at all)."""
+        self.replaced += 1
+        if self.replaced > _MAX_REPLACEMENTS_PER_ACTOR * self.count + self.shards_back:
+            raise RuntimeError(f"Ray workers keep dying ({self.replaced} replaced); the last error: {error}") from error
+        self.actors.remove(actor)
+        replacement = self.new_actor()
+        self.actors.append(replacement)
+        return replacement
+
     def collect(self) -> list[ShardEvent]:
         from ray.exceptions import RayActorError
 
         ray = self.ray
-        done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=None if self.meter is None else 1.0)
+        waiting = [*self.in_flight, *self.starting]
+        done, _ = ray.wait(waiting, num_returns=1, timeout=None if self.meter is None else 1.0)
+        shards_done = [ref for ref in done if ref in self.in_flight]
+        for ref in [ref for ref in done if ref in self.starting]:
+            actor = self.starting.pop(ref)
+            try:
+                self.node_of[actor] = ray.get(ref)
+                self.free.append(actor)
+            except RayActorError as error:
+                self._replace(actor, error)
         if self.meter is not None:
             for update in ray.get(self.board.collect.remote()):
                 if any(s.shard_id == update.shard_id for s, _ in self.in_flight.values()):
                     self.meter.shard_progress(update)
         events = []
-        for ref in done:
+        for ref in shards_done:
             shard, actor = self.in_flight.pop(ref)
             try:
-                events.append(ShardEvent(shard, outcome=ray.get(ref)))
+                events.append(ShardEvent(shard, outcome=ray.get(ref), node=self.node_of[actor]))
                 self.shards_back += 1
+                self.free.append(actor)
             except RayActorError as error:
-                # Replace the worker, unless workers keep dying before finishing anything (they cannot start at all).
-                self.replaced += 1
-                if self.replaced > _MAX_REPLACEMENTS_PER_ACTOR * self.count + self.shards_back:
-                    raise RuntimeError(f"Ray workers keep dying ({self.replaced} replaced); the last error: {error}") from error
-                self.actors.remove(actor)
-                actor = self.new_actor()
-                self.actors.append(actor)
+                self._replace(actor, error)
                 events.append(ShardEvent(shard, worker_lost=True))
             except Exception as error:  # the shard itself raised
                 events.append(ShardEvent(shard, error=f"{type(error).__name__}: {error}"))
-            self.free.append(actor)
+                self.free.append(actor)
         return events
 
     def finish_cell(self, cell: Cell, started_at: datetime.datetime) -> None:
-        actor = self.actors[len(self.finishing) % len(self.actors)]
+        # A started actor: one still waiting for room on a node would hold the row back.
+        started = [actor for actor in self.actors if actor in self.node_of]
+        actor = started[len(self.finishing) % len(started)]
         self.finishing[cell.cell_id] = (cell, started_at, actor.finish_cell.remote(cell, started_at))
 
     def finished_cells(self) -> tuple[list[dict], dict[str, str]]:
