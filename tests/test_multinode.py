@@ -185,3 +185,10 @@ def test_gpu_actors_only_on_gpu_nodes_and_one_that_finds_no_room_holds_no_shard(
     assert not report.failures and report.shards_run == 4
     assert report.shards_by_node == {gpu_node.node_id: 4}
     _assert_every_row_once(tmp_path, cells)
+
+
+def test_cuda_on_a_cluster_without_gpus_is_refused_before_any_work(cluster, worker_nodes, world, tmp_path):
+    worker_nodes(num_cpus=1)
+    with pytest.raises(ValueError, match=r"device='cuda' asks for CUDA, but the Ray cluster declares no GPU \(2 CPUs\)"):
+        _run(cluster, world, _cells(world, n_examples=2, iterations=5), tmp_path, shard_size=1, device="cuda")
+    assert not any(tmp_path.rglob("*.parquet"))

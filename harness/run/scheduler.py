@@ -420,6 +420,13 @@ class RayExecutor(ShardExecutor):
             self.count = max(1, int(gpus / options.gpus_per_actor))
             actor_options, threads, run_context = {"num_gpus": options.gpus_per_actor, "num_cpus": 1}, None, context
         else:
+            if context.device.startswith("cuda"):
+                # The driver's preflight cannot know a cluster's GPUs; falling back to the CPU would be a silent change.
+                raise ValueError(
+                    f"device={context.device!r} asks for CUDA, but the Ray cluster declares no GPU "
+                    f"({int(resources.get('CPU', 0))} CPUs); allowed there: auto, cpu (or join nodes started with "
+                    "ray start --num-gpus N)"
+                )
             self.count = max(1, int(resources.get("CPU", 1)) // options.cpus_per_actor)
             actor_options, threads = {"num_cpus": options.cpus_per_actor}, options.cpus_per_actor
             run_context = replace(context, device="cpu")
