@@ -192,3 +192,13 @@ def test_cuda_on_a_cluster_without_gpus_is_refused_before_any_work(cluster, work
     with pytest.raises(ValueError, match=r"device='cuda' asks for CUDA, but the Ray cluster declares no GPU \(2 CPUs\)"):
         _run(cluster, world, _cells(world, n_examples=2, iterations=5), tmp_path, shard_size=1, device="cuda")
     assert not any(tmp_path.rglob("*.parquet"))
+
+
+def test_an_embedded_run_starts_its_own_ray_beside_a_running_cluster(cluster, world, tmp_path):
+    """Without ray.address the run's Ray is its own: it never joins a cluster another process started here."""
+    cells = _cells(world, n_examples=2, iterations=5)
+    report = run_cells(cells, _context(world, tmp_path), 2, Executor.RAY, RayOptions(num_cpus=1), progress=False,
+                       plugins=[str(world.plugin)])
+    assert not report.failures and report.shards_run == 2
+    assert not set(report.shards_by_node) & {node.node_id for node in [cluster.head_node, *cluster.worker_nodes]}
+    _assert_every_row_once(tmp_path, cells)

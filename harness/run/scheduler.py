@@ -328,7 +328,8 @@ def _start_ray(ray, options: RayOptions) -> bool:
         return False
     import harness
 
-    init = {"address": options.address} if options.address else {"num_cpus": options.num_cpus}
+    # "local": an embedded Ray of its own, never a cluster another process started on this machine.
+    init = {"address": options.address} if options.address else {"address": "local", "num_cpus": options.num_cpus}
     # Workers import the driver's code (a checkout's, or an installed package's), whatever is
     # installed on their node, and the plugin modules the driver can import from its working directory.
     code_root = str(Path(harness.__file__).resolve().parent.parent)
