@@ -151,15 +151,20 @@ def zoo_test_set(world):
     return load_dataset("mnist", world.data_root)
 
 
-def test_a_killed_run_resumes_from_its_last_epoch_and_ends_where_an_unbroken_one_does(world, tmp_path):
-    unbroken = train(TINY, data_root=world.data_root, weights_dir=tmp_path / "unbroken", progress=False)
+def _killed_at_epoch_two_batch_two(world, weights_dir, **options) -> None:
+    """Train TINY into ``weights_dir`` until a KeyboardInterrupt at batch 2 of epoch 1 (the second epoch)."""
 
     def kill_in_epoch_two(step):
         if step.epoch == 1 and step.batch == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(TINY, data_root=world.data_root, weights_dir=tmp_path / "killed", progress=False, on_step=kill_in_epoch_two)
+        train(TINY, data_root=world.data_root, weights_dir=weights_dir, progress=False, on_step=kill_in_epoch_two, **options)
+
+
+def test_a_killed_run_resumes_from_its_last_epoch_and_ends_where_an_unbroken_one_does(world, tmp_path):
+    unbroken = train(TINY, data_root=world.data_root, weights_dir=tmp_path / "unbroken", progress=False)
+    _killed_at_epoch_two_batch_two(world, tmp_path / "killed")
     path = zoo.trained_weights_path(TINY, tmp_path / "killed")
     assert not path.exists() and _state(path.with_suffix(".checkpoint.pt"))["epoch"] == 1
     epochs_seen = []
@@ -174,14 +179,7 @@ def test_a_killed_run_resumes_from_its_last_epoch_and_ends_where_an_unbroken_one
 
 def test_a_run_killed_within_an_epoch_resumes_from_its_batch_and_ends_where_an_unbroken_one_does(world, tmp_path):
     unbroken = train(TINY, data_root=world.data_root, weights_dir=tmp_path / "unbroken", progress=False)
-
-    def kill_in_epoch_two(step):
-        if step.epoch == 1 and step.batch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(TINY, data_root=world.data_root, weights_dir=tmp_path / "killed", progress=False,
-              on_step=kill_in_epoch_two, checkpoint_seconds=0)
+    _killed_at_epoch_two_batch_two(world, tmp_path / "killed", checkpoint_seconds=0)
     saved = _state(zoo.trained_weights_path(TINY, tmp_path / "killed").with_suffix(".checkpoint.pt"))
     assert (saved["epoch"], saved["within"]["batch"]) == (1, 2)  # batches 0 and 1 of epoch 1 are in it
     seen = []
