@@ -241,7 +241,7 @@ def _standard_v1(dataset: str, initial: float, plan_step: float, lam: float) -> 
     )
 
 
-def _standard_banded(dataset: str, initial: float, plan_step: float, version: int) -> AttackSuite:
+def _standard_banded(dataset: str, initial: float, plan_step: float, version: int, band: float) -> AttackSuite:
     """Versions 2 and 3 of the ``standard`` suite, built by each member's measured contribution (``docs/evaluate.md``).
 
     Projected Sinkhorn with the box, which found no example's minimal radius first, is gone. The cheap strong
@@ -254,7 +254,6 @@ def _standard_banded(dataset: str, initial: float, plan_step: float, version: in
     """
     growing = EpsSchedule(initial, 1.1, 3, 200)
     plan = (("step_size", plan_step),)
-    band = 0.25 if version == 2 else 0.5
     return _standard_suite(
         version,
         dataset,
@@ -288,8 +287,8 @@ SUITES: dict[tuple[str, str, int], AttackSuite] = {
         _standard_v1("mnist", initial=0.005, plan_step=0.1, lam=1000.0),
         _standard_v1("cifar10", initial=0.0005, plan_step=0.01, lam=3000.0),
         *(
-            _standard_banded(dataset, initial, plan_step, version)
-            for version in (2, 3)
+            _standard_banded(dataset, initial, plan_step, version, band)
+            for version, band in ((2, 0.25), (3, 0.5))
             for dataset, initial, plan_step in (("mnist", 0.005, 0.1), ("cifar10", 0.0005, 0.01))
         ),
     )
